@@ -1,0 +1,1 @@
+"""crgate: JPEG 2000 compression-and-inference gateway for radiology."""

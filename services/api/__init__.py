@@ -1,0 +1,1 @@
+"""crgate api edge (built in a later issue)."""

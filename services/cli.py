@@ -1,0 +1,277 @@
+"""The ``crgate`` command line (typer). Errors end as one line naming the file and the reason,
+with a non-zero exit code; batches go on with the other files and summarise failures."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from services.core.codecs import OutputSyntax
+from services.core.codecs.jpeg2000 import validate_cr
+from services.core.config import get_settings
+from services.core.errors import CrgateError, InvalidParameter, OutputError
+
+app = typer.Typer(
+    name="crgate",
+    help="JPEG 2000 compression-and-inference gateway for radiology.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    err.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def _expand(inputs: Iterable[Path]) -> Iterator[Path]:
+    """Files as given; folders walked recursively (hidden files skipped), sorted."""
+    for path in inputs:
+        if path.is_dir():
+            yield from sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file() and not any(part.startswith(".") for part in p.parts)
+            )
+        else:
+            yield path
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        disable=not enabled,
+        transient=True,
+    )
+
+
+@app.command()
+def transcode(
+    inputs: Annotated[
+        list[Path], typer.Argument(help="DICOM files, or folders to walk recursively.")
+    ],
+    cr: Annotated[str, typer.Option("--cr", help="Target compression ratio; 1 = lossless.")] = "25",
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Output file (one input only).")
+    ] = None,
+    out_dir: Annotated[
+        Path | None,
+        typer.Option("--out-dir", help="Output folder; files are named <SOP Instance UID>.dcm."),
+    ] = None,
+    syntax: Annotated[
+        OutputSyntax | None,
+        typer.Option(help="j2k (irreversible, CR > 1) or j2k-lossless (CR 1). Default: by CR."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+    threads: Annotated[
+        int | None, typer.Option(help="OpenJPEG threads (default: every core).", min=0)
+    ] = None,
+) -> None:
+    """Transcode DICOM images to JPEG 2000 at a target compression ratio and measure the cost."""
+
+    try:
+        ratio = validate_cr(cr)
+        chosen = OutputSyntax.for_cr(ratio, syntax)
+    except InvalidParameter as exc:
+        raise _fail(str(exc)) from None
+    files = list(_expand(inputs))
+    if not files:
+        raise _fail("no input files")
+    if output is not None and (len(files) != 1 or out_dir is not None):
+        raise _fail("-o/--output takes exactly one input file and no --out-dir")
+    target_dir = out_dir or Path("crgate-out")
+    if output is None:
+        try:
+            target_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _fail(f"{target_dir}: cannot create output folder ({exc.strerror})", 5) from None
+    n_threads = get_settings().threads if threads is None else threads
+
+    results: list[dict[str, Any]] = []
+    failures: list[tuple[Path, CrgateError]] = []
+    with _progress(len(files) > 1 and not as_json) as progress:
+        task = progress.add_task("transcoding", total=len(files))
+        for path in files:
+            try:
+                result = _transcode_one(path, output, target_dir, ratio, chosen, n_threads)
+            except CrgateError as exc:
+                failures.append((path, exc))
+                err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+                if as_json:
+                    print(json.dumps({"source": str(path), "error": str(exc)}), flush=True)
+            else:
+                results.append(result)
+                if as_json:
+                    print(json.dumps(result), flush=True)
+                elif result["note"]:
+                    err.print(f"note: {path}: {result['note']}", markup=False, highlight=False)
+            progress.advance(task)
+
+    if not as_json and results:
+        out.print(_results_table(results))
+    if failures:
+        err.print(
+            f"{len(failures)} of {len(files)} file(s) failed: "
+            + ", ".join(str(p) for p, _ in failures),
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(failures[0][1].exit_code)
+
+
+def _transcode_one(
+    path: Path,
+    output: Path | None,
+    target_dir: Path,
+    cr: float,
+    syntax: OutputSyntax,
+    threads: int,
+) -> dict[str, Any]:
+    from services.core.dicom.io import read_dataset, write_dataset
+    from services.core.pipeline import transcode_dataset
+
+    ds = read_dataset(path)
+    result = transcode_dataset(ds, cr=cr, syntax=syntax, threads=threads, source=str(path))
+    assert result.dataset is not None
+    destination = output or target_dir / f"{result.output_sop_instance_uid}.dcm"
+    if destination.resolve() == path.resolve():
+        raise OutputError(f"{destination}: refusing to overwrite the input file")
+    write_dataset(result.dataset, destination)
+    data = result.as_dict()
+    data["output"] = str(destination)
+    return data
+
+
+def _results_table(results: list[dict[str, Any]]) -> Table:
+    table = Table(title="crgate transcode", title_justify="left")
+    for name in (
+        "file",
+        "input SOP UID",
+        "output SOP UID",
+        "target CR",
+        "achieved CR",
+        "PSNR dB",
+        "SSIM",
+        "max err",
+        "bytes in",
+        "bytes out",
+        "ms",
+    ):
+        table.add_column(name, overflow="fold")
+    for r in results:
+        achieved = f"{r['achieved_cr']:.2f}" + ("" if r["reached"] else " (!)")
+        table.add_row(
+            Path(r["source"]).name,
+            _short_uid(r["input_sop_instance_uid"]),
+            _short_uid(r["output_sop_instance_uid"]),
+            "lossless" if r["lossless"] else f"{r['target_cr']:g}",
+            achieved,
+            f"{r['psnr_db']:.2f}",
+            f"{r['ssim']:.5f}",
+            str(r["max_abs_error"]),
+            str(r["bytes_in"]),
+            str(r["bytes_out"]),
+            f"{r['total_ms']:.0f}",
+        )
+    return table
+
+
+def _short_uid(uid: str) -> str:
+    return uid if len(uid) <= 24 else f"{uid[:10]}...{uid[-10:]}"
+
+
+@app.command()
+def inspect(
+    file: Annotated[Path, typer.Argument(help="A DICOM file.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Show what crgate sees in a file: modality, geometry, bits, syntax, lossy history."""
+    from services.core.dicom.io import read_dataset
+    from services.core.dicom.pixels import describe
+
+    try:
+        info = describe(read_dataset(file), str(file))
+    except CrgateError as exc:
+        raise _fail(str(exc), exc.exit_code) from None
+    if as_json:
+        print(json.dumps(info))
+        return
+    table = Table(show_header=False, title=str(file), title_justify="left")
+    table.add_column("attribute", style="bold")
+    table.add_column("value", overflow="fold")
+    for key, value in info.items():
+        shown = "-" if value is None else (", ".join(value) if isinstance(value, list) else value)
+        table.add_row(key, str(shown))
+    out.print(table)
+    if info.get("problem"):
+        raise _fail(str(info["problem"]), 2)
+
+
+@app.command()
+def synth(
+    out_dir: Annotated[Path, typer.Option("--out-dir", help="Folder to write studies into.")],
+    studies: Annotated[int, typer.Option("--studies", help="Number of studies.")] = 1,
+    malignant_fraction: Annotated[
+        float, typer.Option(help="Fraction of breasts with a malignant lesion.")
+    ] = 0.5,
+    size: Annotated[
+        str, typer.Option(help="View size WxH in pixels (seed study: 3328x4096).")
+    ] = "3328x4096",
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same studies).")] = 0,
+) -> None:
+    """Generate synthetic four-view mammography studies (DICOM) with ground truth (truth.csv)."""
+    from dataclasses import replace
+
+    from services.core import phantom
+
+    try:
+        width, height = phantom.parse_size(size)
+        config = replace(phantom.PhantomConfig(), width=width, height=height)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with _progress(studies > 1) as progress:
+            task = progress.add_task("synthesising studies", total=studies)
+            rows = phantom.write_studies(
+                out_dir,
+                studies,
+                seed=seed,
+                config=config,
+                malignant_fraction=malignant_fraction,
+                on_study=lambda _i: progress.advance(task),
+            )
+    except CrgateError as exc:
+        raise _fail(str(exc), exc.exit_code) from None
+    except OSError as exc:
+        raise _fail(f"{out_dir}: cannot write ({exc.strerror or exc})", 5) from None
+    labels: dict[str, int] = {}
+    for row in rows:
+        if row.view == "CC":
+            labels[row.label] = labels.get(row.label, 0) + 1
+    summary = ", ".join(f"{n} {label}" for label, n in sorted(labels.items()))
+    out.print(
+        f"wrote {studies} stud{'y' if studies == 1 else 'ies'} ({len(rows)} images; breasts: "
+        f"{summary}) to {out_dir}; ground truth in {out_dir / 'truth.csv'}",
+        highlight=False,
+    )
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app(prog_name="crgate")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,4 @@
+"""Framework-free domain code: codecs, DICOM, metrics, phantoms, pipeline use cases.
+
+Nothing here imports fastapi, celery or pynetdicom.
+"""

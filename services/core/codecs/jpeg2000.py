@@ -1,0 +1,249 @@
+"""JPEG 2000 encoding of a whole image (all frames) to a target compression ratio.
+
+CR = uncompressed Pixel Data bytes (rows x cols x samples x frames x Bits Allocated / 8) divided by
+the sum of the frames' codestream bytes. OpenJPEG treats its rate as a cap and counts against the
+declared precision, so the first attempt uses the rate that the arithmetic predicts and later
+attempts correct it from the measured size (secant steps in log space, bracketed) until the
+achieved CR lies within :data:`CR_TOLERANCE` of the target. Small images have few code blocks
+and so coarse rate steps: when no rate lands within the tolerance, the search runs again with
+smaller code blocks (finer truncation points). A target the image cannot reach
+(more bytes than coding every pass yields, or fewer than the headers need) returns the closest
+result with ``reached=False`` and a note saying why.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy.typing as npt
+
+from services.core.codecs.openjpeg import EncodeParams, encode_frame
+from services.core.errors import InvalidParameter
+
+CR_TOLERANCE = 0.02
+"""Relative distance between achieved and target CR accepted as "reached" (measured exactly)."""
+
+MAX_ATTEMPTS = 8
+CODEBLOCK_SIZES = (64, 32, 16)
+MAX_CR = 1_000_000.0
+
+
+@dataclass(frozen=True)
+class PixelLayout:
+    """What the codec needs to know about the pixels besides the array itself."""
+
+    rows: int
+    columns: int
+    samples: int
+    frames: int
+    bits_allocated: int
+    bits_stored: int
+    signed: bool
+
+    @property
+    def uncompressed_bytes(self) -> int:
+        bits = self.rows * self.columns * self.samples * self.frames * self.bits_allocated
+        return (bits + 7) // 8
+
+    @property
+    def declared_bytes(self) -> float:
+        """Bytes OpenJPEG's rate is relative to: the precision the codestream declares."""
+        return self.rows * self.columns * self.samples * self.frames * self.bits_stored / 8
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """The codestreams of every frame and what they achieved."""
+
+    frames: list[bytes]
+    lossless: bool
+    target_cr: float
+    achieved_cr: float
+    reached: bool
+    note: str | None
+    attempts: int
+
+    @property
+    def compressed_bytes(self) -> int:
+        return sum(len(f) for f in self.frames)
+
+
+def validate_cr(value: float | str) -> float:
+    """Return ``value`` as a float CR, or raise InvalidParameter saying what is allowed."""
+    try:
+        cr = float(value)
+    except (TypeError, ValueError):
+        raise InvalidParameter(f"compression ratio {value!r} is not a number") from None
+    if math.isnan(cr) or math.isinf(cr) or cr < 1 or cr > MAX_CR:
+        raise InvalidParameter(
+            f"compression ratio {value!r} is out of range: use 1 (lossless) "
+            f"or a number > 1 up to {MAX_CR:g}"
+        )
+    return cr
+
+
+def encode_image(
+    frames: Sequence[npt.NDArray[Any]],
+    layout: PixelLayout,
+    target_cr: float,
+    *,
+    lossless: bool,
+    threads: int = 0,
+) -> EncodedImage:
+    """Encode ``frames`` (each (rows, cols) or (rows, cols, 3)) reversibly or to ``target_cr``."""
+    if lossless:
+        codestreams = _encode_all(frames, layout, None, reversible=True, threads=threads)
+        achieved = layout.uncompressed_bytes / sum(len(c) for c in codestreams)
+        return EncodedImage(codestreams, True, 1.0, achieved, True, None, 1)
+    target_cr = validate_cr(target_cr)
+    if target_cr == 1:
+        raise InvalidParameter("CR 1 means lossless: use the JPEG 2000 lossless syntax for it")
+
+    result: EncodedImage | None = None
+    attempts = 0
+    for codeblock in CODEBLOCK_SIZES:
+
+        def attempt(rate: float | None, codeblock: int = codeblock) -> list[bytes]:
+            return _encode_all(
+                frames, layout, rate, reversible=False, threads=threads, codeblock=codeblock
+            )
+
+        found, hard_limit = _search_rate(attempt, layout, target_cr)
+        attempts += found.attempts
+        if result is None or _log_error(found) < _log_error(result):
+            result = found
+        if found.reached or hard_limit:
+            break
+    assert result is not None
+    return replace(result, attempts=attempts)
+
+
+def _log_error(result: EncodedImage) -> float:
+    return abs(math.log(result.achieved_cr / result.target_cr))
+
+
+def _encode_all(
+    frames: Sequence[npt.NDArray[Any]],
+    layout: PixelLayout,
+    rate: float | None,
+    *,
+    reversible: bool,
+    threads: int,
+    codeblock: int = 64,
+) -> list[bytes]:
+    params = EncodeParams(
+        bits_stored=layout.bits_stored,
+        signed=layout.signed,
+        reversible=reversible,
+        rate=rate,
+        threads=threads,
+        codeblock=codeblock,
+    )
+    return [encode_frame(frame, params) for frame in frames]
+
+
+def _search_rate(
+    attempt: Callable[[float | None], list[bytes]], layout: PixelLayout, target_cr: float
+) -> tuple[EncodedImage, bool]:
+    """Search OpenJPEG's rate for ``target_cr``; the flag says a hard limit stopped it."""
+    target_bytes = layout.uncompressed_bytes / target_cr
+    rate: float | None = layout.declared_bytes / target_bytes
+    too_big: tuple[float, int] | None = None  # (rate, bytes) with bytes > target
+    too_small: tuple[float, int] | None = None  # (rate, bytes) with bytes < target
+    best: tuple[float, list[bytes]] | None = None  # (|log error|, codestreams)
+    tried: dict[float | None, int] = {}
+    previous_size: int | None = None
+    hard_limit = False
+
+    for attempts in range(1, MAX_ATTEMPTS + 1):
+        codestreams = attempt(rate)
+        size = sum(len(c) for c in codestreams)
+        tried[rate] = size
+        error = abs(math.log(size / target_bytes))
+        if best is None or error < best[0]:
+            best = (error, codestreams)
+        achieved = layout.uncompressed_bytes / size
+        if abs(achieved / target_cr - 1) <= CR_TOLERANCE:
+            result = EncodedImage(codestreams, False, target_cr, achieved, True, None, attempts)
+            return result, False
+
+        stalled = previous_size is not None and abs(size - previous_size) <= 0.005 * previous_size
+        previous_size = size
+        if stalled and too_small is None:
+            hard_limit = True  # a higher rate no longer shrinks the codestream: headers dominate
+            break
+        current = 1.0 if rate is None else rate  # OpenJPEG: a rate <= 1 codes every pass
+        if size > target_bytes:
+            too_big = (current, size)
+        else:
+            too_small = (current, size)
+            if rate is None:  # every pass coded and still too small: no rate gives more bytes
+                hard_limit = True
+                break
+        next_rate = _next_rate(current, size, target_bytes, too_big, too_small)
+        if stalled and too_big is None:
+            next_rate = 1.0  # a lower rate no longer grows it: confirm with every pass coded
+        if too_small and too_big and abs(too_big[0] - too_small[0]) < 1e-6 * too_small[0]:
+            break  # the bracket has collapsed: no rate gives the target
+        if next_rate <= 1.0:
+            next_rate_opt: float | None = None  # OpenJPEG: a rate <= 1 codes every pass
+        else:
+            next_rate_opt = next_rate
+        if next_rate_opt in tried:
+            break
+        rate = next_rate_opt
+
+    assert best is not None
+    codestreams = best[1]
+    size = sum(len(c) for c in codestreams)
+    achieved = layout.uncompressed_bytes / size
+    note = (
+        _unreached_note(target_cr, achieved, target_bytes, size)
+        if hard_limit
+        else (
+            f"target CR {target_cr:g} not reached: OpenJPEG's rate steps for this image skip "
+            f"from CR {layout.uncompressed_bytes / too_big[1]:.2f} to "
+            f"{layout.uncompressed_bytes / too_small[1]:.2f}; achieved CR {achieved:.2f}"
+            if too_big and too_small
+            else f"target CR {target_cr:g} not reached; achieved CR {achieved:.2f}"
+        )
+    )
+    return EncodedImage(
+        codestreams, False, target_cr, achieved, False, note, len(tried)
+    ), hard_limit
+
+
+def _next_rate(
+    rate: float,
+    size: int,
+    target_bytes: float,
+    too_big: tuple[float, int] | None,
+    too_small: tuple[float, int] | None,
+) -> float:
+    """Next rate to try: bytes ~ 1/rate, refined by a log-space secant inside the bracket."""
+    if too_big and too_small and too_big[1] != too_small[1] and too_big[0] > 0:
+        (r1, n1), (r2, n2) = too_big, too_small
+        slope = (math.log(r2) - math.log(r1)) / (math.log(n2) - math.log(n1))
+        guess = math.exp(math.log(r1) + slope * (math.log(target_bytes) - math.log(n1)))
+        low, high = sorted((r1, r2))
+        if not low < guess < high:
+            guess = math.sqrt(low * high)
+        return guess
+    return rate * size / target_bytes
+
+
+def _unreached_note(target_cr: float, achieved: float, target_bytes: float, size: int) -> str:
+    if achieved < target_cr:
+        return (
+            f"target CR {target_cr:g} not reached: the smallest codestream OpenJPEG produces for "
+            f"this image is {size} bytes (headers and minimal data), more than the "
+            f"{target_bytes:.0f} bytes the target allows; achieved CR {achieved:.2f}"
+        )
+    return (
+        f"target CR {target_cr:g} not reached: even coding every pass yields only {size} "
+        f"bytes, fewer than the {target_bytes:.0f} bytes the target asks for; "
+        f"achieved CR {achieved:.2f}"
+    )

@@ -1,0 +1,1 @@
+"""DICOM Part 10 I/O, UIDs, image geometry and derived-object attributes."""

@@ -1,0 +1,130 @@
+"""Building the JPEG 2000 output dataset and its compression attributes (PS3.3 C.7.6.1.1.5).
+
+Lossy output is a new instance: new SOP Instance UID, Image Type value 1 DERIVED, Lossy Image
+Compression "01", the achieved ratio and method ``ISO_15444_1`` appended to any earlier values,
+a Derivation Description naming the ratio, and a Source Image Sequence pointing at the original.
+Lossless output keeps its SOP Instance UID and never resets an earlier "01" to "00".
+"""
+
+from __future__ import annotations
+
+import copy
+from datetime import UTC, datetime
+
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.sequence import Sequence
+from pydicom.uid import UID
+from pydicom.valuerep import format_number_as_ds
+
+from services.core.codecs import OutputSyntax
+from services.core.codecs.jpeg2000 import EncodedImage
+from services.core.dicom.uids import new_uid, stable_uid
+
+IMPLEMENTATION_VERSION = "CRGATE_01"
+IMPLEMENTATION_CLASS_UID = stable_uid("crgate", "implementation", 1)
+LOSSY_METHOD = "ISO_15444_1"
+# PS3.16 CID 7202 Source Image Purposes of Reference, CID 7203 Image Derivation
+_UNCOMPRESSED_PREDECESSOR = ("121320", "DCM", "Uncompressed predecessor")
+_LOSSY_COMPRESSED_PREDECESSOR = ("121330", "DCM", "Lossy compressed predecessor")
+_LOSSY_COMPRESSION = ("113040", "DCM", "Lossy Compression")
+
+
+def build_output(
+    source: Dataset, encoded: EncodedImage, syntax: OutputSyntax, photometric: str
+) -> Dataset:
+    """A new dataset: ``source``'s attributes with ``encoded`` as encapsulated Pixel Data.
+
+    ``photometric`` is that of the decoded values (MONOCHROME1/2 or RGB); three-sample output
+    is declared YBR_ICT (irreversible) or YBR_RCT (reversible) as PS3.5 8.2.4 requires.
+    """
+    ds = Dataset()
+    for element in source:  # shallow walk: skip the old pixel data without decoding it
+        if element.tag != 0x7FE00010:
+            ds.add(copy.deepcopy(element))
+    was_lossy = str(source.get("LossyImageCompression", "00")) == "01"
+
+    if photometric == "RGB":
+        ds.PhotometricInterpretation = "YBR_RCT" if syntax.lossless else "YBR_ICT"
+        ds.PlanarConfiguration = 0
+    else:
+        ds.PhotometricInterpretation = photometric
+
+    if syntax.lossless:
+        if "LossyImageCompression" not in ds:
+            ds.LossyImageCompression = "00"
+    else:
+        _mark_lossy(ds, source, encoded, was_lossy)
+
+    ds.PixelData = encapsulate(encoded.frames, has_bot=True)
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    ds.file_meta = _file_meta(source, ds, syntax)
+    ds.set_original_encoding(False, True)  # written explicit VR little endian, whatever came in
+    return ds
+
+
+def _mark_lossy(ds: Dataset, source: Dataset, encoded: EncodedImage, was_lossy: bool) -> None:
+    ratio = format_number_as_ds(round(encoded.achieved_cr, 2))
+    now = datetime.now(UTC)
+    ds.SOPInstanceUID = new_uid()
+    ds.InstanceCreationDate = now.strftime("%Y%m%d")
+    ds.InstanceCreationTime = now.strftime("%H%M%S")
+
+    image_type = list(source.get("ImageType", [])) or ["DERIVED", "SECONDARY"]
+    image_type[0] = "DERIVED"
+    ds.ImageType = image_type
+
+    ds.LossyImageCompression = "01"
+    ds.LossyImageCompressionRatio = [*_values(source, "LossyImageCompressionRatio"), ratio]
+    ds.LossyImageCompressionMethod = [*_values(source, "LossyImageCompressionMethod"), LOSSY_METHOD]
+    for attr in ("SmallestImagePixelValue", "LargestImagePixelValue"):
+        if attr in ds:  # no longer true of the lossy pixels
+            del ds[attr]
+
+    description = (
+        f"JPEG 2000 irreversible (ISO_15444_1) lossy compression by crgate, "
+        f"ratio {ratio}:1 (target {encoded.target_cr:g}:1)"
+    )
+    earlier = str(source.get("DerivationDescription", "")).strip()
+    ds.DerivationDescription = f"{earlier}; {description}" if earlier else description
+    derivation = Sequence(list(copy.deepcopy(source.get("DerivationCodeSequence", []))))
+    derivation.append(_code(*_LOSSY_COMPRESSION))
+    ds.DerivationCodeSequence = derivation
+
+    reference = Dataset()
+    reference.ReferencedSOPClassUID = source.SOPClassUID
+    reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    purpose = _LOSSY_COMPRESSED_PREDECESSOR if was_lossy else _UNCOMPRESSED_PREDECESSOR
+    reference.PurposeOfReferenceCodeSequence = Sequence([_code(*purpose)])
+    ds.SourceImageSequence = Sequence([reference])
+
+
+def _values(ds: Dataset, keyword: str) -> list[str]:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return []
+    if isinstance(value, str | bytes) or not hasattr(value, "__iter__"):
+        return [str(value)]
+    return [str(v) for v in value]
+
+
+def _code(value: str, scheme: str, meaning: str) -> Dataset:
+    item = Dataset()
+    item.CodeValue = value
+    item.CodingSchemeDesignator = scheme
+    item.CodeMeaning = meaning
+    return item
+
+
+def _file_meta(source: Dataset, ds: Dataset, syntax: OutputSyntax) -> FileMetaDataset:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = syntax.uid
+    meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION
+    old = getattr(source, "file_meta", None)
+    if old is not None and "SourceApplicationEntityTitle" in old:
+        meta.SourceApplicationEntityTitle = old.SourceApplicationEntityTitle
+    return meta

@@ -1,0 +1,67 @@
+"""Errors raised by crgate's core; the edges map them to exit codes, HTTP or DICOM statuses.
+
+CrgateError                  base: a message a person can act on
+ +-- InvalidInput            the caller's input is wrong (bad file, parameter, UID)
+ |    +-- NotDicom           the bytes are not a DICOM Part 10 file (or are truncated)
+ |    +-- NoPixelData        a DICOM file without an image
+ |    +-- InvalidParameter   a parameter out of range (CR <= 0, NaN, unknown syntax)
+ |    +-- InvalidUID         a UID that is not a valid DICOM UID
+ +-- CodecError              encoding or decoding failed
+ |    +-- UnsupportedSyntax  no installed decoder handles the transfer syntax
+ |    +-- CodecUnavailable   a required codec library is missing (names the package)
+ +-- OutputError             an output could not be written (nothing partial is left)
+ +-- NotFound                a referenced object does not exist
+ +-- Conflict                the request conflicts with stored state
+"""
+
+from __future__ import annotations
+
+
+class CrgateError(Exception):
+    """Base of every error crgate raises on purpose."""
+
+    exit_code = 1
+
+
+class InvalidInput(CrgateError):
+    exit_code = 2
+
+
+class NotDicom(InvalidInput):
+    pass
+
+
+class NoPixelData(InvalidInput):
+    pass
+
+
+class InvalidParameter(InvalidInput):
+    pass
+
+
+class InvalidUID(InvalidInput):
+    pass
+
+
+class CodecError(CrgateError):
+    exit_code = 3
+
+
+class UnsupportedSyntax(CodecError):
+    pass
+
+
+class CodecUnavailable(CodecError):
+    exit_code = 4
+
+
+class OutputError(CrgateError):
+    exit_code = 5
+
+
+class NotFound(CrgateError):
+    exit_code = 6
+
+
+class Conflict(CrgateError):
+    exit_code = 7

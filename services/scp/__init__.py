@@ -1,0 +1,1 @@
+"""crgate scp edge (built in a later issue)."""

@@ -1,0 +1,1 @@
+"""crgate worker edge (built in a later issue)."""
