@@ -4,7 +4,8 @@ with a non-zero exit code; batches go on with the other files and summarise fail
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -25,7 +26,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console()
+out = Console(width=max(shutil.get_terminal_size((220, 24)).columns, 100))
 err = Console(stderr=True)
 
 
@@ -34,17 +35,34 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _expand(inputs: Iterable[Path]) -> Iterator[Path]:
-    """Files as given; folders walked recursively (hidden files skipped), sorted."""
+def _is_part10(path: Path) -> bool:
+    try:
+        with path.open("rb") as fh:
+            fh.seek(128)
+            return fh.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def _expand(inputs: Iterable[Path]) -> tuple[list[Path], int]:
+    """Files as given; folders walked recursively for DICOM Part 10 files (hidden ones skipped).
+
+    Returns the files and how many non-DICOM files the folder walk passed over.
+    """
+    files: list[Path] = []
+    skipped = 0
     for path in inputs:
-        if path.is_dir():
-            yield from sorted(
-                p
-                for p in path.rglob("*")
-                if p.is_file() and not any(part.startswith(".") for part in p.parts)
-            )
-        else:
-            yield path
+        if not path.is_dir():
+            files.append(path)
+            continue
+        for found in sorted(path.rglob("*")):
+            if not found.is_file() or any(p.startswith(".") for p in found.relative_to(path).parts):
+                continue
+            if _is_part10(found):
+                files.append(found)
+            else:
+                skipped += 1
+    return files, skipped
 
 
 def _progress(enabled: bool) -> Progress:
@@ -88,9 +106,11 @@ def transcode(
         chosen = OutputSyntax.for_cr(ratio, syntax)
     except InvalidParameter as exc:
         raise _fail(str(exc)) from None
-    files = list(_expand(inputs))
+    files, skipped = _expand(inputs)
+    if skipped:
+        err.print(f"note: skipped {skipped} non-DICOM file(s) in the input folder(s)")
     if not files:
-        raise _fail("no input files")
+        raise _fail("no DICOM input files")
     if output is not None and (len(files) != 1 or out_dir is not None):
         raise _fail("-o/--output takes exactly one input file and no --out-dir")
     target_dir = out_dir or Path("crgate-out")
@@ -172,13 +192,13 @@ def _results_table(results: list[dict[str, Any]]) -> Table:
         "bytes out",
         "ms",
     ):
-        table.add_column(name, overflow="fold")
+        table.add_column(name, no_wrap=True)
     for r in results:
         achieved = f"{r['achieved_cr']:.2f}" + ("" if r["reached"] else " (!)")
         table.add_row(
             Path(r["source"]).name,
-            _short_uid(r["input_sop_instance_uid"]),
-            _short_uid(r["output_sop_instance_uid"]),
+            r["input_sop_instance_uid"],
+            r["output_sop_instance_uid"],
             "lossless" if r["lossless"] else f"{r['target_cr']:g}",
             achieved,
             f"{r['psnr_db']:.2f}",
@@ -189,10 +209,6 @@ def _results_table(results: list[dict[str, Any]]) -> Table:
             f"{r['total_ms']:.0f}",
         )
     return table
-
-
-def _short_uid(uid: str) -> str:
-    return uid if len(uid) <= 24 else f"{uid[:10]}...{uid[-10:]}"
 
 
 @app.command()

@@ -6,14 +6,14 @@ Input decoding is pydicom's, with the pylibjpeg plugins installed (see dicom/pix
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 from pydicom.uid import JPEG2000, UID, JPEG2000Lossless
 
 from services.core.errors import InvalidParameter
 
 
-class OutputSyntax(str, Enum):
+class OutputSyntax(StrEnum):
     """The transfer syntaxes crgate writes, by their CLI/API names."""
 
     J2K = "j2k"

@@ -157,10 +157,12 @@ def _search_rate(
     tried: dict[float | None, int] = {}
     previous_size: int | None = None
     hard_limit = False
+    repeats = 0  # sizes seen before: the rate steps are coarse here
 
     for attempts in range(1, MAX_ATTEMPTS + 1):
         codestreams = attempt(rate)
         size = sum(len(c) for c in codestreams)
+        repeats += size in tried.values()
         tried[rate] = size
         error = abs(math.log(size / target_bytes))
         if best is None or error < best[0]:
@@ -183,6 +185,8 @@ def _search_rate(
             if rate is None:  # every pass coded and still too small: no rate gives more bytes
                 hard_limit = True
                 break
+        if repeats >= 2 and too_big and too_small:
+            break  # the target falls between two rate steps: smaller code blocks may help
         next_rate = _next_rate(current, size, target_bytes, too_big, too_small)
         if stalled and too_big is None:
             next_rate = 1.0  # a lower rate no longer grows it: confirm with every pass coded
@@ -244,6 +248,6 @@ def _unreached_note(target_cr: float, achieved: float, target_bytes: float, size
         )
     return (
         f"target CR {target_cr:g} not reached: even coding every pass yields only {size} "
-        f"bytes, fewer than the {target_bytes:.0f} bytes the target asks for; "
-        f"achieved CR {achieved:.2f}"
+        f"bytes, fewer than the {target_bytes:.0f} bytes the target asks for (the image "
+        f"compresses better than that losslessly: use CR 1); achieved CR {achieved:.2f}"
     )
