@@ -1,7 +1,7 @@
 """JPEG 2000 encoding of a whole image (all frames) to a target compression ratio.
 
 CR = uncompressed Pixel Data bytes (rows x cols x samples x frames x Bits Allocated / 8) divided by
-the sum of the frames' codestream bytes. OpenJPEG treats its rate as a cap and counts against the
+the encapsulated codestream bytes (each frame's codestream, padded to even length as stored). OpenJPEG treats its rate as a cap and counts against the
 declared precision, so the first attempt uses the rate that the arithmetic predicts and later
 attempts correct it from the measured size (secant steps in log space, bracketed) until the
 achieved CR lies within :data:`CR_TOLERANCE` of the target. Small images have few code blocks
@@ -68,7 +68,12 @@ class EncodedImage:
 
     @property
     def compressed_bytes(self) -> int:
-        return sum(len(f) for f in self.frames)
+        return stored_size(self.frames)
+
+
+def stored_size(codestreams: Sequence[bytes]) -> int:
+    """Bytes the codestreams take as encapsulated fragments (each padded to an even length)."""
+    return sum(len(c) + (len(c) & 1) for c in codestreams)
 
 
 def validate_cr(value: float | str) -> float:
@@ -96,7 +101,7 @@ def encode_image(
     """Encode ``frames`` (each (rows, cols) or (rows, cols, 3)) reversibly or to ``target_cr``."""
     if lossless:
         codestreams = _encode_all(frames, layout, None, reversible=True, threads=threads)
-        achieved = layout.uncompressed_bytes / sum(len(c) for c in codestreams)
+        achieved = layout.uncompressed_bytes / stored_size(codestreams)
         return EncodedImage(codestreams, True, 1.0, achieved, True, None, 1)
     target_cr = validate_cr(target_cr)
     if target_cr == 1:
@@ -161,7 +166,7 @@ def _search_rate(
 
     for attempts in range(1, MAX_ATTEMPTS + 1):
         codestreams = attempt(rate)
-        size = sum(len(c) for c in codestreams)
+        size = stored_size(codestreams)
         repeats += size in tried.values()
         tried[rate] = size
         error = abs(math.log(size / target_bytes))
@@ -202,7 +207,7 @@ def _search_rate(
 
     assert best is not None
     codestreams = best[1]
-    size = sum(len(c) for c in codestreams)
+    size = stored_size(codestreams)
     achieved = layout.uncompressed_bytes / size
     note = (
         _unreached_note(target_cr, achieved, target_bytes, size)
