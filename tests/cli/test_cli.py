@@ -252,7 +252,9 @@ def test_transcode_cr_1_is_lossless(tmp_path: Path) -> None:
     np.testing.assert_array_equal(ds.pixel_array, original.pixel_array)
 
 
-@pytest.mark.parametrize("name", ["MR_small.dcm", "MR_small_bigendian.dcm", "SC_rgb_rle_2frame.dcm"])
+@pytest.mark.parametrize(
+    "name", ["MR_small.dcm", "MR_small_bigendian.dcm", "SC_rgb_rle_2frame.dcm"]
+)
 def test_transcode_other_inputs(tmp_path: Path, name: str) -> None:
     source = bundled(name)
     result = invoke("transcode", source, "--cr", "10", "--out-dir", tmp_path, "--json")
@@ -302,9 +304,7 @@ def test_output_option_writes_exactly_that_file(tmp_path: Path) -> None:
 
 def test_output_option_with_two_inputs_is_refused(tmp_path: Path) -> None:
     target = tmp_path / "result.dcm"
-    result = invoke(
-        "transcode", bundled("CT_small.dcm"), bundled("MR_small.dcm"), "-o", target
-    )
+    result = invoke("transcode", bundled("CT_small.dcm"), bundled("MR_small.dcm"), "-o", target)
     assert_fails(result, "-o", code=EXIT_INVALID_INPUT)
     assert all_files(tmp_path) == []
 

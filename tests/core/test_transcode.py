@@ -1,4 +1,4 @@
-"""Transcoding real DICOM files: the output's attributes, dciodvfy and GDCM as independent checks."""
+"""Transcoding real DICOM files: output attributes, with dciodvfy and GDCM as independent checks."""
 
 from __future__ import annotations
 
