@@ -4,7 +4,6 @@ with a non-zero exit code; batches go on with the other files and summarise fail
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any
@@ -13,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from services.core.codecs import OutputSyntax
 from services.core.codecs.jpeg2000 import validate_cr
@@ -26,7 +26,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console(width=max(shutil.get_terminal_size((220, 24)).columns, 100))
+out = Console()
 err = Console(stderr=True)
 
 
@@ -138,11 +138,16 @@ def transcode(
                 if as_json:
                     print(json.dumps(result), flush=True)
                 elif result["note"]:
-                    err.print(f"note: {path}: {result['note']}", markup=False, highlight=False)
+                    err.print(
+                        f"note: {path}: {result['note']}",
+                        markup=False,
+                        highlight=False,
+                        soft_wrap=True,
+                    )
             progress.advance(task)
 
     if not as_json and results:
-        out.print(_results_table(results))
+        _print_results(results)
     if failures:
         err.print(
             f"{len(failures)} of {len(files)} file(s) failed: "
@@ -177,38 +182,57 @@ def _transcode_one(
     return data
 
 
-def _results_table(results: list[dict[str, Any]]) -> Table:
-    table = Table(title="crgate transcode", title_justify="left")
-    for name in (
-        "file",
-        "input SOP UID",
-        "output SOP UID",
-        "target CR",
-        "achieved CR",
-        "PSNR dB",
-        "SSIM",
-        "max err",
-        "bytes in",
-        "bytes out",
-        "ms",
-    ):
-        table.add_column(name, no_wrap=True)
-    for r in results:
-        achieved = f"{r['achieved_cr']:.2f}" + ("" if r["reached"] else " (!)")
-        table.add_row(
-            Path(r["source"]).name,
-            r["input_sop_instance_uid"],
-            r["output_sop_instance_uid"],
-            "lossless" if r["lossless"] else f"{r['target_cr']:g}",
-            achieved,
-            f"{r['psnr_db']:.2f}",
-            f"{r['ssim']:.5f}",
-            str(r["max_abs_error"]),
-            str(r["bytes_in"]),
-            str(r["bytes_out"]),
-            f"{r['total_ms']:.0f}",
-        )
-    return table
+_COLUMNS = (
+    "file",
+    "input SOP UID",
+    "output SOP UID",
+    "target CR",
+    "achieved CR",
+    "PSNR dB",
+    "SSIM",
+    "max err",
+    "bytes in",
+    "bytes out",
+    "ms",
+)
+
+
+def _result_cells(r: dict[str, Any]) -> list[str]:
+    ssim = "-" if r["ssim"] is None else f"{r['ssim']:.5f}"
+    return [
+        Path(r["source"]).name,
+        r["input_sop_instance_uid"],
+        r["output_sop_instance_uid"],
+        "lossless" if r["lossless"] else f"{r['target_cr']:g}",
+        f"{r['achieved_cr']:.2f}" + ("" if r["reached"] else " (not reached)"),
+        f"{r['psnr_db']:.2f}",
+        ssim,
+        str(r["max_abs_error"]),
+        str(r["bytes_in"]),
+        str(r["bytes_out"]),
+        f"{r['total_ms']:.0f}",
+    ]
+
+
+def _print_results(results: list[dict[str, Any]]) -> None:
+    """One table row per file; on a terminal too narrow for that, one small table per file."""
+    rows = [_result_cells(r) for r in results]
+    wide = Table(title="crgate transcode", title_justify="left")
+    for name in _COLUMNS:
+        wide.add_column(name, no_wrap=True)
+    for cells in rows:
+        wide.add_row(*(Text(c) for c in cells))
+    needed = sum(max(len(c) for c in col) + 3 for col in zip(_COLUMNS, *rows, strict=True)) + 1
+    if needed <= out.width:
+        out.print(wide)
+        return
+    for cells in rows:
+        record = Table(show_header=False, title=Text(cells[0]), title_justify="left")
+        record.add_column("field", no_wrap=True)
+        record.add_column("value", overflow="fold")
+        for name, cell in zip(_COLUMNS[1:], cells[1:], strict=True):
+            record.add_row(name, Text(cell))
+        out.print(record)
 
 
 @app.command()
@@ -227,12 +251,12 @@ def inspect(
     if as_json:
         print(json.dumps(info))
         return
-    table = Table(show_header=False, title=str(file), title_justify="left")
+    table = Table(show_header=False, title=Text(str(file)), title_justify="left")
     table.add_column("attribute", style="bold")
     table.add_column("value", overflow="fold")
     for key, value in info.items():
         shown = "-" if value is None else (", ".join(value) if isinstance(value, list) else value)
-        table.add_row(key, str(shown))
+        table.add_row(key, Text(str(shown)))
     out.print(table)
     if info.get("problem"):
         raise _fail(str(info["problem"]), 2)
@@ -255,6 +279,8 @@ def synth(
 
     from services.core import phantom
 
+    if studies < 1:
+        raise _fail(f"--studies {studies}: give at least 1 study")
     try:
         width, height = phantom.parse_size(size)
         config = replace(phantom.PhantomConfig(), width=width, height=height)
@@ -282,6 +308,7 @@ def synth(
         f"wrote {studies} stud{'y' if studies == 1 else 'ies'} ({len(rows)} images; breasts: "
         f"{summary}) to {out_dir}; ground truth in {out_dir / 'truth.csv'}",
         highlight=False,
+        markup=False,
     )
 
 

@@ -1,14 +1,16 @@
 """JPEG 2000 encoding of a whole image (all frames) to a target compression ratio.
 
-CR = uncompressed Pixel Data bytes (rows x cols x samples x frames x Bits Allocated / 8) divided by
-the encapsulated codestream bytes (each frame's codestream, padded to even length as stored).
-OpenJPEG treats its rate as a cap and counts against the declared precision, so the first
-attempt uses the rate that the arithmetic predicts and later attempts correct it from the measured size (secant steps in log space, bracketed) until the
-achieved CR lies within :data:`CR_TOLERANCE` of the target. Small images have few code blocks
-and so coarse rate steps: when no rate lands within the tolerance, the search runs again with
-smaller code blocks (finer truncation points). A target the image cannot reach
-(more bytes than coding every pass yields, or fewer than the headers need) returns the closest
-result with ``reached=False`` and a note saying why.
+CR = uncompressed Pixel Data bytes (rows x cols x samples x frames x Bits Allocated / 8) divided
+by the encapsulated codestream bytes (each frame's codestream, padded to even length as stored).
+
+OpenJPEG treats its rate as a cap and counts it against the declared precision, so the first
+attempt uses the rate the arithmetic predicts and later attempts correct it from the measured
+size (secant steps in log space, bracketed) until the achieved CR lies within
+:data:`CR_TOLERANCE` of the target. Small images have few code blocks and so coarse rate steps:
+when no rate lands within the tolerance, the search runs again with smaller code blocks (finer
+truncation points). A target the image cannot reach (more bytes than coding every pass yields,
+or fewer than the headers need) returns the closest result with ``reached=False`` and a note
+saying why.
 """
 
 from __future__ import annotations

@@ -32,7 +32,28 @@ def read_dataset(path: Path) -> Dataset:
         raise NotDicom(f"{path}: unreadable or truncated DICOM file ({exc})") from None
     if "TransferSyntaxUID" not in ds.file_meta:
         raise NotDicom(f"{path}: DICOM file has no Transfer Syntax UID in its file meta")
+    short = _short_element(ds)
+    if short:
+        raise NotDicom(f"{path}: truncated DICOM file (element {short} ends past the end of file)")
     return ds
+
+
+def _short_element(ds: Dataset) -> str | None:
+    """The tag of an element whose value is shorter than its declared length, if any.
+
+    pydicom stops quietly at the end of a file cut in the middle of an element.
+    """
+    for raw in ds._dict.values():
+        length = getattr(raw, "length", None)
+        value = getattr(raw, "value", None)
+        if (
+            isinstance(length, int)
+            and length != 0xFFFFFFFF
+            and isinstance(value, bytes)
+            and len(value) < length
+        ):
+            return str(raw.tag)
+    return None
 
 
 @contextlib.contextmanager
