@@ -214,17 +214,33 @@ def _result_cells(r: dict[str, Any]) -> list[str]:
     ]
 
 
-def _print_results(results: list[dict[str, Any]]) -> None:
-    """One table row per file; on a terminal too narrow for that, one small table per file."""
-    rows = [_result_cells(r) for r in results]
-    wide = Table(title="crgate transcode", title_justify="left")
-    for name in _COLUMNS:
-        wide.add_column(name, no_wrap=True)
+def _table(columns: tuple[str, ...], rows: list[list[str]], title: str | None = None) -> Table:
+    table = Table(title=title, title_justify="left")
+    for name in columns:
+        table.add_column(name, no_wrap=True)
     for cells in rows:
-        wide.add_row(*(Text(c) for c in cells))
-    needed = sum(max(len(c) for c in col) + 3 for col in zip(_COLUMNS, *rows, strict=True)) + 1
-    if needed <= out.width:
-        out.print(wide)
+        table.add_row(*(Text(c) for c in cells))
+    return table
+
+
+def _width(columns: tuple[str, ...], rows: list[list[str]]) -> int:
+    return sum(max(len(c) for c in col) + 3 for col in zip(columns, *rows, strict=True)) + 1
+
+
+def _print_results(results: list[dict[str, Any]]) -> None:
+    """One row per file; a narrower terminal gets the UIDs in a table of their own, and one
+    too narrow for that gets a small table per file."""
+    rows = [_result_cells(r) for r in results]
+    if _width(_COLUMNS, rows) <= out.width:
+        out.print(_table(_COLUMNS, rows, "crgate transcode"))
+        return
+    uid_columns = _COLUMNS[:3]
+    metric_columns = (_COLUMNS[0], *_COLUMNS[3:])
+    metric_rows = [[cells[0], *cells[3:]] for cells in rows]
+    uid_rows = [cells[:3] for cells in rows]
+    if max(_width(metric_columns, metric_rows), _width(uid_columns, uid_rows)) <= out.width:
+        out.print(_table(metric_columns, metric_rows, "crgate transcode"))
+        out.print(_table(uid_columns, uid_rows))
         return
     for cells in rows:
         record = Table(show_header=False, title=Text(cells[0]), title_justify="left")
