@@ -20,6 +20,7 @@ from pydicom.valuerep import format_number_as_ds
 from services.core.codecs import OutputSyntax
 from services.core.codecs.jpeg2000 import EncodedImage
 from services.core.dicom.uids import new_uid, stable_uid
+from services.core.dicom.values import as_strings
 
 IMPLEMENTATION_VERSION = "CRGATE_01"
 IMPLEMENTATION_CLASS_UID = stable_uid("crgate", "implementation", 1)
@@ -76,8 +77,11 @@ def _mark_lossy(ds: Dataset, source: Dataset, encoded: EncodedImage, was_lossy: 
     ds.ImageType = image_type
 
     ds.LossyImageCompression = "01"
-    ds.LossyImageCompressionRatio = [*_values(source, "LossyImageCompressionRatio"), ratio]
-    ds.LossyImageCompressionMethod = [*_values(source, "LossyImageCompressionMethod"), LOSSY_METHOD]
+    ds.LossyImageCompressionRatio = [*as_strings(source.get("LossyImageCompressionRatio")), ratio]
+    ds.LossyImageCompressionMethod = [
+        *as_strings(source.get("LossyImageCompressionMethod")),
+        LOSSY_METHOD,
+    ]
     for attr in ("SmallestImagePixelValue", "LargestImagePixelValue"):
         if attr in ds:  # no longer true of the lossy pixels
             del ds[attr]
@@ -98,15 +102,6 @@ def _mark_lossy(ds: Dataset, source: Dataset, encoded: EncodedImage, was_lossy: 
     purpose = _LOSSY_COMPRESSED_PREDECESSOR if was_lossy else _UNCOMPRESSED_PREDECESSOR
     reference.PurposeOfReferenceCodeSequence = Sequence([_code(*purpose)])
     ds.SourceImageSequence = Sequence([reference])
-
-
-def _values(ds: Dataset, keyword: str) -> list[str]:
-    value = ds.get(keyword)
-    if value is None or value == "":
-        return []
-    if isinstance(value, str | bytes) or not hasattr(value, "__iter__"):
-        return [str(value)]
-    return [str(v) for v in value]
 
 
 def _code(value: str, scheme: str, meaning: str) -> Dataset:

@@ -15,6 +15,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
 from services.core.codecs.jpeg2000 import PixelLayout
+from services.core.dicom.values import as_strings
 from services.core.errors import CodecError, NoPixelData, UnsupportedSyntax
 
 _SUPPORTED_PHOTOMETRIC = {
@@ -128,9 +129,9 @@ def describe(ds: Dataset, source: str) -> dict[str, Any]:
         "body_part": ds.get("BodyPartExamined"),
         "transfer_syntax": f"{syntax.name} ({syntax})" if syntax else None,
         "lossy_compression": ds.get("LossyImageCompression"),
-        "lossy_ratios": _as_list(ds.get("LossyImageCompressionRatio")),
-        "lossy_methods": _as_list(ds.get("LossyImageCompressionMethod")),
-        "image_type": _as_list(ds.get("ImageType")),
+        "lossy_ratios": as_strings(ds.get("LossyImageCompressionRatio")) or None,
+        "lossy_methods": as_strings(ds.get("LossyImageCompressionMethod")) or None,
+        "image_type": as_strings(ds.get("ImageType")) or None,
     }
     try:
         layout = layout_of(ds, source)
@@ -147,18 +148,7 @@ def describe(ds: Dataset, source: str) -> dict[str, Any]:
         bits_stored=layout.bits_stored,
         signed=layout.signed,
         photometric=str(ds.PhotometricInterpretation).strip(),
-        pixel_spacing=_as_list(ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")),
+        pixel_spacing=as_strings(ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")) or None,
         uncompressed_bytes=layout.uncompressed_bytes,
     )
     return info
-
-
-def _as_list(value: Any) -> list[str] | None:
-    if value is None:
-        return None
-    if isinstance(value, str | bytes):
-        return [str(value)]
-    try:
-        return [str(v) for v in value]
-    except TypeError:
-        return [str(value)]
