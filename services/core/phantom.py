@@ -317,6 +317,14 @@ def _position(o: _Outline, depth: float, offset: float) -> tuple[float, float]:
     return depth * o.depth, o.yc + offset * _side_b(o, offset) * half
 
 
+def _in_study_crop(x: float, y: float, extent: float, w: int, h: int, *, mlo_view: bool) -> bool:
+    """Inside what the seed study's preprocessing keeps: the chest-wall half of the width,
+    and all but the top fifth (MLO) or the bottom fifth (CC) of the height."""
+    if x + extent > 0.5 * w:
+        return False
+    return y - extent >= 0.2 * h if mlo_view else y + extent <= 0.8 * h
+
+
 def _inside_margin(o: _Outline, x: float, y: float, extent: float, w: int, h: int) -> bool:
     dy = y - o.yc
     b = o.b_up if dy < 0 else o.b_down
@@ -340,7 +348,9 @@ def _make_breast(seed: int, index: int, lat_index: int, kind: str, cfg: PhantomC
     w, h = cfg.width, cfg.height
     u = rng.uniform
 
-    depth_cc = w * u(0.55, 0.78)
+    # The seed study crops away the half of each view opposite the chest wall, because its
+    # breasts lie within that half of the detector: so do these.
+    depth_cc = w * u(0.40, 0.48)
     b_cc = h * u(0.32, 0.42)
     cc = _Outline(
         depth=depth_cc,
@@ -350,7 +360,7 @@ def _make_breast(seed: int, index: int, lat_index: int, kind: str, cfg: PhantomC
     )
     yc_m = h * u(0.44, 0.54)
     mlo = _Outline(
-        depth=min(depth_cc * u(1.0, 1.1), 0.9 * w),
+        depth=min(depth_cc * u(1.0, 1.1), 0.5 * w),
         yc=yc_m,
         b_up=yc_m * u(1.05, 1.3),
         b_down=h * u(0.36, 0.44),
@@ -383,8 +393,11 @@ def _make_breast(seed: int, index: int, lat_index: int, kind: str, cfg: PhantomC
             cand = (u(0.2, 0.75), u(-0.6, 0.6), u(-0.6, 0.6))
             xc, yc = _position(cc, cand[0], cand[1])
             xm, ym = _position(mlo, cand[0], cand[2])
-            if _inside_margin(cc, xc, yc, extent, w, h) and _inside_margin(
-                mlo, xm, ym, extent, w, h
+            if (
+                _inside_margin(cc, xc, yc, extent, w, h)
+                and _inside_margin(mlo, xm, ym, extent, w, h)
+                and _in_study_crop(xc, yc, extent, w, h, mlo_view=False)
+                and _in_study_crop(xm, ym, extent, w, h, mlo_view=True)
             ):
                 depth, ml, si = cand
                 break
