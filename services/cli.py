@@ -289,9 +289,19 @@ def synth(
         str, typer.Option(help="View size WxH in pixels (seed study: 3328x4096).")
     ] = "3328x4096",
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same studies).")] = 0,
+    config_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            help="JSON object of PhantomConfig fields to override (lesion sizes, contrasts...).",
+        ),
+    ] = None,
 ) -> None:
-    """Generate synthetic four-view mammography studies (DICOM) with ground truth (truth.csv)."""
-    from dataclasses import replace
+    """Generate synthetic four-view mammography studies (DICOM) with ground truth (truth.csv).
+
+    The folder also gets phantom.json: the configuration, seed and fractions used.
+    """
+    from dataclasses import asdict
 
     from services.core import phantom
 
@@ -299,7 +309,8 @@ def synth(
         raise _fail(f"--studies {studies}: give at least 1 study")
     try:
         width, height = phantom.parse_size(size)
-        config = replace(phantom.PhantomConfig(), width=width, height=height)
+        overrides = _read_json_object(config_file) if config_file else {}
+        config = phantom.PhantomConfig.from_overrides(overrides, width=width, height=height)
         out_dir.mkdir(parents=True, exist_ok=True)
         with _progress(studies > 1) as progress:
             task = progress.add_task("synthesising studies", total=studies)
@@ -311,6 +322,13 @@ def synth(
                 malignant_fraction=malignant_fraction,
                 on_study=lambda _i: progress.advance(task),
             )
+        record = {
+            "config": asdict(config),
+            "seed": seed,
+            "studies": studies,
+            "malignant_fraction": malignant_fraction,
+        }
+        (out_dir / "phantom.json").write_text(json.dumps(record, indent=2) + "\n")
     except CrgateError as exc:
         raise _fail(str(exc), exc.exit_code) from None
     except OSError as exc:
@@ -326,6 +344,16 @@ def synth(
         highlight=False,
         markup=False,
     )
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InvalidParameter(f"{path}: not a readable JSON file ({exc})") from None
+    if not isinstance(data, dict):
+        raise InvalidParameter(f"{path}: expected a JSON object of PhantomConfig fields")
+    return data
 
 
 def main() -> None:  # pragma: no cover - console entry point

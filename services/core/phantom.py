@@ -38,7 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from datetime import date, timedelta
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -149,6 +149,21 @@ class PhantomConfig:
     texture_beta: float = 3.0
     texture_contrast: float = 0.25
     density: float = 0.0
+
+    @classmethod
+    def from_overrides(cls, overrides: dict[str, Any], **fixed: Any) -> PhantomConfig:
+        """A config from JSON-like overrides (lists become tuples); unknown names refused."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise InvalidParameter(
+                f"unknown phantom setting(s) {', '.join(unknown)}: use {', '.join(sorted(names))}"
+            )
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+        try:
+            return cls(**{**values, **fixed})
+        except TypeError as exc:
+            raise InvalidParameter(f"bad phantom setting: {exc}") from None
 
     def __post_init__(self) -> None:
         _check_size(self.width, self.height)

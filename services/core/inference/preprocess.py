@@ -72,10 +72,7 @@ class Preprocessing:
     def crop_box(self, view: str, laterality: str) -> tuple[int, int, int, int]:
         """(top, bottom, left, right) of the kept region in the scaled view grid."""
         _check_view(view, laterality)
-        if view == "CC":
-            top = 0
-        else:
-            top = self.view_rows - self.crop_rows
+        top = 0 if view == "CC" else self.view_rows - self.crop_rows
         left = 0 if laterality == "L" else self.view_cols - self.crop_cols
         return top, top + self.crop_rows, left, left + self.crop_cols
 

@@ -1,0 +1,273 @@
+"""Training, evaluation and export of the phantom mammogram classifiers (`crgate train`).
+
+The seed study's recipe: binary cross-entropy, Adam (beta1 0.9, beta2 0.999, eps 1e-8), a model
+per training CR mixture, AUROC and AUPRC with 95 % CI per test CR. Deterministic by seed; GPU
+when present, CPU otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+import torch.nn.functional as F  # noqa: N812 - torch convention
+from torch import nn
+
+from models.architectures import build
+from models.data import BreastRecord, CompressedCache, load_breasts, prepare_all, split_by_patient
+from models.gradcam import WithGradCam
+from services.core import stats
+from services.core.dicom.io import read_dataset
+from services.core.inference.card import (
+    GRADCAM_OUTPUT,
+    INPUT_NAME,
+    PROBABILITY_OUTPUT,
+    ModelCard,
+    TestResult,
+    file_sha256,
+    write_card,
+)
+from services.core.inference.preprocess import Preprocessing
+
+STUDY_CRS = (1, 15, 20, 25, 50, 100, 500, 1000, 5000, 10000, 11000)
+OPSET = 18
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+@dataclass
+class TrainConfig:
+    data_dir: Path
+    out_dir: Path = Path("models")
+    name: str = "cnn3-phantom"
+    version: str = "v1"
+    architecture: str = "cnn3"
+    crs: Sequence[float] = (1,)
+    test_crs: Sequence[float] = STUDY_CRS
+    epochs: int = 20
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    seed: int = 0
+    cache_dir: Path = Path("var/cache/compressed")
+    workers: int = 0
+    bootstrap: int = 1000
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def training_geometry(records: Sequence[BreastRecord]) -> tuple[int, int]:
+    """(width, height) of the training images: they must all share one geometry."""
+    sizes = set()
+    for r in records[:8]:
+        ds = read_dataset(r.files["CC"])
+        sizes.add((int(ds.Columns), int(ds.Rows)))
+    if len(sizes) != 1:
+        raise ValueError(f"training images differ in size: {sorted(sizes)}")
+    return sizes.pop()
+
+
+def set_seed(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def fit(
+    model: nn.Module,
+    train: tuple[npt.NDArray[Any], npt.NDArray[Any]],
+    val: tuple[npt.NDArray[Any], npt.NDArray[Any]],
+    config: TrainConfig,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Adam + BCE; keeps the weights of the epoch with the best validation AUROC."""
+    dev = device()
+    model.to(dev)
+    optimiser = torch.optim.Adam(
+        model.parameters(), lr=config.learning_rate, betas=(0.9, 0.999), eps=1e-8
+    )
+    x_train, y_train = train
+    generator = np.random.default_rng(config.seed)
+    best: tuple[float, dict[str, torch.Tensor], int] = (-1.0, {}, -1)
+    history = []
+    steps_per_epoch = (len(x_train) + config.batch_size - 1) // config.batch_size
+    for epoch in range(config.epochs):
+        model.train()
+        order = generator.permutation(len(x_train))
+        losses = []
+        for step in range(steps_per_epoch):
+            idx = order[step * config.batch_size : (step + 1) * config.batch_size]
+            if len(idx) < 2:
+                continue  # BatchNorm needs two samples
+            x = torch.from_numpy(x_train[idx].astype(np.float32)).to(dev)
+            y = torch.from_numpy(y_train[idx]).to(dev)
+            optimiser.zero_grad()
+            loss = F.binary_cross_entropy_with_logits(model(x), y)
+            loss.backward()
+            optimiser.step()
+            losses.append(float(loss))
+            if progress:
+                progress("training", epoch * steps_per_epoch + step + 1, config.epochs * steps_per_epoch)
+        val_scores = predict(model, val[0], config.batch_size)
+        val_auroc = stats.auroc(val[1], val_scores)
+        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "val_auroc": val_auroc})
+        if val_auroc > best[0]:
+            state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best = (val_auroc, state, epoch + 1)
+    model.load_state_dict(best[1])
+    model.eval()
+    return {"history": history, "best_epoch": best[2], "best_val_auroc": best[0]}
+
+
+@torch.no_grad()
+def predict(model: nn.Module, inputs: npt.NDArray[Any], batch_size: int = 64) -> npt.NDArray[Any]:
+    model.eval()
+    dev = next(model.parameters()).device
+    out = []
+    for start in range(0, len(inputs), batch_size):
+        x = torch.from_numpy(inputs[start : start + batch_size].astype(np.float32)).to(dev)
+        out.append(torch.sigmoid(model(x)).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def evaluate(
+    scores: npt.NDArray[Any], labels: npt.NDArray[Any], psnr: npt.NDArray[Any], cr: float, resamples: int, seed: int
+) -> TestResult:
+    auroc = stats.bootstrap(stats.auroc, labels, scores, resamples=resamples, seed=seed)
+    auprc = stats.bootstrap(stats.auprc, labels, scores, resamples=resamples, seed=seed)
+    return TestResult.model_validate(
+        {
+            "cr": cr,
+            "auroc": auroc.as_dict(),
+            "auprc": auprc.as_dict(),
+            "n_breasts": len(labels),
+            "n_malignant": int(labels.sum()),
+            "mean_psnr_db": float(np.mean(psnr)),
+        }
+    )
+
+
+def export_onnx(model: nn.Module, input_shape: tuple[int, int], path: Path) -> None:
+    """ONNX with outputs `malignancy` [N] and `gradcam` [N, h, w] (Grad-CAM in the graph)."""
+    wrapper = WithGradCam(model.cpu().eval()).eval()
+    example = torch.zeros(2, 1, *input_shape)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.onnx.export(
+        wrapper,
+        (example,),
+        str(path),
+        input_names=[INPUT_NAME],
+        output_names=[PROBABILITY_OUTPUT, GRADCAM_OUTPUT],
+        dynamic_axes={INPUT_NAME: {0: "N"}, PROBABILITY_OUTPUT: {0: "N"}, GRADCAM_OUTPUT: {0: "N"}},
+        opset_version=OPSET,
+        dynamo=True,
+        external_data=False,
+    )
+
+
+def gradcam_shape(model: nn.Module, input_shape: tuple[int, int]) -> tuple[int, int]:
+    with torch.no_grad():
+        a = model.cpu().eval().features(torch.zeros(1, 1, *input_shape))
+    return int(a.shape[2]), int(a.shape[3])
+
+
+def train(config: TrainConfig, progress: Progress | None = None) -> ModelCard:
+    """Train on the phantoms in ``config.data_dir``, test at every test CR, export model + card."""
+    started = time.perf_counter()
+    set_seed(config.seed)
+    records = load_breasts(config.data_dir)
+    width, height = training_geometry(records)
+    params = Preprocessing.for_training_geometry(width, height)
+    train_set, val_set, test_set = split_by_patient(records, config.seed)
+    cache = CompressedCache(config.cache_dir, params)
+
+    def tick(stage: str, total: int) -> Callable[[int], None]:
+        done = [0]
+
+        def advance(n: int) -> None:
+            done[0] += n
+            if progress:
+                progress(stage, done[0], total)
+
+        return advance
+
+    crs = list(dict.fromkeys(float(c) for c in config.crs))
+    x_train, y_train, _ = prepare_all(
+        train_set, crs, cache, workers=config.workers,
+        on_done=tick("compressing training set", 2 * len(train_set) * len(crs)),
+    )
+    x_val, y_val, _ = prepare_all(
+        val_set, [1.0], cache, workers=config.workers, on_done=tick("preparing validation set", 2 * len(val_set))
+    )
+    model = build(config.architecture, params.input_shape)
+    fit_info = fit(model, (x_train, y_train), (x_val, y_val), config, progress)
+    results = []
+    test_crs = list(dict.fromkeys(float(c) for c in config.test_crs))
+    for cr in test_crs:
+        x_test, y_test, psnr = prepare_all(
+            test_set, [cr], cache, workers=config.workers,
+            on_done=tick(f"testing at CR {cr:g}", 2 * len(test_set)),
+        )
+        scores = predict(model, x_test)
+        results.append(evaluate(scores, y_test, psnr, cr, config.bootstrap, config.seed))
+
+    stem = f"{config.name}-{config.version}"
+    onnx_path = config.out_dir / f"{stem}.onnx"
+    export_onnx(model, params.input_shape, onnx_path)
+    h, w = params.input_shape
+    card = ModelCard(
+        name=config.name,
+        version=config.version,
+        file=onnx_path.name,
+        sha256=file_sha256(onnx_path),
+        architecture=config.architecture,
+        opset=OPSET,
+        input_shape=["N", 1, h, w],
+        outputs={PROBABILITY_OUTPUT: ["N"], GRADCAM_OUTPUT: ["N", *gradcam_shape(model, (h, w))]},
+        saliency="gradcam",
+        preprocessing=params.as_dict(),
+        training={
+            "data": "synthetic mammography phantoms from `crgate synth`; not for clinical use",
+            "pretrained": False,
+            "phantom_geometry": [width, height],
+            "breasts": {"train": len(train_set), "validation": len(val_set), "test": len(test_set)},
+            "split": "7:1:2 by patient",
+            "crs": crs,
+            "optimiser": {"name": "Adam", "lr": config.learning_rate, "betas": [0.9, 0.999], "eps": 1e-8},
+            "loss": "binary cross-entropy",
+            "epochs": config.epochs,
+            "batch_size": config.batch_size,
+            "seed": config.seed,
+            "device": str(device()),
+            "torch": torch.__version__,
+            "seconds": round(time.perf_counter() - started, 1),
+            **fit_info,
+            **config.extra,
+        },
+        test_results=results,
+    )
+    write_card(card, config.out_dir / f"{stem}.json")
+    return card
+
+
+def summary(card: ModelCard) -> str:
+    lines = [f"{card.name} {card.version} ({card.architecture}), sha256 {card.sha256[:12]}..."]
+    for r in card.test_results:
+        lines.append(
+            f"  CR {r.cr:>7g}: AUROC {r.auroc.value:.3f} [{r.auroc.ci_low:.3f}, {r.auroc.ci_high:.3f}]"
+            f"  AUPRC {r.auprc.value:.3f}  PSNR {r.mean_psnr_db or 0:.1f} dB"
+        )
+    return "\n".join(lines)
+
+
+def config_json(config: TrainConfig) -> str:
+    return json.dumps(asdict(config), default=str)

@@ -1,0 +1,1 @@
+"""Mammogram classification: model cards, preprocessing, ONNX Runtime sessions, saliency, overlays."""

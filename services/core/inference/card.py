@@ -1,0 +1,98 @@
+"""Model cards: the JSON file beside each ONNX model that says what it is and how to feed it.
+
+A card names the ONNX file and its sha256, the input and output tensors, the preprocessing
+(:class:`~services.core.inference.preprocess.Preprocessing`), what it was trained on and how
+well it did per test CR. The runtime refuses a model whose file or graph does not match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from services.core.errors import InvalidInput, NotFound
+from services.core.inference.preprocess import Preprocessing
+
+INPUT_NAME = "image"
+PROBABILITY_OUTPUT = "malignancy"
+GRADCAM_OUTPUT = "gradcam"
+
+
+class MetricWithCI(BaseModel):
+    value: float
+    ci_low: float
+    ci_high: float
+
+
+class TestResult(BaseModel):
+    """Performance on the held-out phantom test set compressed at one CR."""
+
+    cr: float
+    auroc: MetricWithCI
+    auprc: MetricWithCI
+    n_breasts: int
+    n_malignant: int
+    mean_psnr_db: float | None = None
+
+
+class ModelCard(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    version: str
+    file: str = Field(description="ONNX file name, relative to the card")
+    sha256: str
+    architecture: str
+    framework: str = "onnx"
+    opset: int
+    input_name: str = INPUT_NAME
+    input_shape: list[int | str] = Field(description="[N, 1, H, W]; N is dynamic")
+    outputs: dict[str, list[int | str]] = Field(description="output name -> shape")
+    saliency: str = Field(description="gradcam (in the graph) or occlusion (runtime fallback)")
+    preprocessing: dict[str, Any]
+    operating_threshold: float = 0.5
+    training: dict[str, Any] = Field(default_factory=dict)
+    test_results: list[TestResult] = Field(default_factory=list)
+    intended_use: str = "research on synthetic phantoms; not for clinical use"
+
+    @property
+    def preprocess(self) -> Preprocessing:
+        return Preprocessing.from_dict(self.preprocessing)
+
+    @property
+    def has_gradcam(self) -> bool:
+        return GRADCAM_OUTPUT in self.outputs
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_card(card_path: Path) -> ModelCard:
+    """Read and validate a card; raise one clear line when it is missing or malformed."""
+    try:
+        data = json.loads(card_path.read_text())
+    except FileNotFoundError:
+        raise NotFound(f"model card {card_path} not found") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InvalidInput(f"model card {card_path} is not readable JSON ({exc})") from None
+    try:
+        card = ModelCard.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise InvalidInput(f"model card {card_path}: {where}: {first['msg']}") from None
+    card.preprocess  # noqa: B018 - validates the preprocessing block
+    return card
+
+
+def write_card(card: ModelCard, card_path: Path) -> None:
+    card_path.write_text(json.dumps(card.model_dump(mode="json"), indent=2) + "\n")
