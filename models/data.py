@@ -67,7 +67,9 @@ def load_breasts(data_dir: Path) -> list[BreastRecord]:
 
 
 def split_by_patient(
-    records: Sequence[BreastRecord], seed: int, fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)
+    records: Sequence[BreastRecord],
+    seed: int,
+    fractions: tuple[float, float, float] = (0.7, 0.1, 0.2),
 ) -> tuple[list[BreastRecord], list[BreastRecord], list[BreastRecord]]:
     """Train / validation / test (7:1:2 by default), never splitting a patient."""
     patients = sorted({r.patient_id for r in records})
@@ -83,7 +85,9 @@ def split_by_patient(
     return parts
 
 
-def folds_by_patient(records: Sequence[BreastRecord], k: int, seed: int) -> list[list[BreastRecord]]:
+def folds_by_patient(
+    records: Sequence[BreastRecord], k: int, seed: int
+) -> list[list[BreastRecord]]:
     """``k`` disjoint folds of whole patients."""
     patients = sorted({r.patient_id for r in records})
     order = np.random.default_rng(seed).permutation(len(patients))
@@ -140,7 +144,9 @@ def compress_and_prepare(
     if cr == 1:
         image, achieved, psnr = original, 1.0, metrics.EXACT_COPY_PSNR_DB
     else:
-        encoded = encode_image(pixels.frame_list(), pixels.layout, cr, lossless=False, threads=threads)
+        encoded = encode_image(
+            pixels.frame_list(), pixels.layout, cr, lossless=False, threads=threads
+        )
         image = decode_frames(encoded.frames, threads)[0]
         achieved = encoded.achieved_cr
         psnr = metrics.psnr(original, image, pixels.layout.bits_stored)
@@ -187,7 +193,9 @@ def prepare_all(
         for view in ("CC", "MLO")
     ]
     workers = workers or len(os.sched_getaffinity(0))
-    with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(cache.root, cache.params)) as pool:
+    with ProcessPoolExecutor(
+        workers, initializer=_init_worker, initargs=(cache.root, cache.params)
+    ) as pool:
         prepared = []
         for item in pool.map(_work, jobs, chunksize=4):
             prepared.append(item)

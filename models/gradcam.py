@@ -56,7 +56,7 @@ def cam_from(a: Tensor, grad: Tensor) -> Tensor:
     alpha = grad.mean(dim=(2, 3), keepdim=True)
     cam = F.relu((alpha * a).sum(dim=1))
     peak = cam.flatten(1).amax(dim=1).reshape(-1, 1, 1)
-    return cam / (peak + 1e-8)
+    return cam / peak.clamp(min=1e-8)  # an exporter may fold away "+ eps", not a clamp
 
 
 class WithGradCam(nn.Module):

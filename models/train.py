@@ -18,10 +18,18 @@ import numpy as np
 import numpy.typing as npt
 import torch
 import torch.nn.functional as F  # noqa: N812 - torch convention
+from scipy.stats import t as scipy_t
 from torch import nn
 
 from models.architectures import build
-from models.data import BreastRecord, CompressedCache, load_breasts, prepare_all, split_by_patient
+from models.data import (
+    BreastRecord,
+    CompressedCache,
+    folds_by_patient,
+    load_breasts,
+    prepare_all,
+    split_by_patient,
+)
 from models.gradcam import WithGradCam
 from services.core import stats
 from services.core.dicom.io import read_dataset
@@ -116,7 +124,9 @@ def fit(
             optimiser.step()
             losses.append(float(loss))
             if progress:
-                progress("training", epoch * steps_per_epoch + step + 1, config.epochs * steps_per_epoch)
+                progress(
+                    "training", epoch * steps_per_epoch + step + 1, config.epochs * steps_per_epoch
+                )
         val_scores = predict(model, val[0], config.batch_size)
         val_auroc = stats.auroc(val[1], val_scores)
         history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "val_auroc": val_auroc})
@@ -140,7 +150,12 @@ def predict(model: nn.Module, inputs: npt.NDArray[Any], batch_size: int = 64) ->
 
 
 def evaluate(
-    scores: npt.NDArray[Any], labels: npt.NDArray[Any], psnr: npt.NDArray[Any], cr: float, resamples: int, seed: int
+    scores: npt.NDArray[Any],
+    labels: npt.NDArray[Any],
+    psnr: npt.NDArray[Any],
+    cr: float,
+    resamples: int,
+    seed: int,
 ) -> TestResult:
     auroc = stats.bootstrap(stats.auroc, labels, scores, resamples=resamples, seed=seed)
     auprc = stats.bootstrap(stats.auprc, labels, scores, resamples=resamples, seed=seed)
@@ -171,6 +186,7 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, int], path: Path) -> N
         opset_version=OPSET,
         dynamo=True,
         external_data=False,
+        verbose=False,
     )
 
 
@@ -180,6 +196,72 @@ def gradcam_shape(model: nn.Module, input_shape: tuple[int, int]) -> tuple[int, 
     return int(a.shape[2]), int(a.shape[3])
 
 
+def _ticker(progress: Progress | None, stage: str, total: int) -> Callable[[int], None]:
+    done = [0]
+
+    def advance(n: int) -> None:
+        done[0] += n
+        if progress:
+            progress(stage, done[0], total)
+
+    return advance
+
+
+@dataclass
+class Trained:
+    model: nn.Module
+    params: Preprocessing
+    fit_info: dict[str, Any]
+    results: list[TestResult]
+
+
+def train_and_test(
+    config: TrainConfig,
+    params: Preprocessing,
+    sets: tuple[list[BreastRecord], list[BreastRecord], list[BreastRecord]],
+    progress: Progress | None = None,
+) -> Trained:
+    """Train on the training CR mixture, pick the epoch on validation, test at every test CR."""
+    train_set, val_set, test_set = sets
+    cache = CompressedCache(config.cache_dir, params)
+    crs = list(dict.fromkeys(float(c) for c in config.crs))
+    x_train, y_train, _ = prepare_all(
+        train_set,
+        crs,
+        cache,
+        workers=config.workers,
+        on_done=_ticker(progress, "compressing training set", 2 * len(train_set) * len(crs)),
+    )
+    x_val, y_val, _ = prepare_all(
+        val_set,
+        [1.0],
+        cache,
+        workers=config.workers,
+        on_done=_ticker(progress, "preparing validation set", 2 * len(val_set)),
+    )
+    set_seed(config.seed)
+    model = build(config.architecture, params.input_shape)
+    fit_info = fit(model, (x_train, y_train), (x_val, y_val), config, progress)
+    del x_train
+    results = []
+    for cr in dict.fromkeys(float(c) for c in config.test_crs):
+        x_test, y_test, psnr = prepare_all(
+            test_set,
+            [cr],
+            cache,
+            workers=config.workers,
+            on_done=_ticker(progress, f"testing at CR {cr:g}", 2 * len(test_set)),
+        )
+        scores = predict(model, x_test)
+        results.append(evaluate(scores, y_test, psnr, cr, config.bootstrap, config.seed))
+    return Trained(model, params, fit_info, results)
+
+
+def _phantom_record(data_dir: Path) -> dict[str, Any] | None:
+    path = data_dir / "phantom.json"
+    return dict(json.loads(path.read_text())) if path.is_file() else None
+
+
 def train(config: TrainConfig, progress: Progress | None = None) -> ModelCard:
     """Train on the phantoms in ``config.data_dir``, test at every test CR, export model + card."""
     started = time.perf_counter()
@@ -187,38 +269,9 @@ def train(config: TrainConfig, progress: Progress | None = None) -> ModelCard:
     records = load_breasts(config.data_dir)
     width, height = training_geometry(records)
     params = Preprocessing.for_training_geometry(width, height)
-    train_set, val_set, test_set = split_by_patient(records, config.seed)
-    cache = CompressedCache(config.cache_dir, params)
-
-    def tick(stage: str, total: int) -> Callable[[int], None]:
-        done = [0]
-
-        def advance(n: int) -> None:
-            done[0] += n
-            if progress:
-                progress(stage, done[0], total)
-
-        return advance
-
-    crs = list(dict.fromkeys(float(c) for c in config.crs))
-    x_train, y_train, _ = prepare_all(
-        train_set, crs, cache, workers=config.workers,
-        on_done=tick("compressing training set", 2 * len(train_set) * len(crs)),
-    )
-    x_val, y_val, _ = prepare_all(
-        val_set, [1.0], cache, workers=config.workers, on_done=tick("preparing validation set", 2 * len(val_set))
-    )
-    model = build(config.architecture, params.input_shape)
-    fit_info = fit(model, (x_train, y_train), (x_val, y_val), config, progress)
-    results = []
-    test_crs = list(dict.fromkeys(float(c) for c in config.test_crs))
-    for cr in test_crs:
-        x_test, y_test, psnr = prepare_all(
-            test_set, [cr], cache, workers=config.workers,
-            on_done=tick(f"testing at CR {cr:g}", 2 * len(test_set)),
-        )
-        scores = predict(model, x_test)
-        results.append(evaluate(scores, y_test, psnr, cr, config.bootstrap, config.seed))
+    sets = split_by_patient(records, config.seed)
+    trained = train_and_test(config, params, sets, progress)
+    model = trained.model
 
     stem = f"{config.name}-{config.version}"
     onnx_path = config.out_dir / f"{stem}.onnx"
@@ -237,12 +290,18 @@ def train(config: TrainConfig, progress: Progress | None = None) -> ModelCard:
         preprocessing=params.as_dict(),
         training={
             "data": "synthetic mammography phantoms from `crgate synth`; not for clinical use",
+            "phantom": _phantom_record(config.data_dir),
             "pretrained": False,
             "phantom_geometry": [width, height],
-            "breasts": {"train": len(train_set), "validation": len(val_set), "test": len(test_set)},
+            "breasts": {"train": len(sets[0]), "validation": len(sets[1]), "test": len(sets[2])},
             "split": "7:1:2 by patient",
-            "crs": crs,
-            "optimiser": {"name": "Adam", "lr": config.learning_rate, "betas": [0.9, 0.999], "eps": 1e-8},
+            "crs": [float(c) for c in config.crs],
+            "optimiser": {
+                "name": "Adam",
+                "lr": config.learning_rate,
+                "betas": [0.9, 0.999],
+                "eps": 1e-8,
+            },
             "loss": "binary cross-entropy",
             "epochs": config.epochs,
             "batch_size": config.batch_size,
@@ -250,20 +309,55 @@ def train(config: TrainConfig, progress: Progress | None = None) -> ModelCard:
             "device": str(device()),
             "torch": torch.__version__,
             "seconds": round(time.perf_counter() - started, 1),
-            **fit_info,
+            **trained.fit_info,
             **config.extra,
         },
-        test_results=results,
+        test_results=trained.results,
     )
     write_card(card, config.out_dir / f"{stem}.json")
     return card
+
+
+def cross_validate(config: TrainConfig, k: int = 5, progress: Progress | None = None) -> Path:
+    """The study's k-fold cross-validation by patient: one model per fold, each tested on its
+    fold at every test CR; mean AUROC/AUPRC with a 95 % t-interval over folds, in a JSON file."""
+    records = load_breasts(config.data_dir)
+    width, height = training_geometry(records)
+    params = Preprocessing.for_training_geometry(width, height)
+    folds = folds_by_patient(records, k, config.seed)
+    per_fold = []
+    for i in range(k):
+        rest = [r for j, f in enumerate(folds) if j != i for r in f]
+        train_set, val_set, _ = split_by_patient(rest, config.seed + i, (0.875, 0.125, 0.0))
+        trained = train_and_test(config, params, (train_set, val_set, folds[i]), progress)
+        per_fold.append([r.model_dump(mode="json") for r in trained.results])
+    summary_rows = []
+    for c, cr in enumerate(dict.fromkeys(float(x) for x in config.test_crs)):
+        row: dict[str, Any] = {"cr": cr}
+        for metric in ("auroc", "auprc"):
+            values = np.array([fold[c][metric]["value"] for fold in per_fold])
+            half = float(scipy_t.ppf(0.975, k - 1) * values.std(ddof=1) / np.sqrt(k))
+            row[metric] = {
+                "mean": float(values.mean()),
+                "ci_low": float(values.mean() - half),
+                "ci_high": float(values.mean() + half),
+                "folds": values.tolist(),
+            }
+        summary_rows.append(row)
+    out = config.out_dir / f"{config.name}-{config.version}-cv{k}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        json.dumps({"folds": k, "crs": list(config.crs), "per_cr": summary_rows}, indent=2)
+    )
+    return out
 
 
 def summary(card: ModelCard) -> str:
     lines = [f"{card.name} {card.version} ({card.architecture}), sha256 {card.sha256[:12]}..."]
     for r in card.test_results:
         lines.append(
-            f"  CR {r.cr:>7g}: AUROC {r.auroc.value:.3f} [{r.auroc.ci_low:.3f}, {r.auroc.ci_high:.3f}]"
+            f"  CR {r.cr:>7g}: AUROC {r.auroc.value:.3f} "
+            f"[{r.auroc.ci_low:.3f}, {r.auroc.ci_high:.3f}]"
             f"  AUPRC {r.auprc.value:.3f}  PSNR {r.mean_psnr_db or 0:.1f} dB"
         )
     return "\n".join(lines)

@@ -346,6 +346,103 @@ def synth(
     )
 
 
+def _parse_crs(text: str, option: str) -> list[float]:
+    """ "1,15,25" -> [1.0, 15.0, 25.0]; each must be a valid CR."""
+    values = [part.strip() for part in text.split(",") if part.strip()]
+    if not values:
+        raise InvalidParameter(f"{option} is empty: give compression ratios like 1,25,100")
+    try:
+        return [validate_cr(v) for v in values]
+    except InvalidParameter as exc:
+        raise InvalidParameter(f"{option}: {exc}") from None
+
+
+@app.command()
+def train(
+    data_dir: Annotated[Path, typer.Option("--data-dir", help="A `crgate synth` folder.")],
+    out_dir: Annotated[Path, typer.Option(help="Where the .onnx and its card go.")] = Path(
+        "models"
+    ),
+    arch: Annotated[str, typer.Option(help="cnn3 or resnet18.")] = "cnn3",
+    name: Annotated[str | None, typer.Option(help="Model name (default <arch>-phantom).")] = None,
+    version: Annotated[str, typer.Option(help="Model version.")] = "v1",
+    crs: Annotated[
+        str, typer.Option(help="Training CR mixture, e.g. 1,15,20,25,50,100,500,1000,5000.")
+    ] = "1",
+    test_crs: Annotated[
+        str, typer.Option(help="CRs to test at.")
+    ] = "1,15,20,25,50,100,500,1000,5000,10000,11000",
+    epochs: Annotated[int, typer.Option(min=1)] = 20,
+    batch_size: Annotated[int, typer.Option(min=2)] = 32,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
+    seed: Annotated[int, typer.Option()] = 0,
+    folds: Annotated[
+        int, typer.Option(help="k-fold cross-validation by patient instead (0 = off).", min=0)
+    ] = 0,
+    cache_dir: Annotated[
+        Path, typer.Option(help="Compressed-copy cache, shared across runs.")
+    ] = Path("var/cache/compressed"),
+    workers: Annotated[int, typer.Option(help="Processes (default: every core).", min=0)] = 0,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for CIs.", min=10)] = 1000,
+) -> None:
+    """Train a classifier on phantoms with compression augmentation; export ONNX and its card."""
+    try:
+        train_crs = _parse_crs(crs, "--crs")
+        tests = _parse_crs(test_crs, "--test-crs")
+    except InvalidParameter as exc:
+        raise _fail(str(exc)) from None
+    try:
+        from models import train as training
+    except ImportError as exc:
+        raise _fail(
+            f"training needs torch ({exc}): pip install -e '.[train]' (torch==2.13.0 on CPU)", 4
+        ) from None
+    config = training.TrainConfig(
+        data_dir=data_dir,
+        out_dir=out_dir,
+        name=name or f"{arch}-phantom",
+        version=version,
+        architecture=arch,
+        crs=train_crs,
+        test_crs=tests,
+        epochs=epochs,
+        batch_size=batch_size,
+        learning_rate=lr,
+        seed=seed,
+        cache_dir=cache_dir,
+        workers=workers,
+        bootstrap=bootstrap,
+    )
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+    ) as progress:
+        tasks: dict[str, Any] = {}
+
+        def report(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = progress.add_task(stage, total=total)
+            progress.update(tasks[stage], completed=done)
+
+        try:
+            if folds:
+                path = training.cross_validate(config, folds, report)
+            else:
+                card = training.train(config, report)
+        except CrgateError as exc:
+            raise _fail(str(exc), exc.exit_code) from None
+        except ValueError as exc:
+            raise _fail(str(exc)) from None
+    if folds:
+        out.print(f"cross-validation results in {path}", highlight=False, markup=False)
+    else:
+        out.print(training.summary(card), highlight=False, markup=False)
+
+
 def _read_json_object(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())

@@ -1,1 +1,1 @@
-"""Mammogram classification: model cards, preprocessing, ONNX Runtime sessions, saliency, overlays."""
+"""Mammogram classification: model cards, preprocessing, ONNX Runtime, saliency, overlays."""
