@@ -56,7 +56,8 @@ class CNN3(nn.Module):
         z = self._pool(a).flatten(1)
         z = F.relu(self.bn_fc1(self.fc1(z)))
         z = F.relu(self.bn_fc2(self.fc2(z)))
-        return self.out(z).squeeze(1)
+        logit: Tensor = self.out(z)
+        return logit.squeeze(1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x))
@@ -117,20 +118,21 @@ class ResNet18(nn.Module):
         return result
 
     def head(self, a: Tensor) -> Tensor:
-        return self.fc(a.mean(dim=(2, 3))).squeeze(1)
+        logit: Tensor = self.fc(a.mean(dim=(2, 3)))
+        return logit.squeeze(1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x))
 
 
-ARCHITECTURES = {"cnn3": CNN3, "resnet18": ResNet18}
+ARCHITECTURES: dict[str, type[CNN3] | type[ResNet18]] = {"cnn3": CNN3, "resnet18": ResNet18}
+Classifier = CNN3 | ResNet18
 
 
-def build(architecture: str, input_shape: tuple[int, int]) -> nn.Module:
+def build(architecture: str, input_shape: tuple[int, int]) -> Classifier:
     try:
         cls = ARCHITECTURES[architecture]
     except KeyError:
         names = ", ".join(ARCHITECTURES)
         raise ValueError(f"unknown architecture {architecture!r}: use one of {names}") from None
-    model: nn.Module = cls(input_shape)
-    return model
+    return cls(input_shape)

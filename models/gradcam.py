@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - torch convention
 from torch import Tensor, nn
 
-from models.architectures import CNN3, ResNet18
+from models.architectures import CNN3, Classifier, ResNet18
 
 
 def _bn_scale(bn: nn.BatchNorm1d) -> Tensor:
@@ -34,7 +34,7 @@ def cnn3_head_gradient(model: CNN3, a: Tensor) -> Tensor:
     g2 = model.out.weight[0] * (y2 > 0).to(a.dtype) * _bn_scale(model.bn_fc2)
     g1 = (g2 @ model.fc2.weight) * (y1 > 0).to(a.dtype) * _bn_scale(model.bn_fc1)
     g0 = (g1 @ model.fc1.weight).reshape(pooled.shape)
-    return F.max_unpool2d(g0, indices, 2, output_size=a.shape[-2:])
+    return F.max_unpool2d(g0, indices, (2, 2), output_size=list(a.shape[-2:]))
 
 
 def resnet18_head_gradient(model: ResNet18, a: Tensor) -> Tensor:
@@ -44,7 +44,7 @@ def resnet18_head_gradient(model: ResNet18, a: Tensor) -> Tensor:
     return weights.reshape(1, c, 1, 1).expand(n, c, h, w)
 
 
-def head_gradient(model: nn.Module, a: Tensor) -> Tensor:
+def head_gradient(model: Classifier, a: Tensor) -> Tensor:
     if isinstance(model, CNN3):
         return cnn3_head_gradient(model, a)
     if isinstance(model, ResNet18):
@@ -62,9 +62,9 @@ def cam_from(a: Tensor, grad: Tensor) -> Tensor:
 class WithGradCam(nn.Module):
     """What gets exported: image [N,1,H,W] -> (malignancy [N], gradcam [N,h,w])."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: Classifier) -> None:
         super().__init__()
-        self.model = model
+        self.model: Classifier = model
 
     def forward(self, image: Tensor) -> tuple[Tensor, Tensor]:
         a = self.model.features(image)
@@ -72,7 +72,7 @@ class WithGradCam(nn.Module):
         return torch.sigmoid(logit), cam_from(a, head_gradient(self.model, a))
 
 
-def autograd_gradcam(model: nn.Module, image: Tensor) -> tuple[Tensor, Tensor]:
+def autograd_gradcam(model: Classifier, image: Tensor) -> tuple[Tensor, Tensor]:
     """Reference Grad-CAM with torch autograd (for the parity tests)."""
     a = model.features(image).detach().requires_grad_(True)
     logit = model.head(a)

@@ -21,7 +21,7 @@ import torch.nn.functional as F  # noqa: N812 - torch convention
 from scipy.stats import t as scipy_t
 from torch import nn
 
-from models.architectures import build
+from models.architectures import Classifier, build
 from models.data import (
     BreastRecord,
     CompressedCache,
@@ -120,7 +120,7 @@ def fit(
             y = torch.from_numpy(y_train[idx]).to(dev)
             optimiser.zero_grad()
             loss = F.binary_cross_entropy_with_logits(model(x), y)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             optimiser.step()
             losses.append(float(loss))
             if progress:
@@ -171,7 +171,7 @@ def evaluate(
     )
 
 
-def export_onnx(model: nn.Module, input_shape: tuple[int, int], path: Path) -> None:
+def export_onnx(model: Classifier, input_shape: tuple[int, int], path: Path) -> None:
     """ONNX with outputs `malignancy` [N] and `gradcam` [N, h, w] (Grad-CAM in the graph)."""
     wrapper = WithGradCam(model.cpu().eval()).eval()
     example = torch.zeros(2, 1, *input_shape)
@@ -190,7 +190,7 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, int], path: Path) -> N
     )
 
 
-def gradcam_shape(model: nn.Module, input_shape: tuple[int, int]) -> tuple[int, int]:
+def gradcam_shape(model: Classifier, input_shape: tuple[int, int]) -> tuple[int, int]:
     with torch.no_grad():
         a = model.cpu().eval().features(torch.zeros(1, 1, *input_shape))
     return int(a.shape[2]), int(a.shape[3])
@@ -209,7 +209,7 @@ def _ticker(progress: Progress | None, stage: str, total: int) -> Callable[[int]
 
 @dataclass
 class Trained:
-    model: nn.Module
+    model: Classifier
     params: Preprocessing
     fit_info: dict[str, Any]
     results: list[TestResult]

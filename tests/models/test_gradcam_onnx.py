@@ -34,9 +34,9 @@ def trained_like(architecture: str) -> torch.nn.Module:
 
 
 @pytest.fixture(scope="module", params=["cnn3", "resnet18"])
-def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[
-    torch.nn.Module, ort.InferenceSession
-]:
+def exported(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[torch.nn.Module, ort.InferenceSession]:
     model = trained_like(request.param)
     path = Path(tmp_path_factory.mktemp(request.param)) / "model.onnx"
     export_onnx(model, SHAPE, path)

@@ -124,7 +124,9 @@ def prepare_view(
     return np.ascontiguousarray(crop)
 
 
-def breast_input(cc: F32, mlo: F32) -> F32:
+def breast_input(
+    cc: npt.NDArray[np.floating[Any]], mlo: npt.NDArray[np.floating[Any]]
+) -> npt.NDArray[np.floating[Any]]:
     """[1, H, W]: the prepared CC and MLO views side by side."""
     return np.concatenate([cc, mlo], axis=1)[np.newaxis]
 
