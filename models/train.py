@@ -62,6 +62,8 @@ class TrainConfig:
     epochs: int = 20
     batch_size: int = 32
     learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    augment: bool = True
     seed: int = 0
     cache_dir: Path = Path("var/cache/compressed")
     workers: int = 0
@@ -101,7 +103,11 @@ def fit(
     dev = device()
     model.to(dev)
     optimiser = torch.optim.Adam(
-        model.parameters(), lr=config.learning_rate, betas=(0.9, 0.999), eps=1e-8
+        model.parameters(),
+        lr=config.learning_rate,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=config.weight_decay,
     )
     x_train, y_train = train
     generator = np.random.default_rng(config.seed)
@@ -116,7 +122,10 @@ def fit(
             idx = order[step * config.batch_size : (step + 1) * config.batch_size]
             if len(idx) < 2:
                 continue  # BatchNorm needs two samples
-            x = torch.from_numpy(x_train[idx].astype(np.float32)).to(dev)
+            x = torch.from_numpy(x_train[idx].astype(np.float32))
+            if config.augment:
+                x = augment(x, generator)
+            x = x.to(dev)
             y = torch.from_numpy(y_train[idx]).to(dev)
             optimiser.zero_grad()
             loss = F.binary_cross_entropy_with_logits(model(x), y)
@@ -136,6 +145,18 @@ def fit(
     model.load_state_dict(best[1])
     model.eval()
     return {"history": history, "best_epoch": best[2], "best_val_auroc": best[0]}
+
+
+def augment(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """Training-time augmentation: random vertical flips, shifts of up to 8 pixels and
+    intensity gains of +-10 %. Breasts keep their canonical orientation (chest wall left)."""
+    flip = torch.from_numpy(rng.random(len(x)) < 0.5)
+    x = x.clone()
+    x[flip] = x[flip].flip(2)
+    dy, dx = (int(v) for v in rng.integers(-8, 9, 2))
+    x = torch.roll(x, (dy, dx), (2, 3))
+    gain = rng.uniform(0.9, 1.1, (len(x), 1, 1, 1)).astype(np.float32)
+    return x * torch.from_numpy(gain)
 
 
 @torch.no_grad()
@@ -303,6 +324,10 @@ def train(config: TrainConfig, progress: Progress | None = None) -> ModelCard:
                 "eps": 1e-8,
             },
             "loss": "binary cross-entropy",
+            "weight_decay": config.weight_decay,
+            "augmentation": "vertical flip, shift <= 8 px, gain 0.9-1.1"
+            if config.augment
+            else None,
             "epochs": config.epochs,
             "batch_size": config.batch_size,
             "seed": config.seed,
