@@ -346,6 +346,125 @@ def synth(
     )
 
 
+def _card_path(model: str | None) -> Path:
+    """A model name in the models folder, or a path to a card."""
+    settings = get_settings()
+    name = model or settings.default_model
+    candidate = Path(name)
+    if candidate.suffix == ".json":
+        return candidate
+    return settings.models_dir / f"{name}.json"
+
+
+@app.command()
+def classify(
+    paths: Annotated[list[Path], typer.Argument(help="Mammograms: files or folders.")],
+    cr: Annotated[
+        str, typer.Option("--cr", help="Compression ratio to test; 1 = lossless.")
+    ] = "25",
+    model: Annotated[
+        str | None, typer.Option(help="Model name in the models folder, or a card .json path.")
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="JSON lines: breasts, then images.")
+    ] = False,
+    overlays: Annotated[
+        Path | None, typer.Option(help="Write Grad-CAM overlays (PNG) into this folder.")
+    ] = None,
+    threads: Annotated[int | None, typer.Option(min=0, help="OpenJPEG threads.")] = None,
+) -> None:
+    """Classify mammograms locally: transcode at the CR, infer on the compressed copy and on the
+    original, print per breast both probabilities and per image the cost of the compression."""
+    from services.core.dicom.io import read_dataset
+    from services.core.inference.runtime import get_classifier
+    from services.core.pipeline import classify_datasets
+
+    try:
+        ratio = validate_cr(cr)
+        classifier = get_classifier(_card_path(model))
+        files, skipped = _expand(paths)
+        if skipped:
+            err.print(f"note: skipped {skipped} non-DICOM file(s) in the input folder(s)")
+        if not files:
+            raise InvalidParameter("no DICOM input files")
+        datasets = [(str(f), read_dataset(f)) for f in files]
+        result = classify_datasets(
+            datasets,
+            classifier,
+            cr=ratio,
+            threads=get_settings().threads if threads is None else threads,
+        )
+        if overlays is not None:
+            _write_overlays(overlays, result, datasets)
+    except CrgateError as exc:
+        raise _fail(str(exc), exc.exit_code) from None
+    if as_json:
+        data = result.as_dict()
+        for breast in data["breasts"]:
+            print(json.dumps({"breast": breast, "model": data["model"], "cr": data["cr"]}))
+        for image in data["images"]:
+            print(json.dumps({"image": image}))
+        return
+    table = Table(title=f"{result.model} at CR {ratio:g}", title_justify="left")
+    for column in ("study", "breast", "P(malignant) at CR", "on original", "change", "note"):
+        table.add_column(column, overflow="fold")
+    for b in result.breasts:
+        table.add_row(
+            Text(b.study_uid),
+            b.laterality,
+            f"{b.probability:.3f}",
+            f"{b.probability_original:.3f}",
+            f"{b.change:+.3f}",
+            Text(b.fallback or ""),
+        )
+    out.print(table)
+    images = Table(title="images", title_justify="left")
+    for column in ("file", "achieved CR", "PSNR dB", "SSIM", "max err"):
+        images.add_column(column)
+    for r in result.images:
+        images.add_row(
+            Text(Path(r.source).name),
+            f"{r.achieved_cr:.2f}" + ("" if r.reached else " (not reached)"),
+            f"{r.psnr_db:.2f}",
+            "-" if r.ssim is None else f"{r.ssim:.5f}",
+            str(r.max_abs_error),
+        )
+    out.print(images)
+    if overlays is not None:
+        out.print(f"overlays written to {overlays}", markup=False, highlight=False)
+
+
+def _write_overlays(folder: Path, result: Any, datasets: list[tuple[str, Any]]) -> None:
+    from services.core.inference.breasts import window_of
+    from services.core.inference.overlay import render_overlay, render_preview, write_png
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{folder}: cannot create overlay folder ({exc.strerror})") from None
+    decoded = {r.input_sop_instance_uid: r for r in result.images}
+    for _source, ds in datasets:
+        uid = str(ds.SOPInstanceUID)
+        saliency = result.saliency.get(uid)
+        image = decoded[uid]
+        if saliency is None or image.decoded is None:
+            continue
+        pixels = image.decoded.reshape(image.decoded.shape[-2:])
+        bits, photometric, window = (
+            int(ds.BitsStored),
+            str(ds.PhotometricInterpretation),
+            window_of(ds),
+        )
+        full = render_overlay(
+            pixels, saliency, bits_stored=bits, photometric=photometric, window=window
+        )
+        preview = render_preview(
+            pixels, saliency, bits_stored=bits, photometric=photometric, window=window
+        )
+        write_png(folder / f"{uid}.png", full)
+        write_png(folder / f"{uid}.preview.png", preview)
+
+
 def _parse_crs(text: str, option: str) -> list[float]:
     """ "1,15,25" -> [1.0, 15.0, 25.0]; each must be a valid CR."""
     values = [part.strip() for part in text.split(",") if part.strip()]

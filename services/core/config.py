@@ -18,6 +18,11 @@ class Settings(BaseSettings):
     threads: int = Field(0, ge=0, description="OpenJPEG threads per encode; 0 = every core")
     default_cr: float = Field(25.0, ge=1, description="CR used when none is given")
     log_level: str = Field("INFO", description="logging level")
+    models_dir: Path = Field(
+        default_factory=lambda: Path(__file__).resolve().parents[2] / "models",
+        description="where model cards (*.json) and their ONNX files are",
+    )
+    default_model: str = Field("cnn3-phantom-v1", description="model used when none is named")
 
 
 @lru_cache(maxsize=1)

@@ -1,10 +1,11 @@
-"""Use cases that compose the core modules. For now: ``transcode`` (decode, encode to a
-target CR, encapsulate, measure). Later issues add ``ingest`` and ``classify`` here."""
+"""Use cases that compose the core modules: ``transcode`` (decode, encode to a target CR,
+encapsulate, measure) and ``classify`` (transcode a set of mammograms, then classify each breast
+on the compressed copy and on the original). The ingest issue adds ``ingest`` here."""
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,8 @@ from services.core.codecs.openjpeg import decode_codestream
 from services.core.dicom.derive import build_output
 from services.core.dicom.io import read_dataset, write_dataset
 from services.core.dicom.pixels import ImagePixels, load_pixels
+from services.core.inference.breasts import classify_breasts, group_breasts
+from services.core.inference.runtime import Classifier
 
 
 @dataclass(frozen=True)
@@ -49,10 +52,10 @@ class TranscodeResult:
     total_ms: float
     output: str | None = None
     dataset: Dataset | None = field(default=None, repr=False, compare=False)
+    decoded: np.ndarray[Any, Any] | None = field(default=None, repr=False, compare=False)
 
     def as_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data.pop("dataset")
+        data = {k: v for k, v in self.__dict__.items() if k not in ("dataset", "decoded")}
         return data
 
 
@@ -82,7 +85,8 @@ def transcode_dataset(
     output = build_output(ds, encoded, out_syntax, pixels.photometric)
     encoded_at = time.perf_counter()
 
-    quality = _measure(pixels, encoded.frames, threads)
+    decoded = decode_frames(encoded.frames, threads).reshape(pixels.frames.shape)
+    quality = _measure(pixels, decoded)
     finished = time.perf_counter()
     return TranscodeResult(
         source=source,
@@ -110,6 +114,7 @@ def transcode_dataset(
         metrics_ms=(finished - encoded_at) * 1000,
         total_ms=(finished - started) * 1000,
         dataset=output,
+        decoded=decoded,
     )
 
 
@@ -118,8 +123,7 @@ def decode_frames(codestreams: list[bytes], threads: int = 0) -> np.ndarray[Any,
     return np.stack([decode_codestream(c, threads) for c in codestreams])
 
 
-def _measure(pixels: ImagePixels, codestreams: list[bytes], threads: int) -> metrics.ImageQuality:
-    decoded = decode_frames(codestreams, threads).reshape(pixels.frames.shape)
+def _measure(pixels: ImagePixels, decoded: np.ndarray[Any, Any]) -> metrics.ImageQuality:
     layout = pixels.layout
     if min(layout.rows, layout.columns) < metrics.SSIM_WINDOW:
         return metrics.ImageQuality(
@@ -147,3 +151,97 @@ def transcode_file(
     assert result.dataset is not None
     write_dataset(result.dataset, out_path)
     return replace(result, output=str(out_path))
+
+
+@dataclass(frozen=True)
+class BreastFinding:
+    """One breast: the probability on the compressed copy and on the original."""
+
+    study_uid: str
+    laterality: str
+    probability: float
+    probability_original: float
+    threshold: float
+    saliency_method: str
+    fallback: str | None
+
+    @property
+    def change(self) -> float:
+        """How much compression moved the AI: probability at the CR minus on the original."""
+        return self.probability - self.probability_original
+
+
+@dataclass(frozen=True)
+class Classification:
+    """What classifying a set of mammograms at one CR found and cost."""
+
+    model: str
+    model_sha256: str
+    cr: float
+    breasts: list[BreastFinding]
+    images: list[TranscodeResult]
+    saliency: dict[str, np.ndarray[Any, Any]] = field(repr=False)  # SOP UID -> map at the CR
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "model_sha256": self.model_sha256,
+            "cr": self.cr,
+            "breasts": [{**b.__dict__, "change": b.change} for b in self.breasts],
+            "images": [r.as_dict() for r in self.images],
+        }
+
+
+def classify_datasets(
+    datasets: list[tuple[str, Dataset]],
+    classifier: Classifier,
+    *,
+    cr: float,
+    syntax: OutputSyntax | str | None = None,
+    threads: int = 0,
+) -> Classification:
+    """Transcode every view at ``cr``, then classify each breast on the compressed copy and on
+    the original in the same call: the difference is what the compression did to the AI."""
+    originals = group_breasts(datasets)  # validates modality, laterality, views first
+    transcoded = {
+        source: transcode_dataset(ds, cr=cr, syntax=syntax, threads=threads, source=source)
+        for source, ds in datasets
+    }
+    compressed = [
+        replace(
+            breast,
+            views={
+                view: replace(image, pixels=_decoded_frame(transcoded[image.source]))
+                for view, image in breast.views.items()
+            },
+        )
+        for breast in originals
+    ]
+    at_cr = classify_breasts(classifier, compressed)
+    at_original = classify_breasts(classifier, originals)
+    findings = [
+        BreastFinding(
+            study_uid=c.study_uid,
+            laterality=c.laterality,
+            probability=c.probability,
+            probability_original=o.probability,
+            threshold=c.threshold,
+            saliency_method=c.saliency_method,
+            fallback=c.fallback,
+        )
+        for c, o in zip(at_cr, at_original, strict=True)
+    ]
+    saliency = {v.sop_instance_uid: v.saliency for c in at_cr for v in c.views.values()}
+    return Classification(
+        model=f"{classifier.card.name}-{classifier.card.version}",
+        model_sha256=classifier.card.sha256,
+        cr=cr,
+        breasts=findings,
+        images=list(transcoded.values()),
+        saliency=saliency,
+    )
+
+
+def _decoded_frame(result: TranscodeResult) -> np.ndarray[Any, Any]:
+    assert result.decoded is not None
+    return result.decoded.reshape(result.decoded.shape[-2:])
