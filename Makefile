@@ -46,6 +46,8 @@ test: deps lint typecheck
 
 bench: deps
 	$(BIN)/python bench/bench_transcode.py
+	$(BIN)/python bench/bench_metrics.py
+	$(BIN)/python bench/bench_inference.py
 
 clean:
 	rm -rf $(VENV) .stamp-deb var crgate-out .mypy_cache .ruff_cache .pytest_cache
