@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -20,8 +20,9 @@ from services.core.codecs.openjpeg import decode_codestream
 from services.core.dicom.derive import build_output
 from services.core.dicom.io import read_dataset, write_dataset
 from services.core.dicom.pixels import ImagePixels, load_pixels
-from services.core.inference.breasts import classify_breasts, group_breasts
-from services.core.inference.runtime import Classifier
+
+if TYPE_CHECKING:  # onnxruntime loads only when something is classified
+    from services.core.inference.runtime import Classifier
 
 
 @dataclass(frozen=True)
@@ -202,6 +203,8 @@ def classify_datasets(
 ) -> Classification:
     """Transcode every view at ``cr``, then classify each breast on the compressed copy and on
     the original in the same call: the difference is what the compression did to the AI."""
+    from services.core.inference.breasts import classify_breasts, group_breasts
+
     originals = group_breasts(datasets)  # validates modality, laterality, views first
     transcoded = {
         source: transcode_dataset(ds, cr=cr, syntax=syntax, threads=threads, source=source)
