@@ -508,6 +508,8 @@ def train(
     try:
         train_crs = _parse_crs(crs, "--crs")
         tests = _parse_crs(test_crs, "--test-crs")
+        if arch not in ("cnn3", "resnet18"):
+            raise InvalidParameter(f"--arch {arch}: unknown architecture, use cnn3 or resnet18")
     except InvalidParameter as exc:
         raise _fail(str(exc)) from None
     try:
