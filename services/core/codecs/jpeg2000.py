@@ -6,11 +6,11 @@ by the encapsulated codestream bytes (each frame's codestream, padded to even le
 OpenJPEG treats its rate as a cap and counts it against the declared precision, so the first
 attempt uses the rate the arithmetic predicts and later attempts correct it from the measured
 size (secant steps in log space, bracketed) until the achieved CR lies within
-:data:`CR_TOLERANCE` of the target. Small images have few code blocks and so coarse rate steps:
-when no rate lands within the tolerance, the search runs again with smaller code blocks (finer
-truncation points). A target the image cannot reach (more bytes than coding every pass yields,
-or fewer than the headers need) returns the closest result with ``reached=False`` and a note
-saying why.
+:data:`CR_TOLERANCE` of the target. Rate steps are coarse where there are few code blocks or few
+bytes: when no rate lands within the tolerance the search runs again with smaller code blocks
+(finer truncation points), and tiny budgets start with the smallest blocks. A target the image
+cannot reach (more bytes than coding every pass yields, or fewer than the headers need) returns
+the closest result with ``reached=False`` and a note saying why.
 """
 
 from __future__ import annotations
@@ -30,6 +30,9 @@ CR_TOLERANCE = 0.02
 
 MAX_ATTEMPTS = 8
 CODEBLOCK_SIZES = (64, 32, 16)
+SMALL_BUDGET_BYTES = 4096
+"""Below this many bytes per frame the rate steps of 64x64 code blocks are too coarse to land
+within the tolerance (a few hundred bytes move in steps of 3-5 %): start with 16x16 blocks."""
 MAX_CR = 1_000_000.0
 
 
@@ -111,7 +114,9 @@ def encode_image(
 
     result: EncodedImage | None = None
     attempts = 0
-    for codeblock in CODEBLOCK_SIZES:
+    budget = layout.uncompressed_bytes / target_cr / max(1, layout.frames)
+    sizes = CODEBLOCK_SIZES if budget >= SMALL_BUDGET_BYTES else CODEBLOCK_SIZES[::-1]
+    for codeblock in sizes:
 
         def attempt(rate: float | None, codeblock: int = codeblock) -> list[bytes]:
             return _encode_all(
