@@ -131,7 +131,7 @@ def fit(
             loss = F.binary_cross_entropy_with_logits(model(x), y)
             loss.backward()  # type: ignore[no-untyped-call]
             optimiser.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             if progress:
                 progress(
                     "training", epoch * steps_per_epoch + step + 1, config.epochs * steps_per_epoch
