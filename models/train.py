@@ -137,7 +137,7 @@ def fit(
                     "training", epoch * steps_per_epoch + step + 1, config.epochs * steps_per_epoch
                 )
         val_scores = predict(model, val[0], config.batch_size)
-        val_auroc = stats.auroc(val[1], val_scores)
+        val_auroc = _selection_score(val[1], val_scores)
         history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "val_auroc": val_auroc})
         if val_auroc > best[0]:
             state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -145,6 +145,14 @@ def fit(
     model.load_state_dict(best[1])
     model.eval()
     return {"history": history, "best_epoch": best[2], "best_val_auroc": best[0]}
+
+
+def _selection_score(labels: npt.NDArray[Any], scores: npt.NDArray[Any]) -> float:
+    """Validation AUROC; minus the log loss when the (small) validation set has one class."""
+    if labels.min() != labels.max():
+        return stats.auroc(labels, scores)
+    p = np.clip(scores, 1e-7, 1 - 1e-7)
+    return float(np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p)))
 
 
 def augment(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
