@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -18,6 +18,11 @@ from services.core.codecs import OutputSyntax
 from services.core.codecs.jpeg2000 import validate_cr
 from services.core.config import get_settings
 from services.core.errors import CrgateError, InvalidParameter, OutputError
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+
+    from services.core.pipeline import Classification
 
 app = typer.Typer(
     name="crgate",
@@ -434,7 +439,10 @@ def classify(
         out.print(f"overlays written to {overlays}", markup=False, highlight=False)
 
 
-def _write_overlays(folder: Path, result: Any, datasets: list[tuple[str, Any]]) -> None:
+def _write_overlays(
+    folder: Path, result: Classification, datasets: list[tuple[str, Dataset]]
+) -> None:
+    """Full-size and preview overlay PNGs of every classified view, named by SOP UID."""
     from services.core.inference.breasts import window_of
     from services.core.inference.overlay import render_overlay, render_preview, write_png
 

@@ -8,9 +8,7 @@
 # recipe's figure in the card). Timing on 2 CPU cores: see docs/classifier.md.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-DATA=${DATA:-var/train/phantoms-832x1024}
 CRGATE=${CRGATE:-.venv/bin/crgate}
-test -f "$DATA/truth.csv" || "$CRGATE" synth --out-dir "$DATA" --studies 1000 --size 832x1024 \
-  --seed 2026 --config models/recipes/phantom-train.json
+DATA=$(models/recipes/phantoms.sh)
 "$CRGATE" train --data-dir "$DATA" --arch cnn3 --name cnn3-phantom --version v1 \
   --crs 1,25,100,1000 --epochs 30 --seed 0 --out-dir models "$@"

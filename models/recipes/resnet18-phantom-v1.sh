@@ -6,9 +6,7 @@
 # on a GPU (torch picks CUDA when present) it takes minutes. The ONNX file is about 45 MB.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-DATA=${DATA:-var/train/phantoms-832x1024}
 CRGATE=${CRGATE:-.venv/bin/crgate}
-test -f "$DATA/truth.csv" || "$CRGATE" synth --out-dir "$DATA" --studies 1000 --size 832x1024 \
-  --seed 2026 --config models/recipes/phantom-train.json
+DATA=$(models/recipes/phantoms.sh)
 "$CRGATE" train --data-dir "$DATA" --arch resnet18 --name resnet18-phantom --version v1 \
   --crs 1,25,100,1000,5000,11000 --epochs 20 --seed 0 --out-dir models "$@"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -18,14 +19,22 @@ from services.core.inference.overlay import (
     colorbar_width,
     display_grey,
     jet,
-    overlay_png,
-    overlay_preview_png,
+    png_bytes,
     render_overlay,
+    render_preview,
     write_png,
 )
 from services.core.phantom import PhantomConfig, generate_study
 
 ROWS, COLS = 120, 90
+
+
+def _overlay_png(pixels: np.ndarray, saliency: np.ndarray, **kwargs: Any) -> bytes:
+    return png_bytes(render_overlay(pixels, saliency, **kwargs))
+
+
+def _preview_png(pixels: np.ndarray, saliency: np.ndarray, **kwargs: Any) -> bytes:
+    return png_bytes(render_preview(pixels, saliency, **kwargs))
 
 
 def _image() -> npt.NDArray[np.uint16]:
@@ -48,7 +57,7 @@ def _decode(data: bytes) -> npt.NDArray[np.uint8]:
 
 
 def test_overlay_png_size_and_colours() -> None:
-    rgb = _decode(overlay_png(_image(), _saliency(), bits_stored=12))
+    rgb = _decode(_overlay_png(_image(), _saliency(), bits_stored=12))
     assert rgb.shape == (ROWS, COLS + colorbar_width(ROWS), 3)
     hot = rgb[50, 20].astype(int)
     assert hot[0] - hot[2] > 40  # saliency 1: red heat over the grey
@@ -85,14 +94,14 @@ def test_preview_max_side() -> None:
     big = np.tile(_image(), (10, 10))  # 1200 x 900
     sal = np.tile(_saliency(), (10, 10))
     for max_side in (512, 200):
-        rgb = _decode(overlay_preview_png(big, sal, bits_stored=12, max_side=max_side))
+        rgb = _decode(_preview_png(big, sal, bits_stored=12, max_side=max_side))
         assert max(rgb.shape[:2]) <= max_side
         assert max(rgb.shape[:2]) >= max_side - 8  # not needlessly small
         assert rgb.shape[1] - colorbar_width(rgb.shape[0]) < rgb.shape[0]  # aspect kept
-    small = _decode(overlay_preview_png(_image(), _saliency(), bits_stored=12))
+    small = _decode(_preview_png(_image(), _saliency(), bits_stored=12))
     assert small.shape[:2] == (ROWS, COLS + colorbar_width(ROWS))  # never enlarged
     with pytest.raises(InvalidParameter, match="max side"):
-        overlay_preview_png(big, sal, bits_stored=12, max_side=10)
+        _preview_png(big, sal, bits_stored=12, max_side=10)
 
 
 def test_window_given_and_monochrome1() -> None:
@@ -159,7 +168,7 @@ def test_phantom_overlay_with_dataset_window() -> None:
     sal = np.zeros((view.rows, view.cols), dtype=np.float32)
     sal[100:140, 150:200] = 1.0
     rgb = _decode(
-        overlay_png(
+        _overlay_png(
             view.pixels,
             sal,
             bits_stored=view.bits_stored,

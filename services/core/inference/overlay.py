@@ -149,42 +149,6 @@ def _preview_size(rows: int, cols: int, max_side: int) -> tuple[int, int]:
     raise InvalidParameter(f"cannot fit a {cols}x{rows} image in a {max_side} px preview")
 
 
-def overlay_png(
-    pixels: npt.NDArray[Any],
-    saliency: npt.NDArray[Any],
-    *,
-    bits_stored: int,
-    photometric: str = "MONOCHROME2",
-    window: tuple[float, float] | None = None,
-) -> bytes:
-    """:func:`render_overlay` as PNG bytes."""
-    image = render_overlay(
-        pixels, saliency, bits_stored=bits_stored, photometric=photometric, window=window
-    )
-    return png_bytes(image)
-
-
-def overlay_preview_png(
-    pixels: npt.NDArray[Any],
-    saliency: npt.NDArray[Any],
-    *,
-    bits_stored: int,
-    photometric: str = "MONOCHROME2",
-    window: tuple[float, float] | None = None,
-    max_side: int = PREVIEW_MAX_SIDE,
-) -> bytes:
-    """:func:`render_preview` as PNG bytes."""
-    image = render_preview(
-        pixels,
-        saliency,
-        bits_stored=bits_stored,
-        photometric=photometric,
-        window=window,
-        max_side=max_side,
-    )
-    return png_bytes(image)
-
-
 def png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", compress_level=4)
