@@ -1,4 +1,5 @@
-# crgate service image. Build: docker build -t crgate .   Run: docker run --rm crgate --help
+# crgate service image: one image, each compose service picks its command (api, scp, worker,
+# migrate). Build: docker build -t crgate .   GPU workers: docker build --build-arg EXTRAS=gpu
 FROM python:3.11-slim-bookworm
 
 # OpenJPEG for glymur (no PyPI wheel provides libopenjp2); nothing else is needed at run time.
@@ -6,15 +7,21 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends libopenjp2-7 \
     && rm -rf /var/lib/apt/lists/*
 
+ARG EXTRAS=""
 RUN useradd --create-home --uid 10001 crgate
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY services ./services
 COPY models ./models
-RUN pip install --no-cache-dir . && mkdir -p /data && chown crgate /data
+RUN pip install --no-cache-dir ".${EXTRAS:+[$EXTRAS]}" && mkdir -p /data && chown crgate /data
 
 USER crgate
-ENV CRGATE_DATA_DIR=/data
+ENV CRGATE_DATA_DIR=/data \
+    PYTHONUNBUFFERED=1
 VOLUME ["/data"]
+EXPOSE 8080 11112
+# The API's liveness; compose overrides it for the scp and worker services.
+HEALTHCHECK --interval=10s --timeout=5s --retries=5 \
+    CMD python -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=4)" || exit 1
 ENTRYPOINT ["crgate"]
-CMD ["--help"]
+CMD ["serve"]

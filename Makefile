@@ -5,10 +5,10 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-DEB_PACKAGES := libopenjp2-7 libopenjp2-tools dcmtk libgdcm-tools dicom3tools
+DEB_PACKAGES := libopenjp2-7 libopenjp2-tools dcmtk libgdcm-tools dicom3tools orthanc orthanc-dicomweb
 DEMO := var/demo
 
-.PHONY: run test lint typecheck unit bench deps clean
+.PHONY: run test lint typecheck unit bench deps clean services
 
 $(BIN)/crgate: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,9 +30,27 @@ $(BIN)/crgate: pyproject.toml
 
 deps: $(BIN)/crgate .stamp-deb
 
+# `make run`: crgate serve (data in var/demo) in the foreground; once it answers, a phantom study
+# is pushed to it with dcmtk's storescu like a PACS would. Ctrl-C stops it.
+HTTP_PORT ?= 8080
+DICOM_PORT ?= 11112
 run: deps
-	@test -f $(DEMO)/phantoms/truth.csv || $(BIN)/crgate synth --out-dir $(DEMO)/phantoms --studies 1 --seed 1
-	$(BIN)/crgate transcode $(DEMO)/phantoms --cr 25 --out-dir $(DEMO)/cr25
+	@mkdir -p $(DEMO); echo "starting crgate serve (log: $(DEMO)/serve.log)"; \
+	$(BIN)/crgate serve --data-dir $(DEMO) --http-port $(HTTP_PORT) --dicom-port $(DICOM_PORT) >>$(DEMO)/serve.log 2>&1 & pid=$$!; \
+	trap 'kill -TERM $$pid 2>/dev/null; wait $$pid' INT TERM; \
+	until $(BIN)/python -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$(HTTP_PORT)/healthz', timeout=1)" 2>/dev/null; do \
+	  kill -0 $$pid 2>/dev/null || { echo "crgate serve did not start (ports $(HTTP_PORT), $(DICOM_PORT) in use? set HTTP_PORT=... DICOM_PORT=...)" >&2; exit 1; }; \
+	  sleep 0.2; \
+	done; \
+	$(BIN)/crgate demo --url http://127.0.0.1:$(HTTP_PORT) --dicom CRGATE@127.0.0.1:$(DICOM_PORT) --data-dir $(DEMO); \
+	echo; \
+	echo "crgate is running (pid $$pid, log $(DEMO)/serve.log):"; \
+	echo "  API docs      http://127.0.0.1:$(HTTP_PORT)/docs"; \
+	echo "  admin API key $(DEMO)/admin.key (created on first start, mode 0600)"; \
+	echo "  QIDO-RS       curl -H \"Authorization: Bearer \$$(cat $(DEMO)/admin.key)\" http://127.0.0.1:$(HTTP_PORT)/dicomweb/studies"; \
+	echo "  DICOM         C-STORE / C-ECHO to AE CRGATE on port $(DICOM_PORT)"; \
+	echo "Press Ctrl-C to stop it."; \
+	wait $$pid
 
 lint: deps
 	$(BIN)/ruff check services tests bench
@@ -41,13 +59,26 @@ lint: deps
 typecheck: deps
 	$(BIN)/mypy
 
-test: deps lint typecheck
+# The service tests talk to a real Redis (broker) and PostgreSQL on 127.0.0.1: start them when
+# they are installed but not running (CI machines run both already).
+services:
+	@$(BIN)/python -c "import socket; socket.create_connection(('127.0.0.1', 6379), 1)" 2>/dev/null || { \
+	  command -v redis-server >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -qq redis-server >/dev/null; }; \
+	  echo "starting redis-server on 127.0.0.1:6379"; \
+	  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no; sleep 0.5; }
+	@$(BIN)/python -c "import socket; socket.create_connection(('127.0.0.1', 5432), 1)" 2>/dev/null || { \
+	  command -v pg_ctlcluster >/dev/null && pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql) main start; } || \
+	  echo "PostgreSQL is not listening on 127.0.0.1:5432: the PostgreSQL variants of the tests will fail" >&2
+
+test: deps lint typecheck services
 	$(BIN)/pytest -q
 
 bench: deps
 	$(BIN)/python bench/bench_transcode.py
 	$(BIN)/python bench/bench_metrics.py
 	$(BIN)/python bench/bench_inference.py
+	$(BIN)/python bench/bench_ingest.py
+	$(BIN)/python bench/bench_study.py
 
 clean:
 	rm -rf $(VENV) .stamp-deb var crgate-out .mypy_cache .ruff_cache .pytest_cache

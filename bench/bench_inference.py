@@ -26,7 +26,7 @@ from models.gradcam import autograd_gradcam
 from models.train import export_onnx
 from services.core.inference.card import load_card
 
-CARD = Path(__file__).resolve().parents[1] / "models" / "cnn3-phantom-v1.json"
+CARD = Path(__file__).resolve().parents[1] / "models" / "cnn3-phantom-v2.json"
 
 
 def median_ms(fn: Callable[[], object], repeats: int) -> float:

@@ -11,6 +11,31 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - torch convention
 from torch import Tensor, nn
 
+Grid = tuple[tuple[float, float], tuple[float, float]]
+
+
+def _pair(value: object) -> tuple[int, int]:
+    if isinstance(value, int):
+        return value, value
+    assert isinstance(value, tuple) and len(value) == 2
+    return int(value[0]), int(value[1])
+
+
+def receptive_grid(layers: list[nn.Module]) -> Grid:
+    """(stride, offset) per axis of the last layer's cells on the input: cell ``i`` of the last
+    layer is centred on input pixel ``offset + stride * i`` (receptive-field arithmetic over
+    the convolutions and poolings on the main path, in forward order)."""
+    stride = [1.0, 1.0]
+    offset = [0.0, 0.0]
+    for layer in layers:
+        if not isinstance(layer, nn.Conv2d | nn.MaxPool2d):
+            raise TypeError(f"no receptive-field rule for {type(layer).__name__}")
+        k, s, p = _pair(layer.kernel_size), _pair(layer.stride), _pair(layer.padding)
+        for axis in (0, 1):
+            offset[axis] += stride[axis] * ((k[axis] - 1) / 2 - p[axis])
+            stride[axis] *= s[axis]
+    return (stride[0], stride[1]), (offset[0], offset[1])
+
 
 class CNN3(nn.Module):
     """Three conv blocks (6x6 kernels, stride 2, padding 2, BatchNorm, ReLU, 2x2 max pool), two
@@ -51,6 +76,11 @@ class CNN3(nn.Module):
     def features(self, x: Tensor) -> Tensor:
         """The Grad-CAM target: the last conv block's activation before pooling."""
         return self._last_activation(x)
+
+    def cam_grid(self) -> Grid:
+        """(stride, offset) of the Grad-CAM cells on the input (see :func:`receptive_grid`)."""
+        layers = [self.block1[0], self.block1[3], self.block2[0], self.block2[3], self.conv3]
+        return receptive_grid(layers)
 
     def head(self, a: Tensor) -> Tensor:
         z = self._pool(a).flatten(1)
@@ -116,6 +146,16 @@ class ResNet18(nn.Module):
     def features(self, x: Tensor) -> Tensor:
         result: Tensor = self.layers(self.stem(x))
         return result
+
+    def cam_grid(self) -> Grid:
+        """(stride, offset) of the Grad-CAM cells (layer4's output) on the input."""
+        layers = [self.stem[0], self.stem[3]]
+        for stage in self.layers:
+            assert isinstance(stage, nn.Sequential)
+            first = stage[0]
+            assert isinstance(first, BasicBlock)
+            layers += [first.conv1, first.conv2]
+        return receptive_grid(layers)
 
     def head(self, a: Tensor) -> Tensor:
         logit: Tensor = self.fc(a.mean(dim=(2, 3)))

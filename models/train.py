@@ -8,6 +8,8 @@ when present, CPU otherwise.
 from __future__ import annotations
 
 import json
+import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -23,12 +25,16 @@ from torch import nn
 
 from models.architectures import Classifier, build
 from models.data import (
+    ENCODER_TAG,
     BreastRecord,
     CompressedCache,
+    fill_cache,
     folds_by_patient,
     load_breasts,
-    prepare_all,
+    load_inputs,
+    prepare_pairs,
     split_by_patient,
+    training_pairs,
 )
 from models.gradcam import WithGradCam
 from services.core import stats
@@ -37,6 +43,7 @@ from services.core.inference.card import (
     GRADCAM_OUTPUT,
     INPUT_NAME,
     PROBABILITY_OUTPUT,
+    GradCamGrid,
     ModelCard,
     TestResult,
     file_sha256,
@@ -58,15 +65,21 @@ class TrainConfig:
     version: str = "v1"
     architecture: str = "cnn3"
     crs: Sequence[float] = (1,)
+    lossy_copies: int = 0  # compressed copies per training breast (0: one per lossy CR)
     test_crs: Sequence[float] = STUDY_CRS
+    resize_fraction: float = 0.3
+    align: int = 32  # each view's crop padded to a multiple (Grad-CAM cells tile the views)
+    view_gap: int = 64  # zero columns between the CC and MLO crops
     epochs: int = 20
     batch_size: int = 32
     learning_rate: float = 1e-3
     weight_decay: float = 1e-4
     augment: bool = True
+    schedule: str = "cosine"  # learning rate: "cosine" decay to 0 over the run, or "constant"
     seed: int = 0
     cache_dir: Path = Path("var/cache/compressed")
     workers: int = 0
+    threads: int = 0  # torch intra-op threads (0: every core)
     bootstrap: int = 1000
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -93,7 +106,7 @@ def set_seed(seed: int) -> None:
 
 
 def fit(
-    model: nn.Module,
+    model: Classifier,
     train: tuple[npt.NDArray[Any], npt.NDArray[Any]],
     val: tuple[npt.NDArray[Any], npt.NDArray[Any]],
     config: TrainConfig,
@@ -111,9 +124,16 @@ def fit(
     )
     x_train, y_train = train
     generator = np.random.default_rng(config.seed)
-    best: tuple[float, dict[str, torch.Tensor], int] = (-1.0, {}, -1)
+    best: tuple[float, dict[str, torch.Tensor], int] = (-float("inf"), {}, -1)
     history = []
     steps_per_epoch = (len(x_train) + config.batch_size - 1) // config.batch_size
+    total_steps = config.epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimiser,
+        (lambda step: 0.5 * (1 + math.cos(math.pi * step / total_steps)))
+        if config.schedule == "cosine"
+        else (lambda step: 1.0),
+    )
     for epoch in range(config.epochs):
         model.train()
         order = generator.permutation(len(x_train))
@@ -131,6 +151,7 @@ def fit(
             loss = F.binary_cross_entropy_with_logits(model(x), y)
             loss.backward()  # type: ignore[no-untyped-call]
             optimiser.step()
+            scheduler.step()
             losses.append(loss.item())
             if progress:
                 progress(
@@ -156,13 +177,15 @@ def _selection_score(labels: npt.NDArray[Any], scores: npt.NDArray[Any]) -> floa
 
 
 def augment(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-    """Training-time augmentation: random vertical flips, shifts of up to 8 pixels and
-    intensity gains of +-10 %. Breasts keep their canonical orientation (chest wall left)."""
+    """Training-time augmentation, per input: random vertical flips, shifts of up to 8 pixels
+    (the zero padding wraps round) and intensity gains of +-10 %. Breasts keep their canonical
+    orientation (chest wall left)."""
     flip = torch.from_numpy(rng.random(len(x)) < 0.5)
     x = x.clone()
     x[flip] = x[flip].flip(2)
-    dy, dx = (int(v) for v in rng.integers(-8, 9, 2))
-    x = torch.roll(x, (dy, dx), (2, 3))
+    shifts = rng.integers(-8, 9, (len(x), 2))
+    for i, (dy, dx) in enumerate(shifts):
+        x[i] = torch.roll(x[i], (int(dy), int(dx)), (1, 2))
     gain = rng.uniform(0.9, 1.1, (len(x), 1, 1, 1)).astype(np.float32)
     return x * torch.from_numpy(gain)
 
@@ -185,6 +208,7 @@ def evaluate(
     cr: float,
     resamples: int,
     seed: int,
+    achieved_cr: npt.NDArray[Any] | None = None,
 ) -> TestResult:
     auroc = stats.bootstrap(stats.auroc, labels, scores, resamples=resamples, seed=seed)
     auprc = stats.bootstrap(stats.auprc, labels, scores, resamples=resamples, seed=seed)
@@ -196,6 +220,7 @@ def evaluate(
             "n_breasts": len(labels),
             "n_malignant": int(labels.sum()),
             "mean_psnr_db": float(np.mean(psnr)),
+            "mean_achieved_cr": None if achieved_cr is None else float(np.mean(achieved_cr)),
         }
     )
 
@@ -242,6 +267,7 @@ class Trained:
     params: Preprocessing
     fit_info: dict[str, Any]
     results: list[TestResult]
+    seconds: dict[str, float]
 
 
 def train_and_test(
@@ -253,37 +279,60 @@ def train_and_test(
     """Train on the training CR mixture, pick the epoch on validation, test at every test CR."""
     train_set, val_set, test_set = sets
     cache = CompressedCache(config.cache_dir, params)
-    crs = list(dict.fromkeys(float(c) for c in config.crs))
-    x_train, y_train, _ = prepare_all(
-        train_set,
-        crs,
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+    pairs = training_pairs(train_set, config.crs, config.lossy_copies, config.seed)
+    train = prepare_pairs(
+        pairs,
         cache,
         workers=config.workers,
-        on_done=_ticker(progress, "compressing training set", 2 * len(train_set) * len(crs)),
+        on_done=_ticker(progress, "compressing training set", 2 * len(pairs)),
     )
-    x_val, y_val, _ = prepare_all(
-        val_set,
-        [1.0],
+    val = prepare_pairs(
+        [(r, 1.0) for r in val_set],
         cache,
         workers=config.workers,
         on_done=_ticker(progress, "preparing validation set", 2 * len(val_set)),
     )
+    seconds["training and validation copies"] = time.perf_counter() - clock
+    clock = time.perf_counter()
     set_seed(config.seed)
     model = build(config.architecture, params.input_shape)
-    fit_info = fit(model, (x_train, y_train), (x_val, y_val), config, progress)
-    del x_train
+    fit_info = fit(model, (train.x, train.y), (val.x, val.y), config, progress)
+    seconds["fit"] = time.perf_counter() - clock
+    del train
+    clock = time.perf_counter()
+    test_crs = list(dict.fromkeys(float(c) for c in config.test_crs))
+    all_pairs = [(r, cr) for cr in test_crs for r in test_set]
+    fill_cache(
+        all_pairs,
+        cache,
+        workers=config.workers,
+        on_done=_ticker(
+            progress, f"compressing test set at {len(test_crs)} CRs", 2 * len(all_pairs)
+        ),
+    )
+    seconds["test copies"] = time.perf_counter() - clock
+    clock = time.perf_counter()
     results = []
-    for cr in dict.fromkeys(float(c) for c in config.test_crs):
-        x_test, y_test, psnr = prepare_all(
-            test_set,
-            [cr],
-            cache,
-            workers=config.workers,
-            on_done=_ticker(progress, f"testing at CR {cr:g}", 2 * len(test_set)),
+    for cr in test_crs:
+        test = load_inputs([(r, cr) for r in test_set], cache)
+        scores = predict(model, test.x)
+        results.append(
+            evaluate(scores, test.y, test.psnr, cr, config.bootstrap, config.seed, test.achieved_cr)
         )
-        scores = predict(model, x_test)
-        results.append(evaluate(scores, y_test, psnr, cr, config.bootstrap, config.seed))
-    return Trained(model, params, fit_info, results)
+    seconds["testing"] = time.perf_counter() - clock
+    return Trained(model, params, fit_info, results, seconds)
+
+
+def preprocessing_for(config: TrainConfig, width: int, height: int) -> Preprocessing:
+    return Preprocessing.for_training_geometry(
+        width, height, config.resize_fraction, align=config.align, view_gap=config.view_gap
+    )
+
+
+def _set_threads(threads: int) -> None:
+    torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
 
 
 def _phantom_record(data_dir: Path) -> dict[str, Any] | None:
@@ -295,16 +344,20 @@ def train(config: TrainConfig, progress: Progress | None = None) -> ModelCard:
     """Train on the phantoms in ``config.data_dir``, test at every test CR, export model + card."""
     started = time.perf_counter()
     set_seed(config.seed)
+    _set_threads(config.threads)
     records = load_breasts(config.data_dir)
     width, height = training_geometry(records)
-    params = Preprocessing.for_training_geometry(width, height)
+    params = preprocessing_for(config, width, height)
     sets = split_by_patient(records, config.seed)
     trained = train_and_test(config, params, sets, progress)
     model = trained.model
 
     stem = f"{config.name}-{config.version}"
     onnx_path = config.out_dir / f"{stem}.onnx"
+    clock = time.perf_counter()
     export_onnx(model, params.input_shape, onnx_path)
+    trained.seconds["export"] = time.perf_counter() - clock
+    stride, offset = model.cam_grid()
     h, w = params.input_shape
     card = ModelCard(
         name=config.name,
@@ -316,6 +369,7 @@ def train(config: TrainConfig, progress: Progress | None = None) -> ModelCard:
         input_shape=["N", 1, h, w],
         outputs={PROBABILITY_OUTPUT: ["N"], GRADCAM_OUTPUT: ["N", *gradcam_shape(model, (h, w))]},
         saliency="gradcam",
+        gradcam_grid=GradCamGrid(stride=stride, offset=offset),
         preprocessing=params.as_dict(),
         training={
             "data": "synthetic mammography phantoms from `crgate synth`; not for clinical use",
@@ -325,6 +379,12 @@ def train(config: TrainConfig, progress: Progress | None = None) -> ModelCard:
             "breasts": {"train": len(sets[0]), "validation": len(sets[1]), "test": len(sets[2])},
             "split": "7:1:2 by patient",
             "crs": [float(c) for c in config.crs],
+            "lossy_copies_per_breast": config.lossy_copies
+            or len([c for c in config.crs if float(c) != 1.0]),
+            "training_inputs": len(
+                training_pairs(sets[0], config.crs, config.lossy_copies, config.seed)
+            ),
+            "compression": f"OpenJPEG, quick rate search ({ENCODER_TAG}; models/data.py)",
             "optimiser": {
                 "name": "Adam",
                 "lr": config.learning_rate,
@@ -333,7 +393,8 @@ def train(config: TrainConfig, progress: Progress | None = None) -> ModelCard:
             },
             "loss": "binary cross-entropy",
             "weight_decay": config.weight_decay,
-            "augmentation": "vertical flip, shift <= 8 px, gain 0.9-1.1"
+            "lr_schedule": config.schedule,
+            "augmentation": "per input: vertical flip, shift <= 8 px, gain 0.9-1.1"
             if config.augment
             else None,
             "epochs": config.epochs,
@@ -341,7 +402,9 @@ def train(config: TrainConfig, progress: Progress | None = None) -> ModelCard:
             "seed": config.seed,
             "device": str(device()),
             "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
             "seconds": round(time.perf_counter() - started, 1),
+            "stage_seconds": {k: round(v, 1) for k, v in trained.seconds.items()},
             **trained.fit_info,
             **config.extra,
         },
@@ -354,9 +417,10 @@ def train(config: TrainConfig, progress: Progress | None = None) -> ModelCard:
 def cross_validate(config: TrainConfig, k: int = 5, progress: Progress | None = None) -> Path:
     """The study's k-fold cross-validation by patient: one model per fold, each tested on its
     fold at every test CR; mean AUROC/AUPRC with a 95 % t-interval over folds, in a JSON file."""
+    _set_threads(config.threads)
     records = load_breasts(config.data_dir)
     width, height = training_geometry(records)
-    params = Preprocessing.for_training_geometry(width, height)
+    params = preprocessing_for(config, width, height)
     folds = folds_by_patient(records, k, config.seed)
     per_fold = []
     for i in range(k):

@@ -496,10 +496,27 @@ def train(
     crs: Annotated[
         str, typer.Option(help="Training CR mixture, e.g. 1,15,20,25,50,100,500,1000,5000.")
     ] = "1",
+    lossy_copies: Annotated[
+        int,
+        typer.Option(
+            help="Compressed copies per training breast, CRs drawn from the mixture "
+            "(0 = one at every CR of the mixture).",
+            min=0,
+        ),
+    ] = 0,
     test_crs: Annotated[
         str, typer.Option(help="CRs to test at.")
     ] = "1,15,20,25,50,100,500,1000,5000,10000,11000",
     epochs: Annotated[int, typer.Option(min=1)] = 20,
+    resize_fraction: Annotated[
+        float, typer.Option(help="View grid as a fraction of the image size (study: 0.3).")
+    ] = 0.3,
+    align: Annotated[
+        int, typer.Option(help="Pad each view's crop to a multiple of this many pixels.", min=1)
+    ] = 32,
+    view_gap: Annotated[
+        int, typer.Option(help="Zero columns between the CC and MLO crops.", min=0)
+    ] = 64,
     batch_size: Annotated[int, typer.Option(min=2)] = 32,
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
     seed: Annotated[int, typer.Option()] = 0,
@@ -510,6 +527,9 @@ def train(
         Path, typer.Option(help="Compressed-copy cache, shared across runs.")
     ] = Path("var/cache/compressed"),
     workers: Annotated[int, typer.Option(help="Processes (default: every core).", min=0)] = 0,
+    threads: Annotated[
+        int, typer.Option(help="Torch threads for fitting (default: every core).", min=0)
+    ] = 0,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for CIs.", min=10)] = 1000,
 ) -> None:
     """Train a classifier on phantoms with compression augmentation; export ONNX and its card."""
@@ -518,6 +538,10 @@ def train(
         tests = _parse_crs(test_crs, "--test-crs")
         if arch not in ("cnn3", "resnet18"):
             raise InvalidParameter(f"--arch {arch}: unknown architecture, use cnn3 or resnet18")
+        if not 0.05 <= resize_fraction <= 1.0:
+            raise InvalidParameter(
+                f"--resize-fraction {resize_fraction}: use a fraction from 0.05 to 1"
+            )
     except InvalidParameter as exc:
         raise _fail(str(exc)) from None
     try:
@@ -533,13 +557,18 @@ def train(
         version=version,
         architecture=arch,
         crs=train_crs,
+        lossy_copies=lossy_copies,
         test_crs=tests,
+        resize_fraction=resize_fraction,
+        align=align,
+        view_gap=view_gap,
         epochs=epochs,
         batch_size=batch_size,
         learning_rate=lr,
         seed=seed,
         cache_dir=cache_dir,
         workers=workers,
+        threads=threads,
         bootstrap=bootstrap,
     )
     with _progress(True) as progress:
@@ -573,6 +602,15 @@ def _read_json_object(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise InvalidParameter(f"{path}: expected a JSON object of PhantomConfig fields")
     return data
+
+
+def _register_servers() -> None:
+    from services import cli_serve
+
+    cli_serve.register(app)
+
+
+_register_servers()
 
 
 def main() -> None:  # pragma: no cover - console entry point

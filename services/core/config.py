@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class DuplicatePolicy(StrEnum):
+    """What a second, different instance with an already stored SOP Instance UID does."""
+
+    KEEP_FIRST = "keep-first"  # refuse it with a clear reason
+    REPLACE = "replace"  # store it; the old file is kept under <data-dir>/replaced/
 
 
 class Settings(BaseSettings):
@@ -22,7 +30,58 @@ class Settings(BaseSettings):
         default_factory=lambda: Path(__file__).resolve().parents[2] / "models",
         description="where model cards (*.json) and their ONNX files are",
     )
-    default_model: str = Field("cnn3-phantom-v1", description="model used when none is named")
+    default_model: str = Field("cnn3-phantom-v2", description="model used when none is named")
+    database_url: str = Field(
+        "", description="SQLAlchemy URL; empty = SQLite at <data-dir>/crgate.db"
+    )
+    duplicate_policy: DuplicatePolicy = Field(
+        DuplicatePolicy.KEEP_FIRST, description="same SOP Instance UID with different bytes"
+    )
+    http_port: int = Field(8080, ge=1, le=65535, description="HTTP port of `crgate api|serve`")
+    http_host: str = Field("0.0.0.0", description="HTTP bind address")
+    dicom_port: int = Field(11112, ge=1, le=65535, description="DICOM port of `crgate scp|serve`")
+    ae_title: str = Field("CRGATE", min_length=1, max_length=16, description="our AE title")
+    allowed_ae: str = Field(
+        "", description="comma-separated calling AE titles accepted; empty accepts any caller"
+    )
+    allowed_hosts: str = Field(
+        "", description="comma-separated source addresses accepted; empty accepts any address"
+    )
+    max_upload_bytes: int = Field(
+        2 * 1024**3, ge=1, description="largest STOW-RS request body accepted (413 above)"
+    )
+    anonymous_read: bool = Field(
+        False, description="let requests without a key read DICOMweb (viewer role)"
+    )
+    broker_url: str = Field("", description="Celery broker URL; empty = in-process worker")
+    job_stale_seconds: float = Field(
+        60.0, gt=0, description="a running job with no heartbeat for this long is requeued"
+    )
+    job_soft_time_limit: int = Field(900, gt=0, description="seconds before a job is asked to stop")
+    job_time_limit: int = Field(1200, gt=0, description="seconds before a job is killed")
+    broker_visibility_timeout: int = Field(
+        1800, gt=0, description="seconds before an unacknowledged task is delivered again"
+    )
+    forward_to: str = Field(
+        "", description="send every result's DICOM objects here by C-STORE: AET@host:port"
+    )
+    arrival_sweep_seconds: float = Field(
+        10.0, gt=0, description="how often quiet studies and stale jobs are checked"
+    )
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'crgate.db').resolve()}"
+
+    @property
+    def allowed_ae_titles(self) -> frozenset[str]:
+        return frozenset(t.strip() for t in self.allowed_ae.split(",") if t.strip())
+
+    @property
+    def allowed_host_set(self) -> frozenset[str]:
+        return frozenset(t.strip() for t in self.allowed_hosts.split(",") if t.strip())
 
 
 @lru_cache(maxsize=1)

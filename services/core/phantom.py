@@ -66,8 +66,11 @@ DEFAULT_SPACING_MM: Final = 0.07
 MIN_SIDE: Final = 64
 MAX_SIDE: Final = 8192
 MAX_ASPECT: Final = 4.0
-# Largest lesion extent (radius, pixels) as a fraction of the shorter image side.
-_MAX_LESION_FRACTION: Final = 0.08
+# Largest lesion extent (radius, pixels) as a fraction of the shorter image side: 0.12 lets a
+# spiculated mass reach 22 mm radius (44 mm across with its spicules) in the default 233 mm wide
+# field, the size of large palpable cancers; the classifier's Grad-CAM geometry test needs masses
+# that large (docs/classifier.md).
+_MAX_LESION_FRACTION: Final = 0.12
 
 _UID_NAMESPACE: Final = "crgate-phantom-v1"
 

@@ -5,6 +5,7 @@ on the compressed copy and on the original). The ingest issue adds ``ingest`` he
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -200,16 +201,23 @@ def classify_datasets(
     cr: float,
     syntax: OutputSyntax | str | None = None,
     threads: int = 0,
+    on_image: Callable[[int, int], None] | None = None,
 ) -> Classification:
     """Transcode every view at ``cr``, then classify each breast on the compressed copy and on
-    the original in the same call: the difference is what the compression did to the AI."""
+    the original in the same call: the difference is what the compression did to the AI.
+
+    ``on_image(done, total)`` is called after each image is transcoded (progress).
+    """
     from services.core.inference.breasts import classify_breasts, group_breasts
 
     originals = group_breasts(datasets)  # validates modality, laterality, views first
-    transcoded = {
-        source: transcode_dataset(ds, cr=cr, syntax=syntax, threads=threads, source=source)
-        for source, ds in datasets
-    }
+    transcoded = {}
+    for done, (source, ds) in enumerate(datasets, start=1):
+        transcoded[source] = transcode_dataset(
+            ds, cr=cr, syntax=syntax, threads=threads, source=source
+        )
+        if on_image is not None:
+            on_image(done, len(datasets))
     compressed = [
         replace(
             breast,

@@ -1,5 +1,8 @@
-"""The shipped CNN3 (models/cnn3-phantom-v1): its card, its AUROC on held-out phantoms, where its
-Grad-CAM looks, and the local classify path (`crgate classify`) end to end."""
+"""The shipped CNN3 (models/cnn3-phantom-v2): its card, its AUROC on held-out phantoms, where its
+Grad-CAM looks, and the local classify path (`crgate classify`) end to end.
+
+Held-out phantoms come from the generator configuration the card records (the training
+distribution) with another seed."""
 
 from __future__ import annotations
 
@@ -22,8 +25,8 @@ from services.core.phantom import PhantomConfig, generate_study
 from services.core.pipeline import classify_datasets
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
-CARD = MODELS / "cnn3-phantom-v1.json"
-RECIPE = json.loads((MODELS / "recipes" / "phantom-train.json").read_text())
+CARD = MODELS / "cnn3-phantom-v2.json"
+TRAINING_PHANTOMS: dict[str, object] = load_card(CARD).training["phantom"]["config"]
 HELD_OUT_SEED = 9090  # the shipped model trained on seed 2026
 
 
@@ -40,10 +43,25 @@ def test_card_describes_the_file() -> None:
     assert [r.cr for r in card.test_results][:2] == [1.0, 15.0]
     assert card.training["pretrained"] is False
     assert card.training["phantom"]["config"]["width"] == 832
+    assert card.training["phantom"]["seed"] != HELD_OUT_SEED
+    assert card.preprocess.view_gap > 0 and card.gradcam_grid is not None
+    assert all(r.mean_achieved_cr is not None for r in card.test_results)
+
+
+def test_shipped_resnet18_is_its_card_and_under_50_mb() -> None:
+    card = load_card(MODELS / "resnet18-phantom-v1.json")
+    path = MODELS / card.file
+    assert path.stat().st_size < 50 * 1024 * 1024
+    assert card.sha256 == file_sha256(path)
+    assert card.architecture == "resnet18" and card.training["pretrained"] is False
+    assert card.gradcam_grid is not None and card.gradcam_grid.offset == (0.0, 0.0)
+    clf = get_classifier(MODELS / "resnet18-phantom-v1.json")
+    assert clf.saliency_method == "gradcam"
+    assert card.test_results[0].cr == 1.0 and card.test_results[0].auroc.ci_low > 0.5
 
 
 def test_auroc_on_held_out_phantoms_is_at_least_085(classifier: Classifier) -> None:
-    config = PhantomConfig.from_overrides(RECIPE, width=832, height=1024)
+    config = PhantomConfig.from_overrides(TRAINING_PHANTOMS)
     datasets = []
     labels = {}
     for i in range(60):
@@ -62,15 +80,20 @@ def test_auroc_on_held_out_phantoms_is_at_least_085(classifier: Classifier) -> N
 
 @pytest.mark.xfail(
     strict=True,
-    reason="known failure of cnn3-phantom-v1 (issue 3 note): its Grad-CAM peaks at the top of "
-    "the seam between the CC and MLO halves of the input, where the MLO's pectoral muscle is, "
-    "not on the lesion; strict, so a model that fixes it turns this test red until updated",
+    reason="known failure of cnn3-phantom-v2 (docs/classifier.md, 'Grad-CAM'): the peak of its "
+    "Grad-CAM lies 1-2 cells (30-60 mm) from the lesion, 1 of 22 inside; even its summed "
+    "last-block activation does not peak on lesions it detects; strict, so a model that fixes "
+    "it turns this test red until updated",
 )
 def test_gradcam_peak_falls_inside_a_large_lesion(classifier: Classifier) -> None:
-    overrides = {**RECIPE, "mass_radius_mm": [13, 14]}  # the largest this geometry allows
-    config = PhantomConfig.from_overrides(overrides, width=832, height=1024)
+    """One spiculated mass of 19-20 mm radius per malignant breast. Large because a cell of the
+    last conv block covers 32 input pixels, 30 mm of breast at the training geometry (the seed
+    study's full-size images give 7.5 mm): a peak at a cell centre can only fall inside a lesion
+    about that size (the largest the phantom generator places in an 832-pixel-wide view)."""
+    overrides = {**TRAINING_PHANTOMS, "mass_radius_mm": [19, 20]}
+    config = PhantomConfig.from_overrides(overrides)
     hits, tried = 0, 0
-    for i in range(6):
+    for i in range(10):
         study = generate_study(i, seed=31, config=config, malignant_fraction=1.0, benign_fraction=0)
         truth = {(r.laterality, r.view): r for r in study.truth}
         breasts = group_breasts([(v, ds) for v, ds in study.datasets.items()])
@@ -83,7 +106,7 @@ def test_gradcam_peak_falls_inside_a_large_lesion(classifier: Classifier) -> Non
                 y, x = np.unravel_index(int(np.argmax(saliency.saliency)), saliency.saliency.shape)
                 assert row.center_x is not None and row.center_y is not None and row.radius_px
                 hits += np.hypot(x - row.center_x, y - row.center_y) <= row.radius_px
-    assert tried >= 4
+    assert tried >= 8
     assert hits / tried >= 0.75, f"{hits} of {tried} Grad-CAM peaks inside the lesion"
 
 
@@ -125,7 +148,7 @@ def test_classify_cli_json_and_overlays(tmp_path: Path) -> None:
 
 
 def test_classify_refuses_other_modalities(tmp_path: Path) -> None:
-    ct = Path(pydicom.data.get_testdata_file("CT_small.dcm", download=False))
+    ct = Path(str(pydicom.data.get_testdata_file("CT_small.dcm", download=False)))
     result = CliRunner().invoke(app, ["classify", str(ct), "--cr", "10"])
     assert result.exit_code != 0
     assert "CT_small.dcm" in result.stderr and "MG" in result.stderr

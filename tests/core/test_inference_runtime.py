@@ -34,12 +34,20 @@ from services.core.inference.breasts import (
     group_breasts,
     window_of,
 )
-from services.core.inference.card import ModelCard, file_sha256, load_card, write_card
+from services.core.inference.card import (
+    GradCamGrid,
+    ModelCard,
+    file_sha256,
+    load_card,
+    write_card,
+)
 from services.core.inference.preprocess import (
     Preprocessing,
+    SaliencyGrid,
     breast_input,
     map_back,
     prepare_view,
+    to_input_grid,
 )
 from services.core.inference.runtime import Classifier, get_classifier
 from services.core.inference.saliency import occlusion_saliency, patch_positions
@@ -248,6 +256,15 @@ def test_wrong_input_name(copy_model: Callable[[str], Path]) -> None:
     card_path = copy_model("gradcam")
     _edit_card(card_path, input_name="pixels")
     with pytest.raises(InvalidInput, match=r"input is named 'image' but the card says 'pixels'"):
+        Classifier.load(card_path)
+
+
+def test_gradcam_grid_must_fit_the_input(copy_model: Callable[[str], Path]) -> None:
+    card_path = copy_model("gradcam")
+    _edit_card(card_path, gradcam_grid=GradCamGrid(stride=(32, 32), offset=(15.5, 15.5)))
+    assert Classifier.load(card_path).saliency_grid == SaliencyGrid((32, 32), (15.5, 15.5))
+    _edit_card(card_path, gradcam_grid=GradCamGrid(stride=(32, 64), offset=(15.5, 15.5)))
+    with pytest.raises(InvalidInput, match=r"gradcam_grid .* outside the input's"):
         Classifier.load(card_path)
 
 
@@ -490,9 +507,10 @@ def test_classify_breasts(models_dir: dict[str, Path], study: PhantomStudy) -> N
     breasts = group_breasts(_named(study))
     inputs = breast_inputs(clf, breasts)
     left = breasts[0]
-    expected = breast_input(
-        *(prepare_view(left.views[v].pixels, v, "L", PARAMS, bits_stored=12) for v in ("CC", "MLO"))
+    cc, mlo = (
+        prepare_view(left.views[v].pixels, v, "L", PARAMS, bits_stored=12) for v in ("CC", "MLO")
     )
+    expected = breast_input(cc, mlo, PARAMS)
     np.testing.assert_array_equal(inputs[0], expected)
     probs, _ = clf.predict(inputs)
     results = classify_breasts(clf, breasts, batch_size=1)
@@ -533,12 +551,28 @@ def _to_input(params: Preprocessing, x: float, y: float, view: str, lat: str) ->
     cx, cy = gx - left, gy - top
     if lat == "R" and params.mirror_right:
         cx = params.crop_cols - 1 - cx
-    if view == "MLO":
-        cx += params.crop_cols
+    cx += params.view_origin(view)
     return round(cy), round(cx)
 
 
-def test_map_back_puts_the_peak_on_the_lesion() -> None:
+ALIGNED = Preprocessing.for_training_geometry(256, 320, align=32, view_gap=64)
+
+
+def test_breast_input_pads_each_view_and_leaves_a_gap() -> None:
+    assert (ALIGNED.crop_rows, ALIGNED.crop_cols) == (77, 38)
+    assert ALIGNED.input_shape == (96, 2 * 64 + 64)
+    cc = np.full((77, 38), 0.25, dtype=np.float32)
+    mlo = np.full((77, 38), 0.75, dtype=np.float32)
+    x = breast_input(cc, mlo, ALIGNED)
+    assert x.shape == (1, 96, 192)
+    assert (x[0, :77, :38] == 0.25).all() and (x[0, :77, 128:166] == 0.75).all()
+    assert x[0, 77:].max() == 0 and x[0, :, 38:128].max() == 0 and x[0, :, 166:].max() == 0
+    with pytest.raises(InvalidInput, match="expected"):
+        breast_input(cc[:, :30], mlo, ALIGNED)
+
+
+@pytest.mark.parametrize("params", [PARAMS, ALIGNED], ids=["study", "aligned-gap"])
+def test_map_back_puts_the_peak_on_the_lesion(params: Preprocessing) -> None:
     rows = [
         row
         for i in range(3)
@@ -547,21 +581,38 @@ def test_map_back_puts_the_peak_on_the_lesion() -> None:
     ]
     kinds = {(row.laterality, row.view) for row in rows}
     assert kinds == {("L", "CC"), ("L", "MLO"), ("R", "CC"), ("R", "MLO")}
+    height, width = params.input_shape
     for row in rows:
         assert row.center_x is not None and row.center_y is not None
         assert row.radius_px is not None
-        cy, cx = _to_input(PARAMS, row.center_x, row.center_y, row.view, row.laterality)
-        assert 0 <= cy < H and 0 <= cx < W
-        cam = np.zeros((H, W), dtype=np.float32)
+        cy, cx = _to_input(params, row.center_x, row.center_y, row.view, row.laterality)
+        assert 0 <= cy < height and 0 <= cx < width
+        cam = np.zeros((height, width), dtype=np.float32)
         cam[cy, cx] = 1.0
-        back = map_back(cam, row.view, row.laterality, PARAMS, 320, 256)
+        back = map_back(cam, row.view, row.laterality, params, 320, 256)
         assert back.shape == (320, 256)
         py, px = np.unravel_index(int(np.argmax(back)), back.shape)
         distance = float(np.hypot(px - row.center_x, py - row.center_y))
         assert distance <= row.radius_px, (row, (px, py), distance)
         # The other half of the input does not leak into this view.
         other = "CC" if row.view == "MLO" else "MLO"
-        assert map_back(cam, other, row.laterality, PARAMS, 320, 256).max() < 1e-6
+        assert map_back(cam, other, row.laterality, params, 320, 256).max() < 1e-6
+
+
+def test_map_back_puts_a_coarse_cell_where_its_grid_says() -> None:
+    """A one-hot coarse map goes to its receptive-field centre, not to where an even stretch
+    would put it: with ResNet18's grid (stride 32, offset 0) cell 1 is centred on input
+    pixel 32, half a cell before the stretched map's 47.5."""
+    cells = np.zeros((3, 6), dtype=np.float32)
+    cells[1, 1] = 1.0
+    grid = SaliencyGrid((32.0, 32.0), (0.0, 0.0))
+    full = to_input_grid(cells, ALIGNED, grid)
+    assert full.shape == ALIGNED.input_shape
+    peak = np.unravel_index(int(np.argmax(full)), full.shape)
+    assert (int(peak[0]), int(peak[1])) == (32, 32)
+    stretched = to_input_grid(cells, ALIGNED)
+    ties = np.argwhere(stretched == stretched.max())
+    assert ties[:, 0].min() == 47 and ties[:, 0].max() == 48
 
 
 def test_breast_without_views_is_refused() -> None:

@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from models.architectures import CNN3, ResNet18, build
+from models.architectures import CNN3, Classifier, ResNet18, build
 from models.gradcam import autograd_gradcam
 from models.train import export_onnx, gradcam_shape
 from services.core.inference.preprocess import Preprocessing
@@ -17,7 +17,7 @@ from services.core.inference.preprocess import Preprocessing
 SHAPE = Preprocessing.for_training_geometry(416, 512).input_shape
 
 
-def trained_like(architecture: str) -> torch.nn.Module:
+def trained_like(architecture: str) -> Classifier:
     """Random weights and BatchNorm statistics that are not the identity."""
     torch.manual_seed(1)
     model = build(architecture, SHAPE)
@@ -36,7 +36,7 @@ def trained_like(architecture: str) -> torch.nn.Module:
 @pytest.fixture(scope="module", params=["cnn3", "resnet18"])
 def exported(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> tuple[torch.nn.Module, ort.InferenceSession]:
+) -> tuple[Classifier, ort.InferenceSession]:
     model = trained_like(request.param)
     path = Path(tmp_path_factory.mktemp(request.param)) / "model.onnx"
     export_onnx(model, SHAPE, path)
@@ -59,7 +59,7 @@ def inputs(n: int, seed: int) -> np.ndarray:
 
 
 def test_onnx_outputs_and_dynamic_batch(
-    exported: tuple[torch.nn.Module, ort.InferenceSession],
+    exported: tuple[Classifier, ort.InferenceSession],
 ) -> None:
     model, session = exported
     assert [i.name for i in session.get_inputs()] == ["image"]
@@ -72,7 +72,7 @@ def test_onnx_outputs_and_dynamic_batch(
 
 
 def test_parity_with_torch_autograd(
-    exported: tuple[torch.nn.Module, ort.InferenceSession],
+    exported: tuple[Classifier, ort.InferenceSession],
 ) -> None:
     model, session = exported
     x = inputs(20, 7)
@@ -95,3 +95,40 @@ def test_gradcam_targets_the_last_conv_block() -> None:
     a = cnn3.features(torch.zeros(1, 1, *SHAPE))
     assert a.shape[1] == cnn3.conv3.out_channels  # before the last max pool
     assert resnet.features(torch.zeros(1, 1, *SHAPE)).shape[1] == 512
+
+
+@pytest.mark.parametrize(
+    ("architecture", "shape", "cells"),
+    [("cnn3", (256, 320), ((3, 4), (4, 6))), ("resnet18", (640, 640), ((9, 10), (10, 11)))],
+)
+def test_cam_grid_is_where_the_cells_look(
+    architecture: str, shape: tuple[int, int], cells: tuple[tuple[int, int], ...]
+) -> None:
+    """The card's Grad-CAM grid (stride, offset) against the network itself: with positive
+    weights and identity BatchNorm nothing cancels, so the cells that respond to a point on the
+    input are those whose receptive field holds it, symmetric about the cell centred on it
+    (inputs large enough that no receptive field reaches the border)."""
+    model = build(architecture, shape).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Conv2d | torch.nn.Linear):
+                module.weight.fill_(0.01)
+            if isinstance(module, torch.nn.BatchNorm2d):
+                assert module.running_mean is not None and module.running_var is not None
+                module.running_mean.zero_()
+                module.running_var.fill_(1.0)
+                module.weight.fill_(1.0)
+                module.bias.zero_()
+    (sy, sx), (oy, ox) = model.cam_grid()
+    assert (sy, sx) == (32, 32)
+    for cy, cx in cells:
+        y, x = oy + sy * cy, ox + sx * cx  # the centre of cell (cy, cx), maybe half a pixel
+        image = torch.zeros(1, 1, *shape)
+        rows = sorted({int(np.floor(y)), int(np.ceil(y))})
+        cols = sorted({int(np.floor(x)), int(np.ceil(x))})
+        image[0, 0, rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1] = 1.0
+        with torch.no_grad():
+            response = model.features(image)[0].sum(0).numpy()
+        hit_rows, hit_cols = np.nonzero(response > 0)
+        assert hit_rows.min() + hit_rows.max() == 2 * cy
+        assert hit_cols.min() + hit_cols.max() == 2 * cx

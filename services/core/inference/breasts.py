@@ -264,6 +264,7 @@ def breast_inputs(classifier: Classifier, breasts: list[Breast]) -> F32:
         out[i] = breast_input(
             _prepare(cc, "CC", breast.laterality, classifier),
             _prepare(mlo, "MLO", breast.laterality, classifier),
+            params,
         )
     return out
 
@@ -294,6 +295,7 @@ def classify_breasts(
         raise InvalidParameter(f"batch size must be a positive integer, got {batch_size!r}")
     items = list(breasts)
     params = classifier.preprocessing
+    grid = classifier.saliency_grid
     results: list[BreastResult] = []
     for start in range(0, len(items), batch_size):
         part = items[start : start + batch_size]
@@ -302,10 +304,14 @@ def classify_breasts(
         for breast, prob, cam in zip(part, probs, maps, strict=True):
             views: dict[str, ViewSaliency] = {}
             for view, image in breast.views.items():
-                mapped = map_back(cam, view, breast.laterality, params, image.rows, image.cols)
+                mapped = map_back(
+                    cam, view, breast.laterality, params, image.rows, image.cols, grid
+                )
                 if breast.fallback is not None:  # the same image also filled the other half
                     other = "MLO" if view == "CC" else "CC"
-                    twin = map_back(cam, other, breast.laterality, params, image.rows, image.cols)
+                    twin = map_back(
+                        cam, other, breast.laterality, params, image.rows, image.cols, grid
+                    )
                     mapped = np.maximum(mapped, twin)
                 views[view] = ViewSaliency(
                     sop_instance_uid=image.sop_instance_uid,

@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from services.core.errors import InvalidInput, NotFound
-from services.core.inference.preprocess import Preprocessing
+from services.core.inference.preprocess import Preprocessing, SaliencyGrid
 
 INPUT_NAME = "image"
 PROBABILITY_OUTPUT = "malignancy"
@@ -37,6 +37,15 @@ class TestResult(BaseModel):
     n_breasts: int
     n_malignant: int
     mean_psnr_db: float | None = None
+    mean_achieved_cr: float | None = None
+
+
+class GradCamGrid(BaseModel):
+    """Receptive-field centres of the ``gradcam`` output's cells on the input, in input pixels:
+    cell ``(i, j)`` is centred on ``(offset[0] + stride[0] * i, offset[1] + stride[1] * j)``."""
+
+    stride: tuple[float, float]
+    offset: tuple[float, float]
 
 
 class ModelCard(BaseModel):
@@ -53,6 +62,9 @@ class ModelCard(BaseModel):
     input_shape: list[int | str] = Field(description="[N, 1, H, W]; N is dynamic")
     outputs: dict[str, list[int | str]] = Field(description="output name -> shape")
     saliency: str = Field(description="gradcam (in the graph) or occlusion (runtime fallback)")
+    gradcam_grid: GradCamGrid | None = Field(
+        None, description="where the gradcam cells lie on the input; absent: spread evenly"
+    )
     preprocessing: dict[str, Any]
     operating_threshold: float = 0.5
     training: dict[str, Any] = Field(default_factory=dict)
@@ -62,6 +74,11 @@ class ModelCard(BaseModel):
     @property
     def preprocess(self) -> Preprocessing:
         return Preprocessing.from_dict(self.preprocessing)
+
+    @property
+    def saliency_grid(self) -> SaliencyGrid | None:
+        grid = self.gradcam_grid
+        return None if grid is None else SaliencyGrid(grid.stride, grid.offset)
 
     @property
     def has_gradcam(self) -> bool:

@@ -127,11 +127,10 @@ def render_preview(
     grey = display_grey(pixels, bits_stored=bits_stored, photometric=photometric, window=window)
     rows, cols = grey.shape
     new_rows, new_cols = _preview_size(rows, cols, max_side)
-    sal = _fit(saliency, grey.shape)
     if (new_rows, new_cols) != (rows, cols):
         grey = np.clip(resize(grey, new_rows, new_cols), 0.0, 1.0)
-        sal = np.clip(resize(sal, new_rows, new_cols), 0.0, 1.0)
-    return _compose(grey, sal)
+    # the coarse map goes straight to the preview grid (never through the full-size one)
+    return _compose(grey, np.clip(_fit(saliency, grey.shape), 0.0, 1.0))
 
 
 def _preview_size(rows: int, cols: int, max_side: int) -> tuple[int, int]:

@@ -32,7 +32,7 @@ from services.core.inference.card import (
     ModelCard,
     load_card,
 )
-from services.core.inference.preprocess import Preprocessing
+from services.core.inference.preprocess import Preprocessing, SaliencyGrid
 from services.core.inference.saliency import occlusion_saliency
 
 F32 = npt.NDArray[np.float32]
@@ -143,6 +143,12 @@ class Classifier:
     def saliency_shape(self) -> tuple[int, int]:
         """(h, w) of the saliency maps :meth:`predict` returns (the input's for occlusion)."""
         return self._graph.saliency_shape or self._graph.input_shape
+
+    @property
+    def saliency_grid(self) -> SaliencyGrid | None:
+        """Where the saliency cells lie on the input (the card's Grad-CAM grid); ``None``: the
+        map is spread evenly over the input (occlusion maps have the input's size)."""
+        return self.card.saliency_grid if self.saliency_method == "gradcam" else None
 
     @property
     def operating_threshold(self) -> float:
@@ -370,6 +376,9 @@ def _check_graph(session: Any, card: ModelCard, card_path: Path, model_path: Pat
             f"{where}: the card's saliency is 'gradcam' but the graph has no {GRADCAM_OUTPUT!r} "
             "output: set saliency to 'occlusion' or export the model with WithGradCam"
         )
+    if saliency_shape is not None and card.gradcam_grid is not None:
+        grid = card.gradcam_grid
+        _check_grid(where, grid.stride, grid.offset, saliency_shape, graph_hw)
     if card.saliency not in ("gradcam", "occlusion"):
         raise InvalidInput(
             f"{where}: the card's saliency is {card.saliency!r}; use 'gradcam' or 'occlusion'"
@@ -377,6 +386,25 @@ def _check_graph(session: Any, card: ModelCard, card_path: Path, model_path: Pat
     return _GraphInfo(
         input_shape=(int(graph_hw[0]), int(graph_hw[1])), saliency_shape=saliency_shape
     )
+
+
+def _check_grid(
+    where: str,
+    stride: tuple[float, float],
+    offset: tuple[float, float],
+    cells: tuple[int, int],
+    input_hw: tuple[Any, ...],
+) -> None:
+    """The card's Grad-CAM grid must put every cell centre on the input."""
+    for axis, name in ((0, "rows"), (1, "columns")):
+        first = offset[axis]
+        last = offset[axis] + stride[axis] * (cells[axis] - 1)
+        if stride[axis] <= 0 or first < -0.5 or last > int(input_hw[axis]) - 0.5:
+            raise InvalidInput(
+                f"{where}: the card's gradcam_grid (stride {stride[axis]:g}, offset "
+                f"{offset[axis]:g}) puts the {cells[axis]} cell {name} outside the input's "
+                f"{input_hw[axis]} {name}: correct the card's gradcam_grid"
+            )
 
 
 def _check_batch_size(batch_size: int) -> None:

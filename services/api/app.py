@@ -1,0 +1,67 @@
+"""The FastAPI application factory."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, Response
+from starlette.routing import Match
+
+from services.api import problems
+from services.api.routes import classify, ops, policies, sweeps
+from services.api.state import AppState, build_state
+from services.core.config import Settings, get_settings
+from services.core.telemetry import HTTP_LATENCY
+
+
+def create_app(settings: Settings | None = None, *, state: AppState | None = None) -> FastAPI:
+    """Build the app; ``state`` lets `crgate serve` share one ingest path with the SCP."""
+    settings = settings or (state.settings if state else get_settings())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        owned = state is None
+        app.state.crgate = state if state is not None else build_state(settings)
+        yield
+        if owned:
+            app.state.crgate.close()
+
+    app = FastAPI(
+        title="crgate",
+        summary="DICOMweb-compatible JPEG 2000 compression-and-inference gateway",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    problems.install(app)
+    app.middleware("http")(_record_latency)
+    app.include_router(ops.router)
+    app.include_router(policies.router)
+    app.include_router(sweeps.router)
+    app.include_router(classify.router)
+    _include_dicomweb(app)
+    return app
+
+
+def _include_dicomweb(app: FastAPI) -> None:
+    from services.api.dicomweb import router as dicomweb_router
+
+    app.include_router(dicomweb_router, prefix="/dicomweb")
+
+
+async def _record_latency(
+    request: Request, call_next: Callable[[Request], Awaitable[Response]]
+) -> Response:
+    start = time.perf_counter()
+    response = await call_next(request)
+    route = "unmatched"
+    for candidate in request.app.router.routes:
+        match, _ = candidate.matches(request.scope)
+        if match is Match.FULL:
+            route = getattr(candidate, "path", "unmatched")
+            break
+    HTTP_LATENCY.labels(request.method, route, str(response.status_code)).observe(
+        time.perf_counter() - start
+    )
+    return response

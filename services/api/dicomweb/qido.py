@@ -1,0 +1,107 @@
+"""QIDO-RS (PS3.18 10.6): search studies, series and instances.
+
+Results are a DICOM JSON array (application/dicom+json); no match is ``200 []``.
+Warnings (fuzzy matching not supported, ignored includefield, more results than one response
+holds) come in ``Warning: 299`` headers. Matching rules: services/core/db/qido.py.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+
+from services.api.deps import READ_DICOMWEB, SessionDep
+from services.api.problems import problem
+from services.core.db.qido import Level, parse_query, search
+from services.core.errors import InvalidInput
+
+router = APIRouter(dependencies=[Depends(READ_DICOMWEB)])
+
+DICOM_JSON = "application/dicom+json"
+_RESOURCES = ("/studies", "/series", "/instances")
+
+
+def dicomweb_root(request: Request) -> str:
+    """The absolute DICOMweb base URL (``.../dicomweb``) of the route serving ``request``."""
+    template = getattr(request.scope.get("route"), "path", request.url.path)
+    cut = min((i for i in (template.find(r) for r in _RESOURCES) if i >= 0), default=0)
+    return str(request.base_url).rstrip("/") + template[:cut]
+
+
+def warning_header(request: Request, texts: list[str]) -> str:
+    """RFC 9111 Warning header value with code 299 for each text."""
+    agent = request.url.netloc or "crgate"
+    return ", ".join(f'299 {agent} "{t.replace(chr(34), chr(39))}"' for t in texts)
+
+
+def _accepts_json(request: Request) -> bool:
+    accept = request.headers.get("accept", "").lower()
+    if not accept.strip():
+        return True
+    return any(
+        media.split(";")[0].strip() in ("*/*", "application/*", "application/json", DICOM_JSON)
+        for media in accept.split(",")
+    )
+
+
+def _search(
+    request: Request,
+    session: SessionDep,
+    level: Level,
+    *,
+    study: str | None = None,
+    series: str | None = None,
+) -> JSONResponse:
+    if not _accepts_json(request):
+        return problem(
+            406,
+            "Not Acceptable",
+            f"QIDO-RS answers in {DICOM_JSON} only; the request accepts "
+            f"{request.headers.get('accept')!r}",
+        )
+    try:
+        query = parse_query(
+            level, request.query_params.multi_items(), study_uid=study, series_uid=series
+        )
+    except InvalidInput as exc:  # PS3.18 8.3.4: an invalid query is 400
+        return problem(400, "Bad Request", str(exc))
+    result = search(session, query, retrieve_root=dicomweb_root(request))
+    response = JSONResponse(result.items, media_type=DICOM_JSON)
+    if result.warnings:
+        response.headers["Warning"] = warning_header(request, result.warnings)
+    return response
+
+
+@router.get("/studies", summary="QIDO-RS: search for studies")
+def search_studies(request: Request, session: SessionDep) -> JSONResponse:
+    return _search(request, session, Level.STUDY)
+
+
+@router.get("/series", summary="QIDO-RS: search for series in all studies")
+def search_series(request: Request, session: SessionDep) -> JSONResponse:
+    return _search(request, session, Level.SERIES)
+
+
+@router.get("/instances", summary="QIDO-RS: search for instances in all studies")
+def search_instances(request: Request, session: SessionDep) -> JSONResponse:
+    return _search(request, session, Level.INSTANCE)
+
+
+@router.get("/studies/{study}/series", summary="QIDO-RS: search for series of a study")
+def search_study_series(study: str, request: Request, session: SessionDep) -> JSONResponse:
+    return _search(request, session, Level.SERIES, study=study)
+
+
+@router.get("/studies/{study}/instances", summary="QIDO-RS: search for instances of a study")
+def search_study_instances(study: str, request: Request, session: SessionDep) -> JSONResponse:
+    return _search(request, session, Level.INSTANCE, study=study)
+
+
+@router.get(
+    "/studies/{study}/series/{series}/instances",
+    summary="QIDO-RS: search for instances of a series",
+)
+def search_series_instances(
+    study: str, series: str, request: Request, session: SessionDep
+) -> JSONResponse:
+    return _search(request, session, Level.INSTANCE, study=study, series=series)

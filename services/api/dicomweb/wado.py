@@ -1,0 +1,412 @@
+"""WADO-RS (PS3.18 10.4): instances, metadata, frames, bulk data, rendered images, thumbnails.
+
+Whole instances stream as multipart/related (files read in chunks, one transcode at a time);
+what can be sent is negotiated in services.core.retrieve. A 406 problem lists what is offered.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass
+from itertools import chain
+from typing import Any, ParamSpec
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from services.api.deps import READ_DICOMWEB, StateDep
+from services.api.problems import problem
+from services.api.state import AppState
+from services.core import retrieve
+from services.core.dicom.dicomjson import to_dicom_json
+from services.core.errors import NotFound
+from services.core.retrieve import (
+    AS_STORED,
+    DICOM,
+    DICOM_JSON,
+    OCTET,
+    InvalidQuery,
+    NotAcceptable,
+    StoredInstance,
+)
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(dependencies=[Depends(READ_DICOMWEB)])
+
+STUDY = "/studies/{study}"
+SERIES = STUDY + "/series/{series}"
+INSTANCE = SERIES + "/instances/{sop}"
+FRAMES = INSTANCE + "/frames/{frames}"
+PIXEL_DATA_TAG = "7FE00010"
+
+P = ParamSpec("P")
+
+
+# -- multipart/related writer (RFC 2387) -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Part:
+    content_type: str
+    body: Iterable[bytes]  # consumed lazily, so a file part is read in chunks
+
+
+def new_boundary() -> str:
+    return f"crgate-{uuid.uuid4().hex}"
+
+
+def multipart_type(part_type: str, boundary: str, transfer_syntax: str | None = None) -> str:
+    value = f'multipart/related; type="{part_type}"'
+    if transfer_syntax is not None:
+        value += f"; transfer-syntax={transfer_syntax}"
+    return f"{value}; boundary={boundary}"
+
+
+def multipart_body(parts: Iterable[Part], boundary: str) -> Iterator[bytes]:
+    """``--b CRLF headers CRLF CRLF body CRLF`` per part, then ``--b--``."""
+    for part in parts:
+        yield f"--{boundary}\r\nContent-Type: {part.content_type}\r\n\r\n".encode("ascii")
+        yield from part.body
+        yield b"\r\n"
+    yield f"--{boundary}--\r\n".encode("ascii")
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def _offers(endpoint: Callable[P, Awaitable[Response]]) -> Callable[P, Awaitable[Response]]:
+    """Turn NotAcceptable into a 406 problem whose ``offered`` member lists what can be sent."""
+
+    @functools.wraps(endpoint)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> Response:
+        try:
+            return await endpoint(*args, **kwargs)
+        except NotAcceptable as exc:
+            return problem(406, "Not Acceptable", str(exc), offered=exc.offered)
+
+    return wrapper
+
+
+async def _find(
+    state: AppState, study: str, series: str | None = None, sop: str | None = None
+) -> list[StoredInstance]:
+    return await run_in_threadpool(
+        retrieve.find_instances, state.sessions, state.store, study=study, series=series, sop=sop
+    )
+
+
+async def _one(state: AppState, study: str, series: str, sop: str) -> StoredInstance:
+    (instance,) = await _find(state, study, series, sop)
+    return instance
+
+
+def _accept(request: Request) -> str | None:
+    return request.headers.get("accept")
+
+
+def _multipart_response(parts: list[Part], part_type: str, syntax: str | None) -> Response:
+    boundary = new_boundary()
+    body = b"".join(multipart_body(parts, boundary))
+    return Response(body, media_type=multipart_type(part_type, boundary, syntax))
+
+
+# -- instances ---------------------------------------------------------------------------------
+
+
+def _dicom_part(instance: StoredInstance, target: str, threads: int) -> Part:
+    data = retrieve.encode_instance(instance, target, threads=threads)
+    if data is None:
+        content_type = f"{DICOM}; transfer-syntax={instance.transfer_syntax_uid}"
+        return Part(content_type, retrieve.iter_file(instance.path))
+    return Part(f"{DICOM}; transfer-syntax={target}", [data])
+
+
+def _logged(chunks: Iterator[bytes], what: str) -> Iterator[bytes]:
+    """Log a failure after the response started (the client sees a cut-off body)."""
+    try:
+        yield from chunks
+    except Exception:
+        log.exception("WADO-RS response for %s aborted mid-stream", what)
+        raise
+
+
+async def _instances_response(
+    request: Request, state: AppState, study: str, series: str | None = None, sop: str | None = None
+) -> Response:
+    instances = await _find(state, study, series, sop)
+    target = retrieve.negotiate_instances(
+        _accept(request), {i.transfer_syntax_uid for i in instances}
+    )
+    threads = state.settings.threads
+    # the first part is prepared before the response starts, so its errors get a status code
+    first = await run_in_threadpool(_dicom_part, instances[0], target, threads)
+    rest = (_dicom_part(i, target, threads) for i in instances[1:])
+    boundary = new_boundary()
+    what = f"sop={sop}" if sop else f"series={series}" if series else f"study={study}"
+    return StreamingResponse(
+        _logged(multipart_body(chain([first], rest), boundary), what),
+        media_type=multipart_type(DICOM, boundary, None if target == AS_STORED else target),
+    )
+
+
+@router.get(STUDY, name="wado_study")
+@_offers
+async def retrieve_study(study: str, request: Request, state: StateDep) -> Response:
+    return await _instances_response(request, state, study)
+
+
+@router.get(SERIES, name="wado_series")
+@_offers
+async def retrieve_series(study: str, series: str, request: Request, state: StateDep) -> Response:
+    return await _instances_response(request, state, study, series)
+
+
+@router.get(INSTANCE, name="wado_instance")
+@_offers
+async def retrieve_instance(
+    study: str, series: str, sop: str, request: Request, state: StateDep
+) -> Response:
+    return await _instances_response(request, state, study, series, sop)
+
+
+# -- metadata ----------------------------------------------------------------------------------
+
+
+def _instance_json(instance: StoredInstance, base: str) -> dict[str, Any]:
+    ds, pixel_vr = retrieve.metadata_dataset(instance)
+    body = to_dicom_json(ds, bulk_uri=lambda tag: f"{base}/bulkdata/{tag}")
+    if pixel_vr is not None:
+        body[PIXEL_DATA_TAG] = {"vr": pixel_vr, "BulkDataURI": f"{base}/bulkdata/{PIXEL_DATA_TAG}"}
+    return dict(sorted(body.items()))
+
+
+async def _metadata_response(
+    request: Request, state: AppState, study: str, series: str | None = None, sop: str | None = None
+) -> Response:
+    retrieve.negotiate_metadata(_accept(request))
+    instances = await _find(state, study, series, sop)
+    bases = [
+        str(
+            request.url_for(
+                "wado_instance", study=i.study_uid, series=i.series_uid, sop=i.sop_instance_uid
+            )
+        )
+        for i in instances
+    ]
+
+    def build() -> list[dict[str, Any]]:
+        return [_instance_json(i, b) for i, b in zip(instances, bases, strict=True)]
+
+    return JSONResponse(await run_in_threadpool(build), media_type=DICOM_JSON)
+
+
+@router.get(STUDY + "/metadata")
+@_offers
+async def study_metadata(study: str, request: Request, state: StateDep) -> Response:
+    return await _metadata_response(request, state, study)
+
+
+@router.get(SERIES + "/metadata")
+@_offers
+async def series_metadata(study: str, series: str, request: Request, state: StateDep) -> Response:
+    return await _metadata_response(request, state, study, series)
+
+
+@router.get(INSTANCE + "/metadata")
+@_offers
+async def instance_metadata(
+    study: str, series: str, sop: str, request: Request, state: StateDep
+) -> Response:
+    return await _metadata_response(request, state, study, series, sop)
+
+
+# -- frames and bulk data ----------------------------------------------------------------------
+
+
+@router.get(FRAMES)
+@_offers
+async def retrieve_frames(
+    study: str, series: str, sop: str, frames: str, request: Request, state: StateDep
+) -> Response:
+    numbers = retrieve.parse_frame_list(frames)
+    instance = await _one(state, study, series, sop)
+    retrieve.check_frames(instance, numbers)
+    fmt = retrieve.negotiate_frames(_accept(request), instance.transfer_syntax_uid)
+    data = await run_in_threadpool(
+        retrieve.extract_frames, instance, numbers, fmt, threads=state.settings.threads
+    )
+    return _multipart_response(
+        [Part(fmt.content_type, [d]) for d in data], fmt.media_type, fmt.transfer_syntax
+    )
+
+
+@router.get(INSTANCE + "/bulkdata/{tag}", name="wado_bulkdata")
+@_offers
+async def retrieve_bulkdata(
+    study: str, series: str, sop: str, tag: str, request: Request, state: StateDep
+) -> Response:
+    """Pixel Data: one uncompressed part, or one JPEG 2000 part per frame; other tags: the value."""
+    instance = await _one(state, study, series, sop)
+    if tag.upper() == PIXEL_DATA_TAG:
+        if not instance.is_image:
+            raise NotFound(f"{instance.source} has no Pixel Data")
+        fmt = retrieve.negotiate_frames(_accept(request), instance.transfer_syntax_uid)
+        data = await run_in_threadpool(
+            retrieve.pixel_data_bytes, instance, fmt, threads=state.settings.threads
+        )
+    else:
+        fmt = retrieve.negotiate_frames(_accept(request), "")
+        if fmt.media_type != OCTET:
+            raise NotAcceptable(
+                f"bulk data element {tag} comes only as {OCTET}", retrieve.FRAME_OFFERS[:1]
+            )
+        data = [await run_in_threadpool(retrieve.bulk_value, instance, tag)]
+    return _multipart_response(
+        [Part(fmt.content_type, [d]) for d in data], fmt.media_type, fmt.transfer_syntax
+    )
+
+
+# -- rendered and thumbnails -------------------------------------------------------------------
+
+
+async def _rendered(
+    request: Request,
+    state: AppState,
+    instances: list[StoredInstance] | None,
+    ids: tuple[str, str | None, str | None],
+    frames: str | None,
+    window: str | None,
+    viewport: str | None,
+    quality: str | None,
+    *,
+    thumbnail: bool,
+) -> Response:
+    media_type = retrieve.negotiate_rendered(_accept(request))
+    params = retrieve.parse_render_params(
+        media_type, window=window, viewport=viewport, quality=quality, thumbnail=thumbnail
+    )
+    frame = 1
+    if frames is not None:
+        numbers = retrieve.parse_frame_list(frames)
+        if len(numbers) != 1:
+            raise InvalidQuery(f"frames {frames!r}: a rendered image shows one frame; ask for one")
+        frame = numbers[0]
+    if instances is None:
+        instances = await _find(state, *ids)
+    images = [i for i in instances if i.is_image]
+    if not images:
+        raise NotFound(f"nothing to render: {instances[0].source} has no Pixel Data")
+    image = await run_in_threadpool(retrieve.render, images[0], frame, params)
+    return Response(image, media_type=media_type)
+
+
+@router.get(INSTANCE + "/rendered")
+@_offers
+async def instance_rendered(
+    study: str,
+    series: str,
+    sop: str,
+    request: Request,
+    state: StateDep,
+    window: str | None = None,
+    viewport: str | None = None,
+    quality: str | None = None,
+) -> Response:
+    ids = (study, series, sop)
+    return await _rendered(
+        request, state, None, ids, None, window, viewport, quality, thumbnail=False
+    )
+
+
+@router.get(FRAMES + "/rendered")
+@_offers
+async def frame_rendered(
+    study: str,
+    series: str,
+    sop: str,
+    frames: str,
+    request: Request,
+    state: StateDep,
+    window: str | None = None,
+    viewport: str | None = None,
+    quality: str | None = None,
+) -> Response:
+    ids = (study, series, sop)
+    return await _rendered(
+        request, state, None, ids, frames, window, viewport, quality, thumbnail=False
+    )
+
+
+async def _thumbnail(
+    request: Request,
+    state: AppState,
+    ids: tuple[str, str | None, str | None],
+    frames: str | None,
+    viewport: str | None,
+    quality: str | None,
+) -> Response:
+    """The first image of the study, series or instance, fitted into ``viewport``
+    (default 128x128), windowed as stored."""
+    instances = await _find(state, *ids)
+    return await _rendered(
+        request, state, instances, ids, frames, None, viewport, quality, thumbnail=True
+    )
+
+
+@router.get(STUDY + "/thumbnail")
+@_offers
+async def study_thumbnail(
+    study: str,
+    request: Request,
+    state: StateDep,
+    viewport: str | None = None,
+    quality: str | None = None,
+) -> Response:
+    return await _thumbnail(request, state, (study, None, None), None, viewport, quality)
+
+
+@router.get(SERIES + "/thumbnail")
+@_offers
+async def series_thumbnail(
+    study: str,
+    series: str,
+    request: Request,
+    state: StateDep,
+    viewport: str | None = None,
+    quality: str | None = None,
+) -> Response:
+    return await _thumbnail(request, state, (study, series, None), None, viewport, quality)
+
+
+@router.get(INSTANCE + "/thumbnail")
+@_offers
+async def instance_thumbnail(
+    study: str,
+    series: str,
+    sop: str,
+    request: Request,
+    state: StateDep,
+    viewport: str | None = None,
+    quality: str | None = None,
+) -> Response:
+    return await _thumbnail(request, state, (study, series, sop), None, viewport, quality)
+
+
+@router.get(FRAMES + "/thumbnail")
+@_offers
+async def frame_thumbnail(
+    study: str,
+    series: str,
+    sop: str,
+    frames: str,
+    request: Request,
+    state: StateDep,
+    viewport: str | None = None,
+    quality: str | None = None,
+) -> Response:
+    return await _thumbnail(request, state, (study, series, sop), frames, viewport, quality)

@@ -1,0 +1,89 @@
+"""Errors as RFC 9457 problem JSON: core errors, validation errors and HTTP errors alike."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from services.core.errors import (
+    CodecError,
+    Conflict,
+    CrgateError,
+    InvalidInput,
+    InvalidParameter,
+    NotFound,
+    OutputError,
+    UnsupportedSyntax,
+)
+
+log = logging.getLogger(__name__)
+
+PROBLEM_JSON = "application/problem+json"
+
+
+def problem(status: int, title: str, detail: str, **extra: Any) -> JSONResponse:
+    body = {"type": "about:blank", "title": title, "status": status, "detail": detail, **extra}
+    return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON)
+
+
+def status_of(exc: CrgateError) -> int:
+    if isinstance(exc, NotFound):
+        return 404
+    if isinstance(exc, Conflict):
+        return 409
+    if isinstance(exc, UnsupportedSyntax):
+        return 406
+    if isinstance(exc, InvalidParameter | CodecError):
+        return 422
+    if isinstance(exc, InvalidInput):
+        return 400
+    if isinstance(exc, OutputError):
+        return 503
+    return 500
+
+
+TITLES = {
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    406: "Not Acceptable",
+    409: "Conflict",
+    413: "Content Too Large",
+    415: "Unsupported Media Type",
+    422: "Unprocessable Content",
+    500: "Internal Error",
+    503: "Service Unavailable",
+}
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(CrgateError)
+    async def _crgate(_request: Request, exc: CrgateError) -> JSONResponse:
+        status = status_of(exc)
+        return problem(status, TITLES.get(status, "Error"), str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = []
+        for error in exc.errors():
+            where = ".".join(str(p) for p in error.get("loc", ()))
+            parts.append(f"{where}: {error.get('msg', 'invalid')}")
+        return problem(422, "Unprocessable Content", "; ".join(parts) or "invalid request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        response = problem(exc.status_code, TITLES.get(exc.status_code, "Error"), str(exc.detail))
+        for name, value in (exc.headers or {}).items():
+            response.headers[name] = value
+        return response
+
+    @app.exception_handler(Exception)
+    async def _internal(_request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error: %s", type(exc).__name__)
+        return problem(500, "Internal Error", f"internal error ({type(exc).__name__}); see the log")

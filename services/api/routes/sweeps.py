@@ -1,0 +1,62 @@
+"""CR safety studies as jobs: start one on stored studies, follow it, read its report."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.responses import FileResponse, JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from services.api.deps import SessionDep, StateDep, require
+from services.core import sweeps
+from services.core.auth import Principal, Role
+from services.core.contracts import SweepPayload
+from services.core.errors import InvalidInput, NotFound
+
+router = APIRouter(tags=["cr safety study"], dependencies=[Depends(require(Role.OPERATOR))])
+
+
+@router.post(
+    "/studies:cr-sweep",
+    status_code=202,
+    summary="Measure how the model's AUROC changes with CR on labelled stored studies",
+)
+async def start_sweep(body: sweeps.SweepRequest, request: Request, state: StateDep) -> JSONResponse:
+    principal: Principal | None = getattr(request.state, "principal", None)
+    try:
+        sweep = await run_in_threadpool(
+            sweeps.submit,
+            state.job_context,
+            body,
+            requested_by=principal.name if principal else None,
+        )
+    except NotFound:
+        raise
+    except InvalidInput as exc:
+        raise HTTPException(status_code=422, detail=str(exc)) from None
+    await run_in_threadpool(state.queue.enqueue, SweepPayload(sweep_id=sweep.id))
+    return JSONResponse(
+        {"sweep": {"id": sweep.id, "status": sweep.status}, "status_url": f"/sweeps/{sweep.id}"},
+        status_code=202,
+        headers={"Location": f"/sweeps/{sweep.id}"},
+    )
+
+
+@router.get("/sweeps/{sweep_id}", summary="A sweep's status, progress and recommendation")
+def get_sweep(sweep_id: str, session: SessionDep) -> dict[str, Any]:
+    return sweeps.view(session, sweep_id)
+
+
+@router.get(
+    "/sweeps/{sweep_id}/report/{name}",
+    summary="A file of the sweep's report (report.html, results.json, CSVs, PNG plots)",
+    response_class=FileResponse,
+)
+def report_file(sweep_id: str, name: str, session: SessionDep, state: StateDep) -> FileResponse:
+    sweeps.view(session, sweep_id)  # 404 for an unknown sweep
+    folder = (sweeps.sweep_dir(state.job_context, sweep_id) / "report").resolve()
+    path = (folder / name).resolve()
+    if path.parent != folder or not path.is_file():
+        raise NotFound(f"sweep {sweep_id} has no report file {name!r}")
+    return FileResponse(path)

@@ -1,0 +1,194 @@
+"""``crgate policy list|set|preset|delete``: the site's CR policies from the command line.
+
+Changes are audit-logged with the actor ``cli:<user>``; errors end as one ``error:`` line with
+the exit code of services/core/errors.py.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+from sqlalchemy.orm import Session, sessionmaker
+
+from services.cli_serve import DataDir, _fail, err, out, settings_from
+from services.core import policies
+from services.core.errors import CrgateError
+from services.core.policies import PolicyChanges, PolicyKey
+
+policy_app = typer.Typer(
+    help="List and change CR policies; apply guideline presets.", no_args_is_help=True
+)
+
+
+def actor() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (containers)
+        user = str(os.getuid())
+    return f"cli:{user}"
+
+
+def _sessions(data_dir: Path | None) -> sessionmaker[Session]:
+    """The index database (migrated), with the default policy in place."""
+    from services.core.db.engine import make_engine, migrate, session_factory
+
+    settings = settings_from(data_dir=data_dir)
+    engine = make_engine(settings.effective_database_url)
+    migrate(engine)
+    sessions = session_factory(engine)
+    with sessions.begin() as session:
+        policies.ensure_default_policy(session, settings)
+    return sessions
+
+
+def _pediatric(value: str | None) -> str:
+    return policies.ANY if value is None else policies.pediatric_value(value)
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:g}"
+
+
+@policy_app.command("list")
+def list_cmd(data_dir: DataDir = None) -> None:
+    """List policies (the most specific one that matches a study applies)."""
+    try:
+        with _sessions(data_dir)() as session:
+            rows: list[tuple[str, ...]] = []
+            for p in policies.list_policies(session):
+                limit = policies.ceiling(session, PolicyKey.of_row(p), p)
+                rows.append(
+                    (
+                        str(p.id),
+                        p.modality,
+                        p.body_part,
+                        p.pediatric,
+                        _num(p.cr),
+                        p.syntax,
+                        "yes" if p.auto_classify else "no",
+                        _num(p.expected_instances),
+                        str(p.quiet_seconds),
+                        p.preset or "-",
+                        f"{limit.max_cr:g} ({limit.preset})" if limit else "-",
+                        p.override_reason or "-",
+                    )
+                )
+    except CrgateError as exc:
+        raise _fail(str(exc), exc.exit_code) from None
+    table = Table(
+        "id",
+        "modality",
+        "body part",
+        "pediatric",
+        "cr",
+        "syntax",
+        "auto",
+        "expected",
+        "quiet s",
+        "preset",
+        "max cr",
+        "override reason",
+    )
+    for row in rows:
+        table.add_row(*row)
+    out.print(table)
+
+
+@policy_app.command("set")
+def set_cmd(
+    modality: Annotated[str, typer.Option("--modality", help="DICOM Modality (MG, CT...) or *")],
+    body_part: Annotated[
+        str | None, typer.Option("--body-part", help="DICOM Body Part Examined; left out: any")
+    ] = None,
+    pediatric: Annotated[
+        str | None, typer.Option("--pediatric", help="yes or no; left out: any")
+    ] = None,
+    cr: Annotated[
+        float | None,
+        typer.Option("--cr", help="compression ratio (1 = lossless); needed for a new policy"),
+    ] = None,
+    syntax: Annotated[
+        str | None, typer.Option("--syntax", help="j2k or j2k-lossless; left out: from the CR")
+    ] = None,
+    auto_classify: Annotated[
+        bool | None,
+        typer.Option(
+            "--auto-classify/--no-auto-classify", help="classify complete studies by itself"
+        ),
+    ] = None,
+    expected_instances: Annotated[
+        int | None,
+        typer.Option("--expected-instances", help="a study is complete at this many instances"),
+    ] = None,
+    quiet_seconds: Annotated[
+        int | None,
+        typer.Option("--quiet-seconds", help="a study quiet this long counts as complete"),
+    ] = None,
+    override_reason: Annotated[
+        str | None,
+        typer.Option("--override-reason", help="why the CR may exceed the guideline maximum"),
+    ] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Create the policy for a modality/body part/pediatric, or change the existing one."""
+    changes: PolicyChanges = {}
+    if cr is not None:
+        changes["cr"] = cr
+    if syntax is not None:
+        changes["syntax"] = syntax
+    if auto_classify is not None:
+        changes["auto_classify"] = auto_classify
+    if expected_instances is not None:
+        changes["expected_instances"] = expected_instances
+    if quiet_seconds is not None:
+        changes["quiet_seconds"] = quiet_seconds
+    try:
+        key = PolicyKey.of(modality, body_part, _pediatric(pediatric))
+        with _sessions(data_dir).begin() as session:
+            row, created = policies.set_policy(
+                session, key, changes, actor=actor(), override_reason=override_reason
+            )
+            source = policies.source_of(row)
+            cr_now, syntax_now = row.cr, row.syntax
+    except CrgateError as exc:
+        raise _fail(str(exc), exc.exit_code) from None
+    verb = "created" if created else "set"
+    err.print(f"{verb} {source}: CR {cr_now:g} ({syntax_now})", markup=False, highlight=False)
+
+
+@policy_app.command("preset")
+def preset_cmd(
+    name: Annotated[str, typer.Argument(help="the preset: CAR, DRG or RCR")],
+    data_dir: DataDir = None,
+) -> None:
+    """Apply a guideline preset: one policy per row at the preset's maximum CR."""
+    try:
+        with _sessions(data_dir).begin() as session:
+            result = policies.apply_preset(session, name, actor=actor())
+    except CrgateError as exc:
+        raise _fail(str(exc), exc.exit_code) from None
+    err.print(
+        f"preset {result.preset}: {len(result.created)} created, {len(result.updated)} updated, "
+        f"{len(result.unchanged)} unchanged",
+        markup=False,
+        highlight=False,
+    )
+
+
+@policy_app.command("delete")
+def delete_cmd(
+    policy_id: Annotated[int, typer.Argument(help="the policy's id (see `crgate policy list`)")],
+    data_dir: DataDir = None,
+) -> None:
+    """Delete a policy (not the default one)."""
+    try:
+        with _sessions(data_dir).begin() as session:
+            policies.delete_policy(session, policy_id, actor=actor())
+    except CrgateError as exc:
+        raise _fail(str(exc), exc.exit_code) from None
+    err.print(f"deleted policy {policy_id}", markup=False, highlight=False)

@@ -1,0 +1,319 @@
+"""``crgate api|scp|serve`` (the servers) and ``crgate keys`` (API keys).
+
+cli is the composition root: it builds one ingest path and hands it to the HTTP app and the
+DICOM SCP, which never import each other.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from services.core.config import Settings
+from services.core.errors import CrgateError
+
+out = Console()
+err = Console(stderr=True)
+
+DataDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-dir",
+        help="where crgate keeps files and its SQLite index [env CRGATE_DATA_DIR, ./var]",
+    ),
+]
+HttpPort = Annotated[
+    int | None, typer.Option("--http-port", help="HTTP port [env CRGATE_HTTP_PORT, 8080]")
+]
+DicomPort = Annotated[
+    int | None, typer.Option("--dicom-port", help="DICOM port [env CRGATE_DICOM_PORT, 11112]")
+]
+AeTitle = Annotated[
+    str | None, typer.Option("--ae-title", help="our AE title [env CRGATE_AE_TITLE, CRGATE]")
+]
+AllowedAe = Annotated[
+    str | None,
+    typer.Option(
+        "--allowed-ae",
+        help="comma-separated calling AE titles to accept; empty accepts any "
+        "[env CRGATE_ALLOWED_AE]",
+    ),
+]
+
+
+def settings_from(**overrides: Any) -> Settings:
+    """Settings from the environment, with the command line's options on top."""
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def configure_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    err.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def api(data_dir: DataDir = None, http_port: HttpPort = None) -> None:
+    """Serve the HTTP API (DICOMweb, jobs, policies, /docs, /metrics)."""
+    settings = settings_from(data_dir=data_dir, http_port=http_port)
+    _run(settings, http=True, dicom=False)
+
+
+def scp(
+    data_dir: DataDir = None,
+    dicom_port: DicomPort = None,
+    ae_title: AeTitle = None,
+    allowed_ae: AllowedAe = None,
+) -> None:
+    """Serve DICOM C-ECHO and C-STORE (a PACS pushes studies here)."""
+    settings = settings_from(
+        data_dir=data_dir, dicom_port=dicom_port, ae_title=ae_title, allowed_ae=allowed_ae
+    )
+    _run(settings, http=False, dicom=True)
+
+
+def serve(
+    data_dir: DataDir = None,
+    http_port: HttpPort = None,
+    dicom_port: DicomPort = None,
+    ae_title: AeTitle = None,
+    allowed_ae: AllowedAe = None,
+) -> None:
+    """Serve everything in one process: HTTP API and DICOM SCP on one ingest path."""
+    settings = settings_from(
+        data_dir=data_dir,
+        http_port=http_port,
+        dicom_port=dicom_port,
+        ae_title=ae_title,
+        allowed_ae=allowed_ae,
+    )
+    _run(settings, http=True, dicom=True)
+
+
+def _run(settings: Settings, *, http: bool, dicom: bool) -> None:
+    configure_logging(settings)
+    log = logging.getLogger("crgate")
+    from services.api.state import build_state
+
+    try:
+        state = build_state(settings)
+    except CrgateError as exc:
+        raise _fail(str(exc), exc.exit_code) from None
+    server = None
+    if dicom:
+        from services.scp.server import start_server
+
+        try:
+            server = start_server(settings, state.ingestor)
+        except OSError as exc:
+            message = f"cannot listen on DICOM port {settings.dicom_port}: {exc.strerror}"
+            raise _fail(message, 5) from None
+    try:
+        if http:
+            import uvicorn
+
+            from services.api.app import create_app
+
+            log.info("HTTP API on port %d (OpenAPI docs at /docs)", settings.http_port)
+            # uvicorn raises SIGTERM again after its graceful stop: exit through `finally`
+            signal.signal(signal.SIGTERM, _exit_zero)
+            uvicorn.run(
+                create_app(state=state),
+                host=settings.http_host,
+                port=settings.http_port,
+                log_config=None,
+                access_log=False,
+            )
+        else:
+            stop = threading.Event()
+            signal.signal(signal.SIGTERM, lambda *_: stop.set())
+            signal.signal(signal.SIGINT, lambda *_: stop.set())
+            stop.wait()
+    finally:
+        if server is not None:
+            server.shutdown()
+        state.close()
+
+
+def _exit_zero(*_: object) -> None:
+    raise SystemExit(0)
+
+
+def worker(
+    data_dir: DataDir = None,
+    concurrency: Annotated[
+        int, typer.Option("--concurrency", min=1, help="worker processes (one ONNX session each)")
+    ] = 1,
+    beat: Annotated[
+        bool,
+        typer.Option(
+            "--beat/--no-beat", help="also run the periodic sweep (quiet studies, stale jobs)"
+        ),
+    ] = True,
+) -> None:
+    """Run Celery workers for classification jobs (needs CRGATE_BROKER_URL, e.g. Redis)."""
+    import os
+
+    if data_dir is not None:
+        os.environ["CRGATE_DATA_DIR"] = str(data_dir)
+    from services.core.config import get_settings
+
+    get_settings.cache_clear()
+    settings = get_settings()
+    configure_logging(settings)
+    if not settings.broker_url:
+        raise _fail(
+            "crgate worker needs a broker: set CRGATE_BROKER_URL (e.g. redis://127.0.0.1:6379/0);"
+            " without one, `crgate serve` runs jobs in its own process",
+            2,
+        )
+    from services.core.contracts import QUEUE_CLASSIFY
+    from services.worker.app import celery_app
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    argv = [
+        "worker",
+        f"--loglevel={settings.log_level.upper()}",
+        f"--concurrency={concurrency}",
+        "--pool=prefork",
+        f"--queues={QUEUE_CLASSIFY}",
+        "--without-gossip",
+        "--without-mingle",
+    ]
+    if beat:
+        argv += ["--beat", f"--schedule={settings.data_dir / 'celerybeat-schedule'}"]
+    celery_app.worker_main(argv)
+
+
+def migrate(data_dir: DataDir = None) -> None:
+    """Bring the index database to the newest schema (compose runs this once before start)."""
+    from services.core.db.engine import make_engine, session_factory
+    from services.core.db.engine import migrate as run_migrations
+
+    settings = settings_from(data_dir=data_dir)
+    configure_logging(settings)
+    from services.core.auth import ensure_admin_key
+    from services.core.policies import ensure_default_policy
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        engine = make_engine(settings.effective_database_url)
+        run_migrations(engine)
+        sessions = session_factory(engine)
+        with sessions.begin() as session:
+            ensure_default_policy(session, settings)
+        key_file = ensure_admin_key(sessions, settings.data_dir)
+    except CrgateError as exc:
+        raise _fail(str(exc), exc.exit_code) from None
+    engine.dispose()
+    err.print("database schema is up to date")
+    if key_file is not None:
+        err.print(f"created the first admin key in {key_file} (mode 0600)")
+
+
+keys_app = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
+
+
+def _key_sessions(data_dir: Path | None) -> Any:
+    from services.core.db.engine import make_engine, migrate, session_factory
+
+    settings = settings_from(data_dir=data_dir)
+    engine = make_engine(settings.effective_database_url)
+    migrate(engine)
+    return session_factory(engine)
+
+
+@keys_app.command("create")
+def keys_create(
+    role: Annotated[str, typer.Option("--role", help="admin, operator or viewer")],
+    name: Annotated[str, typer.Option("--name", help="who or what uses the key")],
+    data_dir: DataDir = None,
+) -> None:
+    """Create a key and print it once (only its hash is kept)."""
+    from services.core.auth import create_key, parse_role
+
+    try:
+        sessions = _key_sessions(data_dir)
+        with sessions() as session, session.begin():
+            row, token = create_key(session, name=name, role=parse_role(role))
+            key_id = row.id
+    except CrgateError as exc:
+        raise _fail(str(exc), exc.exit_code) from None
+    err.print(f"created key {key_id} ({role}, {name!r}); it is shown once:")
+    print(token)
+
+
+@keys_app.command("list")
+def keys_list(data_dir: DataDir = None) -> None:
+    """List keys (id, prefix, role, name, created, last used, revoked); never the secrets."""
+    from services.core.auth import list_keys
+
+    try:
+        sessions = _key_sessions(data_dir)
+        with sessions() as session:
+            rows = list_keys(session)
+    except CrgateError as exc:
+        raise _fail(str(exc), exc.exit_code) from None
+    table = Table("id", "prefix", "role", "name", "created", "last used", "revoked")
+    for r in rows:
+        table.add_row(
+            str(r.id),
+            r.prefix,
+            r.role,
+            r.name,
+            f"{r.created_at:%Y-%m-%d %H:%M}",
+            f"{r.last_used_at:%Y-%m-%d %H:%M}" if r.last_used_at else "-",
+            f"{r.revoked_at:%Y-%m-%d %H:%M}" if r.revoked_at else "-",
+        )
+    out.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key: Annotated[str, typer.Argument(help="the key's id or prefix (see `crgate keys list`)")],
+    data_dir: DataDir = None,
+) -> None:
+    """Revoke a key: requests with it get 401 from now on."""
+    from services.core.auth import revoke_key
+
+    try:
+        sessions = _key_sessions(data_dir)
+        with sessions() as session, session.begin():
+            row = revoke_key(session, key=key)
+            key_id, name = row.id, row.name
+    except CrgateError as exc:
+        raise _fail(str(exc), exc.exit_code) from None
+    err.print(f"revoked key {key_id} ({name!r})")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(api)
+    app.command()(scp)
+    app.command()(serve)
+    app.command()(worker)
+    app.command()(migrate)
+    from services.cli_demo import demo
+
+    app.command()(demo)
+    app.add_typer(keys_app, name="keys")
+    from services.cli_policy import policy_app
+
+    app.add_typer(policy_app, name="policy")
+    from services.cli_study import study
+
+    app.command()(study)

@@ -1,0 +1,159 @@
+"""``crgate study``: the CR safety study from the command line (docs/cr-study.md).
+
+Errors end as one ``error:`` line with the exit code of services/core/errors.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from services.cli_serve import _fail, err, out
+from services.core.config import get_settings
+from services.core.errors import CrgateError
+
+DEFAULT_CRS = "1,15,20,25,50,100,500,1000,5000,10000,11000"
+
+
+def study(
+    data: Annotated[
+        Path,
+        typer.Option(
+            "--data", help="Folder of DICOM mammograms (a `crgate synth` folder has truth.csv)."
+        ),
+    ],
+    out_dir: Annotated[Path, typer.Option("--out", help="Report folder (made if missing).")],
+    labels: Annotated[
+        Path | None,
+        typer.Option(
+            help="CSV of per-breast labels: study_uid, laterality, label (default: DATA/truth.csv)."
+        ),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="Model name in the models folder, a card .json or an .onnx with its card."
+        ),
+    ] = None,
+    crs: Annotated[
+        str, typer.Option(help="CRs to test; 1 (the reference) is added.")
+    ] = DEFAULT_CRS,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples over breasts.")] = 1000,
+    margin: Annotated[
+        float, typer.Option(help="Non-inferiority margin on AUROC (one-sided 95 %).")
+    ] = 0.02,
+    threshold: Annotated[
+        float | None,
+        typer.Option(
+            help="Decision threshold for flips (default: the card's operating threshold)."
+        ),
+    ] = None,
+    encoder: Annotated[
+        str, typer.Option(help="quick (the training pipeline's) or gateway (the service's).")
+    ] = "quick",
+    cache_dir: Annotated[
+        Path, typer.Option(help="Compressed-copy cache, shared across runs.")
+    ] = Path("var/cache/study"),
+    workers: Annotated[int, typer.Option(help="Processes (0: every core).")] = 0,
+    seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
+) -> None:
+    """Measure how compression changes a model's AUROC and recommend the highest safe CR.
+
+    Every labelled breast is classified at every CR; copies are cached, and a rerun into the same
+    --out skips finished CRs.
+
+    The report folder gets results.json, CSV tables, PNG plots and report.html.
+    """
+    from services.core.study.run import run_study
+    from services.core.study.sweep import StudyConfig, parse_crs
+
+    settings = get_settings()
+    try:
+        cr_list, notes = parse_crs(crs)
+        config = StudyConfig(
+            crs=cr_list,
+            bootstrap=bootstrap,
+            margin=margin,
+            threshold=threshold,
+            encoder=encoder,
+            workers=workers,
+            seed=seed,
+            notes=tuple(notes),
+        )
+    except CrgateError as exc:
+        raise _fail(str(exc), exc.exit_code) from None
+    for note in notes:
+        err.print(f"note: {note}", markup=False, highlight=False)
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("classifying", total=None)
+
+        def report(what: str, done: int, total: int) -> None:
+            bar.update(task, description=what, completed=done, total=total)
+
+        try:
+            run = run_study(
+                data,
+                labels,
+                model or settings.default_model,
+                settings.models_dir,
+                config,
+                out_dir,
+                cache_dir,
+                report,
+            )
+        except CrgateError as exc:
+            raise _fail(str(exc), exc.exit_code) from None
+    sweep = run.sweep
+    rec = run.result.recommendation
+    if sweep.reused:
+        out.print(
+            f"reused {len(sweep.reused)} finished CR(s) from {out_dir}: "
+            + ", ".join(f"{c:g}" for c in sweep.reused),
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+    out.print(
+        f"{len(sweep.computed)} CR(s) computed; compressed copies: {sweep.cache_hits} from the "
+        f"cache, {sweep.cache_misses} made",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
+    for s in run.result.per_cr:
+        verdict = "" if s.non_inferior is None else ("  ok" if s.non_inferior else "  FAILS")
+        out.print(
+            f"CR {s.cr:>7g}: AUROC {s.auroc.value:.3f} "
+            f"[{s.auroc.ci_low:.3f}, {s.auroc.ci_high:.3f}]"
+            f"  delta {s.auroc_delta.value:+.3f} (lower {s.auroc_delta.lower_bound:+.3f})"
+            f"  flips {s.flips}{verdict}",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+    presets = ", ".join(f"{g.preset} {g.max_cr:g}" for g in run.result.guidelines)
+    out.print(
+        f"recommendation: {rec.message} (guideline presets: {presets})",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
+    out.print(f"report: {out_dir / 'report.html'}", markup=False, highlight=False)

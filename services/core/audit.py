@@ -1,0 +1,58 @@
+"""The audit log: who changed what, when, from what to what, and why (newest first on read)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from services.core.db.tables import AuditEntry
+from services.core.errors import InvalidParameter
+
+MAX_LIMIT = 1000
+
+
+def record(
+    session: Session,
+    *,
+    actor: str,
+    action: str,
+    entity: str,
+    entity_id: str | int | None,
+    before: dict[str, Any] | None,
+    after: dict[str, Any] | None,
+    reason: str | None = None,
+) -> AuditEntry:
+    """Add one entry to the caller's transaction (it commits or rolls back with the change)."""
+    entry = AuditEntry(
+        at=datetime.now(UTC),
+        actor=(actor.strip() or "unknown")[:128],
+        action=action[:32],
+        entity=entity[:32],
+        entity_id=None if entity_id is None else str(entity_id)[:64],
+        before=before,
+        after=after,
+        reason=reason,
+    )
+    session.add(entry)
+    session.flush()
+    return entry
+
+
+def entries(
+    session: Session, *, entity: str | None = None, limit: int = 100, offset: int = 0
+) -> tuple[list[AuditEntry], int]:
+    """A page of entries, newest first, and how many there are in all (for that entity)."""
+    if not 1 <= limit <= MAX_LIMIT:
+        raise InvalidParameter(f"limit {limit} is out of range: use 1 to {MAX_LIMIT}")
+    if offset < 0:
+        raise InvalidParameter(f"offset {offset} is negative")
+    query = select(AuditEntry)
+    count = select(func.count()).select_from(AuditEntry)
+    if entity:
+        query = query.where(AuditEntry.entity == entity)
+        count = count.where(AuditEntry.entity == entity)
+    rows = session.scalars(query.order_by(AuditEntry.id.desc()).limit(limit).offset(offset))
+    return list(rows), int(session.scalar(count) or 0)

@@ -1,0 +1,405 @@
+"""The one classify use case: from a study UID to a stored result.
+
+``prepare`` turns a request (API, arrival tracker, CLI) into a job request: it checks the study
+and resolves the CR (explicit, or the site's policy). ``run_job`` is the whole task body, the
+same code whether a Celery worker or the in-process runner of `crgate serve` runs it:
+
+claim the job -> read the study's mammograms -> transcode at the CR + classify (on the
+compressed copy and on the original) -> overlay PNGs -> DICOM outputs through the ingest path
+(derived series, Secondary Capture overlays, Comprehensive SR) -> result row -> job succeeded.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from pydicom.dataset import Dataset
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from services.core import jobs
+from services.core.codecs import OutputSyntax
+from services.core.codecs.jpeg2000 import validate_cr
+from services.core.config import Settings
+from services.core.contracts import JobStatus, JobTrigger
+from services.core.db.tables import Instance, Result, Series, Study
+from services.core.dicom.io import atomic_output, read_dataset
+from services.core.errors import CrgateError, InvalidInput, InvalidParameter, NotFound
+from services.core.inference.card import ModelCard, load_card
+from services.core.inference.runtime import Classifier, get_classifier
+from services.core.ingest import Channel, Ingestor
+from services.core.pipeline import Classification, classify_datasets
+from services.core.storage import InstanceStore
+
+log = logging.getLogger(__name__)
+
+CLASSIFIABLE_MODALITY = "MG"
+HEARTBEAT_SECONDS = 5.0
+OVERLAY_MAX_SIDE = 1024
+
+
+@dataclass
+class JobContext:
+    """What a job needs; built once per worker process (one ONNX session per model)."""
+
+    settings: Settings
+    sessions: sessionmaker[Session]
+    store: InstanceStore
+    ingestor: Ingestor
+    forward: Callable[[list[Path]], dict[str, Any]] | None = None  # C-STORE to a PACS
+
+    def card_path(self, model: str) -> Path:
+        path = self.settings.models_dir / f"{model}.json"
+        if not path.is_file():
+            known = sorted(p.stem for p in self.settings.models_dir.glob("*.json"))
+            raise InvalidParameter(
+                f"unknown model {model!r}; installed models: {', '.join(known) or 'none'}"
+            )
+        return path
+
+    def card(self, model: str) -> ModelCard:
+        return load_card(self.card_path(model))
+
+    def classifier(self, model: str) -> Classifier:
+        return get_classifier(self.card_path(model))
+
+    def results_dir(self, result_id: str) -> Path:
+        return self.store.root / "results" / result_id
+
+
+def classifiable_instances(session: Session, study_uid: str) -> list[Instance]:
+    """The study's mammograms as received (crgate's own derived objects excluded)."""
+    query = (
+        select(Instance)
+        .join(Series, Series.series_uid == Instance.series_uid)
+        .where(
+            Instance.study_uid == study_uid,
+            Series.modality == CLASSIFIABLE_MODALITY,
+            Instance.channel != Channel.WORKER.value,
+        )
+        .order_by(Instance.series_uid, Instance.instance_number, Instance.sop_instance_uid)
+    )
+    return list(session.scalars(query))
+
+
+def prepare(
+    ctx: JobContext,
+    study_uid: str,
+    *,
+    cr: float | None,
+    syntax: str | None,
+    model: str | None,
+    trigger: JobTrigger,
+    requested_by: str | None,
+) -> jobs.JobRequest:
+    """Check the study and the parameters; resolve the CR from the policy when none is given."""
+    model = model or ctx.settings.default_model
+    card = ctx.card(model)
+    with ctx.sessions() as session:
+        study = session.get(Study, study_uid)
+        if study is None:
+            raise NotFound(f"no study {study_uid} in the store")
+        instances = classifiable_instances(session, study_uid)
+        if not instances:
+            raise InvalidInput(
+                f"study {study_uid} has no image the model {model} can read "
+                f"(it reads {CLASSIFIABLE_MODALITY} images)"
+            )
+        policy_id: int | None = None
+        if cr is None:
+            resolved = resolve_study_policy(session, study_uid)
+            applied_cr, policy_id, source = float(resolved.cr), resolved.policy_id, resolved.source
+            syntax = syntax or str(resolved.syntax)
+        else:
+            applied_cr, source = validate_cr(cr), "requested"
+    out_syntax = OutputSyntax.for_cr(applied_cr, syntax)
+    return jobs.JobRequest(
+        study_uid=study_uid,
+        cr=applied_cr,
+        syntax=out_syntax.value,
+        model=model,
+        model_sha256=card.sha256,
+        instance_uids=tuple(i.sop_instance_uid for i in instances),
+        policy_id=policy_id,
+        policy_source=source,
+        trigger=trigger,
+        requested_cr=cr,
+        requested_by=requested_by,
+    )
+
+
+def resolve_study_policy(session: Session, study_uid: str) -> Any:
+    from services.core.policies import resolve_policy
+
+    series = session.scalars(
+        select(Series).where(
+            Series.study_uid == study_uid, Series.modality == CLASSIFIABLE_MODALITY
+        )
+    ).first()
+    body_part = series.body_part_examined if series is not None else None
+    return resolve_policy(
+        session, modality=CLASSIFIABLE_MODALITY, body_part=body_part, pediatric=None
+    )
+
+
+def run_job(ctx: JobContext, job_id: str) -> str | None:
+    """Run job ``job_id`` to the end; return its result id (None when it failed).
+
+    Permanent problems (a CrgateError: bad study, undecodable image) fail the job with the
+    reason. Anything else propagates so that the caller (Celery) retries; the job stays
+    ``running`` until then and a stale-job sweep puts it back if its worker died.
+    """
+    job = jobs.claim(ctx.sessions, job_id, stale_after_s=ctx.settings.job_stale_seconds)
+    if job is None:
+        with ctx.sessions() as session:
+            return jobs.get_job(session, job_id).result_id
+    log.info("job %s: study %s at CR %g (attempt %d)", job.id, job.study_uid, job.cr, job.attempts)
+    try:
+        with _beating(ctx.sessions, job_id) as progress:
+            result = _classify(ctx, job_id, job.study_uid, job.cr, job.syntax, job.model, progress)
+    except CrgateError as exc:
+        jobs.fail(ctx.sessions, job_id, reason=str(exc))
+        log.warning("job %s failed: %s", job_id, exc)
+        return None
+    jobs.succeed(ctx.sessions, job_id, result=result)
+    log.info("job %s succeeded: result %s", job_id, result.id)
+    return result.id
+
+
+@contextmanager
+def _beating(sessions: sessionmaker[Session], job_id: str) -> Iterator[Callable[[int, int], None]]:
+    """Heartbeat every few seconds while the job runs; yields a progress callback."""
+    stop = threading.Event()
+    done = [0]
+
+    def beat() -> None:
+        while not stop.wait(HEARTBEAT_SECONDS):
+            try:
+                jobs.heartbeat(sessions, job_id, done=done[0])
+            except Exception:  # a missed beat is not worth failing the job for
+                log.debug("job %s: heartbeat failed", job_id, exc_info=True)
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{job_id[:8]}", daemon=True)
+    thread.start()
+
+    def progress(finished: int, _total: int) -> None:
+        done[0] = finished
+        jobs.heartbeat(sessions, job_id, done=finished)
+
+    try:
+        yield progress
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _classify(
+    ctx: JobContext,
+    job_id: str,
+    study_uid: str,
+    cr: float,
+    syntax: str,
+    model: str,
+    progress: Callable[[int, int], None],
+) -> Result:
+    started = time.perf_counter()
+    with ctx.sessions() as session:
+        instances = classifiable_instances(session, study_uid)
+        job = jobs.get_job(session, job_id)
+        policy_source, requested_cr = job.policy_source, job.requested_cr
+    if not instances:
+        raise InvalidInput(f"study {study_uid} has no image the model can read any more")
+    datasets = [(i.sop_instance_uid, read_dataset(ctx.store.absolute(i.path))) for i in instances]
+    classifier = ctx.classifier(model)
+    classification = classify_datasets(
+        datasets, classifier, cr=cr, syntax=syntax, threads=ctx.settings.threads, on_image=progress
+    )
+    classified_at = time.perf_counter()
+    result_id = str(uuid.uuid4())
+    sources = {str(ds.SOPInstanceUID): ds for _, ds in datasets}
+    overlays = _write_overlays(ctx.results_dir(result_id), classification, sources)
+    outputs = _store_outputs(
+        ctx,
+        classification,
+        sources,
+        overlays,
+        job_id=job_id,
+        result_id=result_id,
+        card=classifier.card,
+        policy_source=policy_source,
+        requested_cr=requested_cr,
+    )
+    finished = time.perf_counter()
+    payload = result_payload(
+        classification,
+        card=classifier.card,
+        provider=classifier.provider,
+        job_id=job_id,
+        result_id=result_id,
+        requested_cr=requested_cr,
+        policy_source=policy_source,
+        outputs=outputs,
+        overlays=sorted(overlays),
+        timings_ms={
+            "classify": (classified_at - started) * 1000,
+            "outputs": (finished - classified_at) * 1000,
+            "total": (finished - started) * 1000,
+        },
+    )
+    return Result(id=result_id, job_id=job_id, study_uid=study_uid, payload=payload)
+
+
+def _write_overlays(
+    folder: Path, classification: Classification, sources: dict[str, Dataset]
+) -> dict[str, Image.Image]:
+    """A preview-sized Grad-CAM overlay PNG per classified image, named by SOP UID."""
+    from services.core.inference.breasts import window_of
+    from services.core.inference.overlay import render_preview, write_png
+
+    (folder / "overlays").mkdir(parents=True, exist_ok=True)
+    images: dict[str, Image.Image] = {}
+    for image in classification.images:
+        uid = image.input_sop_instance_uid
+        saliency = classification.saliency.get(uid)
+        if saliency is None or image.decoded is None:
+            continue
+        ds = sources[uid]
+        preview = render_preview(
+            image.decoded.reshape(image.decoded.shape[-2:]),
+            saliency,
+            bits_stored=int(ds.BitsStored),
+            photometric=str(ds.PhotometricInterpretation),
+            window=window_of(ds),
+            max_side=OVERLAY_MAX_SIDE,
+        )
+        write_png(folder / "overlays" / f"{uid}.png", preview)
+        images[uid] = preview
+    return images
+
+
+def _store_outputs(
+    ctx: JobContext,
+    classification: Classification,
+    sources: dict[str, Dataset],
+    overlays: dict[str, Image.Image],
+    *,
+    job_id: str,
+    result_id: str,
+    card: ModelCard,
+    policy_source: str,
+    requested_cr: float | None,
+) -> dict[str, Any]:
+    """Derived series, overlay captures and the SR, each through the one ingest path."""
+    from services.core.dicom import results as objects
+
+    derived = objects.derived_series(classification, job_id=job_id)
+    captures = objects.overlay_captures(classification, sources, overlays, job_id=job_id)
+    report = objects.findings_report(
+        classification,
+        sources,
+        job_id=job_id,
+        result_id=result_id,
+        model_name=card.name,
+        model_version=card.version,
+        policy_source=policy_source,
+        requested_cr=requested_cr,
+    )
+    stored: dict[str, Any] = {"derived": [], "overlays": [], "report": None}
+    files: list[Path] = []
+    for key, datasets in (("derived", derived), ("overlays", captures), ("report", [report])):
+        for ds in datasets:
+            r = ctx.ingestor.ingest_dataset(ds, channel=Channel.WORKER, source=f"job:{job_id}")
+            reference = _reference(r.series_uid, r.sop_instance_uid, r.sop_class_uid)
+            if key == "report":
+                stored[key] = reference
+            else:
+                stored[key].append(reference)
+            files.append(
+                ctx.store.absolute(
+                    ctx.store.relative_path(r.study_uid, r.series_uid, r.sop_instance_uid)
+                )
+            )
+    if ctx.forward is not None:
+        stored["forwarded"] = ctx.forward(files)
+    return stored
+
+
+def _reference(series_uid: str, sop_uid: str, sop_class_uid: str) -> dict[str, str]:
+    return {"series_uid": series_uid, "sop_instance_uid": sop_uid, "sop_class_uid": sop_class_uid}
+
+
+def result_payload(
+    classification: Classification,
+    *,
+    card: ModelCard,
+    provider: str,
+    job_id: str,
+    result_id: str,
+    requested_cr: float | None,
+    policy_source: str,
+    outputs: dict[str, Any],
+    overlays: list[str],
+    timings_ms: dict[str, float],
+) -> dict[str, Any]:
+    """The JSON result: model, CRs, per breast and per image figures, outputs, timings."""
+    data = classification.as_dict()
+    return {
+        "result_id": result_id,
+        "job_id": job_id,
+        "study_uid": classification.breasts[0].study_uid if classification.breasts else None,
+        "model": {
+            "name": card.name,
+            "version": card.version,
+            "sha256": card.sha256,
+            "provider": provider,  # the ONNX Runtime execution provider that ran it
+        },
+        "requested_cr": requested_cr,
+        "applied_cr": classification.cr,
+        "policy": policy_source,
+        "breasts": data["breasts"],
+        "images": data["images"],
+        "saliency_method": data["breasts"][0]["saliency_method"] if data["breasts"] else None,
+        "outputs": outputs,
+        "overlays": overlays,
+        "timings_ms": {k: round(v, 1) for k, v in timings_ms.items()},
+        "not_for_clinical_use": "model trained on synthetic phantoms",
+    }
+
+
+def job_view(session: Session, job_id: str) -> dict[str, Any]:
+    """A job as the API shows it."""
+    job = jobs.get_job(session, job_id)
+    return {
+        "id": job.id,
+        "study_uid": job.study_uid,
+        "status": job.status,
+        "reason": job.reason,
+        "cr": job.cr,
+        "requested_cr": job.requested_cr,
+        "syntax": job.syntax,
+        "model": job.model,
+        "model_sha256": job.model_sha256,
+        "policy": job.policy_source,
+        "trigger": job.trigger,
+        "progress": {"done": job.progress_done, "total": job.progress_total},
+        "attempts": job.attempts,
+        "result_id": job.result_id,
+        "created_at": job.created_at.isoformat() if job.created_at else None,
+        "started_at": job.started_at.isoformat() if job.started_at else None,
+        "finished_at": job.finished_at.isoformat() if job.finished_at else None,
+        "done": job.status in (JobStatus.SUCCEEDED, JobStatus.FAILED),
+    }
+
+
+def write_json_atomic(path: Path, text: str) -> None:
+    with atomic_output(path) as fh:
+        fh.write(text.encode())

@@ -1,0 +1,51 @@
+"""The wire between the API/SCP and the workers: task names, queues, payloads (IDs only).
+
+Producers send tasks by name (services/queue.py) and never import task code; the worker
+(services/worker) registers these names.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Final, Protocol
+
+from pydantic import BaseModel, Field
+
+TASK_CLASSIFY: Final = "crgate.classify_study"
+TASK_SWEEP_ARRIVALS: Final = "crgate.sweep_arrivals"
+TASK_CR_SWEEP: Final = "crgate.cr_sweep"
+QUEUE_CLASSIFY: Final = "crgate.classify"
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class JobTrigger(StrEnum):
+    API = "api"  # POST /studies/{uid}/classify
+    ARRIVAL = "arrival"  # auto-classification when a study became ready
+    CLI = "cli"
+
+
+class ClassifyPayload(BaseModel):
+    """The only thing a classify task carries: which job to run."""
+
+    job_id: str = Field(min_length=1, max_length=36)
+
+
+class SweepPayload(BaseModel):
+    """A CR safety study to run (`POST /studies:cr-sweep`)."""
+
+    sweep_id: str = Field(min_length=1, max_length=36)
+
+
+Payload = ClassifyPayload | SweepPayload
+
+
+class JobQueue(Protocol):
+    """Hands a job to whatever runs jobs (Celery workers, or a thread in `crgate serve`)."""
+
+    def enqueue(self, payload: Payload) -> None: ...

@@ -1,0 +1,1 @@
+"""The index: SQLAlchemy 2 tables, engine/session factory, repository functions, migrations."""

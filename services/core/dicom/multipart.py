@@ -1,0 +1,286 @@
+"""multipart/related (RFC 2046, RFC 2387) as DICOMweb uses it (PS3.18 8.6.1.2).
+
+Reading: ``MultipartParser`` is incremental. ``feed()`` takes the body in chunks of any size and
+returns events (a part's headers, a piece of its body, its end); memory stays bounded by the
+chunk size plus the delimiter length, whatever the size of a part. ``close()`` raises when the
+body ended before the closing delimiter. Framing errors raise InvalidInput.
+
+Writing: ``new_boundary``, ``content_type`` and ``iter_multipart`` build a response body
+part by part (WADO-RS).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from enum import Enum, auto
+
+from services.core.errors import InvalidInput
+
+MAX_HEADER_BYTES = 16 * 1024  # all header lines of one part
+_TOKEN_CHARS = frozenset(
+    "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+)
+_BCHARS = frozenset("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ'()+_,-./:=? ")
+
+
+# -- media types ----------------------------------------------------------------------------------
+
+
+def parse_media_type(value: str) -> tuple[str, dict[str, str]]:
+    """Split ``type/subtype; name=value; name="quoted"`` into the lower-cased type and parameters.
+
+    Parameter names are lower-cased; quoted values are unquoted. Raises InvalidInput on syntax
+    that cannot be read.
+    """
+    media, _, rest = value.partition(";")
+    media = media.strip().lower()
+    params: dict[str, str] = {}
+    i, n = 0, len(rest)
+    while i < n:
+        while i < n and rest[i] in " \t;":
+            i += 1
+        if i >= n:
+            break
+        eq = rest.find("=", i)
+        if eq < 0:
+            raise InvalidInput(f"media type parameter {rest[i:].strip()!r} has no '=value'")
+        name = rest[i:eq].strip().lower()
+        if not name or any(c not in _TOKEN_CHARS for c in name):
+            raise InvalidInput(f"media type parameter name {name!r} is not a token")
+        i = eq + 1
+        while i < n and rest[i] in " \t":
+            i += 1
+        if i < n and rest[i] == '"':
+            i += 1
+            chars: list[str] = []
+            while i < n and rest[i] != '"':
+                if rest[i] == "\\" and i + 1 < n:
+                    i += 1
+                chars.append(rest[i])
+                i += 1
+            if i >= n:
+                raise InvalidInput(f"media type parameter {name!r} has an unterminated quote")
+            i += 1
+            params[name] = "".join(chars)
+        else:
+            end = rest.find(";", i)
+            end = n if end < 0 else end
+            params[name] = rest[i:end].strip()
+            i = end
+    return media, params
+
+
+def boundary_of(params: Mapping[str, str]) -> str:
+    """The ``boundary`` parameter, checked against RFC 2046's grammar (1-70 bchars)."""
+    boundary = params.get("boundary")
+    if boundary is None:
+        raise InvalidInput("the multipart Content-Type has no boundary parameter")
+    if not 1 <= len(boundary) <= 70:
+        raise InvalidInput("the multipart boundary must be 1 to 70 characters long")
+    if any(c not in _BCHARS for c in boundary) or boundary.endswith(" "):
+        raise InvalidInput(
+            "the multipart boundary contains characters RFC 2046 does not allow "
+            "(letters, digits and '()+_,-./:=? only, not ending in a space)"
+        )
+    return boundary
+
+
+# -- reading --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PartStart:
+    """A part begins; header names are lower-cased."""
+
+    headers: dict[str, str]
+
+    @property
+    def content_type(self) -> str | None:
+        return self.headers.get("content-type")
+
+
+@dataclass(frozen=True)
+class PartData:
+    data: bytes
+
+
+@dataclass(frozen=True)
+class PartEnd:
+    pass
+
+
+Event = PartStart | PartData | PartEnd
+
+
+class _State(Enum):
+    PREAMBLE = auto()
+    AFTER_DELIMITER = auto()
+    HEADERS = auto()
+    BODY = auto()
+    EPILOGUE = auto()
+
+
+class MultipartParser:
+    """Incremental multipart parser: ``feed()`` chunks, collect events, ``close()`` at the end."""
+
+    def __init__(self, boundary: str) -> None:
+        self._delimiter = b"\r\n--" + boundary.encode("ascii")
+        # the first delimiter may start the body without a CRLF before it
+        self._buffer = bytearray(b"\r\n")
+        self._state = _State.PREAMBLE
+        self.parts = 0  # parts started so far
+
+    @property
+    def complete(self) -> bool:
+        """True once the closing delimiter has been read."""
+        return self._state is _State.EPILOGUE
+
+    def feed(self, chunk: bytes) -> list[Event]:
+        if self._state is _State.EPILOGUE:
+            return []  # the epilogue is ignored (RFC 2046)
+        self._buffer += chunk
+        events: list[Event] = []
+        while self._step(events):
+            pass
+        return events
+
+    def close(self) -> None:
+        """Raise InvalidInput unless the closing delimiter was read."""
+        if self._state is _State.EPILOGUE:
+            return
+        if self._state is _State.PREAMBLE:
+            raise InvalidInput(
+                "the request body does not contain the boundary named in its Content-Type"
+            )
+        raise InvalidInput(
+            f"the multipart body ends inside part {self.parts} (no closing boundary "
+            "'--<boundary>--'): the request is incomplete"
+        )
+
+    # one step of the state machine; False when more input is needed
+    def _step(self, events: list[Event]) -> bool:
+        buf, delim = self._buffer, self._delimiter
+        if self._state is _State.PREAMBLE:
+            at = buf.find(delim)
+            if at < 0:
+                del buf[: max(0, len(buf) - len(delim) + 1)]
+                return False
+            del buf[: at + len(delim)]
+            self._state = _State.AFTER_DELIMITER
+            return True
+        if self._state is _State.AFTER_DELIMITER:
+            return self._after_delimiter(events)
+        if self._state is _State.HEADERS:
+            return self._headers(events)
+        # BODY
+        at = buf.find(delim)
+        if at < 0:
+            keep = len(delim) - 1
+            if len(buf) > keep:
+                events.append(PartData(bytes(buf[: len(buf) - keep])))
+                del buf[: len(buf) - keep]
+            return False
+        if at:
+            events.append(PartData(bytes(buf[:at])))
+        events.append(PartEnd())
+        del buf[: at + len(delim)]
+        self._state = _State.AFTER_DELIMITER
+        return True
+
+    def _after_delimiter(self, events: list[Event]) -> bool:
+        buf = self._buffer
+        if len(buf) < 2:
+            return False
+        if buf[:2] == b"--":
+            self._state = _State.EPILOGUE
+            buf.clear()
+            return False
+        line_end = buf.find(b"\r\n")
+        if line_end < 0:
+            if len(buf) > 1024:
+                raise InvalidInput("a multipart boundary line does not end with CRLF")
+            return False
+        if buf[:line_end].strip(b" \t"):  # only transport padding may follow the boundary
+            raise InvalidInput(
+                "a line starts with the boundary but continues with other characters: "
+                "the boundary does not match the body's delimiters"
+            )
+        del buf[: line_end + 2]
+        self._state = _State.HEADERS
+        self.parts += 1
+        return True
+
+    def _headers(self, events: list[Event]) -> bool:
+        buf = self._buffer
+        if buf[:2] == b"\r\n":  # a part without headers
+            block = b""
+            del buf[:2]
+        else:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buf) > MAX_HEADER_BYTES:
+                    raise InvalidInput(
+                        f"the headers of part {self.parts} exceed {MAX_HEADER_BYTES} bytes"
+                    )
+                return False
+            if end > MAX_HEADER_BYTES:
+                raise InvalidInput(
+                    f"the headers of part {self.parts} exceed {MAX_HEADER_BYTES} bytes"
+                )
+            block = bytes(buf[:end])
+            del buf[: end + 4]
+        events.append(PartStart(_parse_headers(block, self.parts)))
+        self._state = _State.BODY
+        return True
+
+
+def _parse_headers(block: bytes, part: int) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    name = ""
+    for raw in block.split(b"\r\n") if block else []:
+        line = raw.decode("latin-1")
+        if line[:1] in (" ", "\t") and name:  # obsolete line folding
+            headers[name] += " " + line.strip()
+            continue
+        key, sep, value = line.partition(":")
+        name = key.strip().lower()
+        if not sep or not name or any(c not in _TOKEN_CHARS for c in name):
+            raise InvalidInput(f"part {part} has a malformed header line {line[:80]!r}")
+        headers[name] = value.strip()
+    return headers
+
+
+# -- writing --------------------------------------------------------------------------------------
+
+
+def new_boundary() -> str:
+    return uuid.uuid4().hex
+
+
+def content_type(part_type: str, boundary: str, **params: str) -> str:
+    """``multipart/related; type="<part_type>"; boundary=<boundary>`` plus extra parameters."""
+    extra = "".join(f'; {k.replace("_", "-")}="{v}"' for k, v in params.items())
+    return f'multipart/related; type="{part_type}"; boundary={boundary}{extra}'
+
+
+def part_head(boundary: str, headers: Mapping[str, str]) -> bytes:
+    """The delimiter line and header block that open one part."""
+    lines = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    return f"--{boundary}\r\n{lines}\r\n".encode("latin-1")
+
+
+def closing(boundary: str) -> bytes:
+    return f"--{boundary}--\r\n".encode("ascii")
+
+
+def iter_multipart(
+    parts: Iterable[tuple[Mapping[str, str], Iterable[bytes]]], boundary: str
+) -> Iterator[bytes]:
+    """A multipart body as chunks: each part's head, its body chunks, CRLF; then the close."""
+    for headers, body in parts:
+        yield part_head(boundary, headers)
+        yield from body
+        yield b"\r\n"
+    yield closing(boundary)

@@ -1,0 +1,381 @@
+"""The one ingest path: every instance (C-STORE, STOW-RS, a worker's outputs) enters here.
+
+validate -> place the staged file (fsync, link into place, fsync dir) -> commit the index row ->
+return, and only then does the edge acknowledge. A file is never visible under its final name
+before it is complete, and an instance is never acknowledged before its row is committed.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import logging
+import struct
+import threading
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from services.core.config import DuplicatePolicy
+from services.core.db import repository
+from services.core.db.tables import Instance
+from services.core.dicom.uids import validate_uid
+from services.core.errors import (
+    Conflict,
+    CrgateError,
+    InvalidInput,
+    NoPixelData,
+    NotDicom,
+    OutputError,
+)
+from services.core.storage import InstanceStore
+from services.core.telemetry import BYTES_RECEIVED, INGEST_FAILURES, INSTANCES_RECEIVED
+
+log = logging.getLogger(__name__)
+
+
+class Channel(StrEnum):
+    DIMSE = "dimse"
+    STOW = "stow"
+    WORKER = "worker"
+    CLI = "cli"
+
+
+class Outcome(StrEnum):
+    STORED = "stored"
+    DUPLICATE = "duplicate"  # same UID, same bytes: nothing to do
+    REPLACED = "replaced"  # same UID, different bytes, duplicate policy "replace"
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_uid: str
+    series_uid: str
+    outcome: Outcome
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class Header:
+    """What ingest needs from a file, read without its pixel data."""
+
+    dataset: Dataset
+    transfer_syntax_uid: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_uid: str
+    series_uid: str
+
+
+class Ingestor:
+    """Holds the store and the session factory; one per process, shared by every edge."""
+
+    def __init__(
+        self,
+        store: InstanceStore,
+        sessions: sessionmaker[Session],
+        duplicate_policy: DuplicatePolicy = DuplicatePolicy.KEEP_FIRST,
+    ) -> None:
+        self.store = store
+        self.sessions = sessions
+        self.duplicate_policy = duplicate_policy
+        self.observers: list[Callable[[IngestResult, Channel], None]] = []
+        self._uid_locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+
+    def ingest_file(
+        self,
+        staged: Path,
+        *,
+        channel: Channel,
+        source: str | None = None,
+        expected_study_uid: str | None = None,
+    ) -> IngestResult:
+        """Ingest a complete Part 10 file staged in the store's ``incoming/`` directory.
+
+        The staged file is consumed: moved into place, or removed when refused.
+        ``source`` is the calling AE title or client address (logged, indexed).
+        """
+        try:
+            header = read_header(staged)
+            if expected_study_uid is not None and header.study_uid != expected_study_uid:
+                raise InvalidInput(
+                    f"instance {header.sop_instance_uid} belongs to study {header.study_uid}, "
+                    f"not to the study {expected_study_uid} named in the request"
+                )
+            with self._lock_for(header.sop_instance_uid):
+                result = self._store(staged, header, channel=channel, source=source)
+        except CrgateError as exc:
+            staged.unlink(missing_ok=True)
+            INGEST_FAILURES.labels(channel.value, type(exc).__name__).inc()
+            log.warning("refused instance via %s: %s", channel.value, exc)
+            raise
+        except BaseException:
+            staged.unlink(missing_ok=True)
+            INGEST_FAILURES.labels(channel.value, "InternalError").inc()
+            raise
+        INSTANCES_RECEIVED.labels(channel.value, result.outcome.value).inc()
+        BYTES_RECEIVED.labels(channel.value).inc(result.size_bytes)
+        log.info(
+            "%s instance sop=%s series=%s study=%s via %s (%d bytes)",
+            result.outcome.value,
+            result.sop_instance_uid,
+            result.series_uid,
+            result.study_uid,
+            channel.value,
+            result.size_bytes,
+        )
+        for observer in self.observers:  # the instance is stored: an observer cannot undo that
+            try:
+                observer(result, channel)
+            except Exception:
+                log.exception("after storing %s: observer failed", result.sop_instance_uid)
+        return result
+
+    def ingest_dataset(
+        self, ds: Dataset, *, channel: Channel, source: str | None = None
+    ) -> IngestResult:
+        """Ingest an in-memory dataset (a worker's derived object) through the same path."""
+        with self.store.staging() as (path, fh):
+            try:
+                ds.save_as(fh, enforce_file_format=True)
+            except (ValueError, AttributeError, TypeError) as exc:
+                raise InvalidInput(f"dataset cannot be written as a Part 10 file: {exc}") from None
+        return self.ingest_file(path, channel=channel, source=source)
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _lock_for(self, uid: str) -> threading.Lock:
+        with self._locks_guard:
+            if len(self._uid_locks) > 10_000:
+                self._uid_locks = {k: v for k, v in self._uid_locks.items() if v.locked()}
+            return self._uid_locks.setdefault(uid, threading.Lock())
+
+    def _store(
+        self, staged: Path, header: Header, *, channel: Channel, source: str | None
+    ) -> IngestResult:
+        relative = self.store.relative_path(
+            header.study_uid, header.series_uid, header.sop_instance_uid
+        )
+        size = staged.stat().st_size
+        try:
+            with self.sessions() as session:
+                existing = session.get(Instance, header.sop_instance_uid)
+        except SQLAlchemyError as exc:
+            raise OutputError(f"the index database is unavailable: {exc}") from None
+        if existing is not None:
+            return self._duplicate(staged, header, existing, size, channel=channel, source=source)
+        try:
+            self.store.place(staged, relative)
+        except FileExistsError:
+            # a file without a row: a crash between placing and committing; the row decides
+            if filecmp.cmp(staged, self.store.absolute(relative), shallow=False):
+                staged.unlink()
+            else:
+                self.store.replace(staged, relative)
+        except OSError as exc:
+            raise OutputError(f"cannot store instance {header.sop_instance_uid}: {exc}") from None
+        try:
+            self._index(header, relative, size, channel, source, replace=False)
+        except IntegrityError:
+            # another process committed the same SOP Instance UID a moment ago: same bytes
+            # (it was linked to the same path), so this is a duplicate
+            return self._result(header, Outcome.DUPLICATE, size)
+        except SQLAlchemyError as exc:
+            self.store.remove(relative)
+            raise OutputError(
+                f"instance {header.sop_instance_uid} not stored: index write failed ({exc})"
+            ) from None
+        return self._result(header, Outcome.STORED, size)
+
+    def _duplicate(
+        self,
+        staged: Path,
+        header: Header,
+        existing: Instance,
+        size: int,
+        *,
+        channel: Channel,
+        source: str | None,
+    ) -> IngestResult:
+        current = self.store.absolute(existing.path)
+        if current.exists() and filecmp.cmp(staged, current, shallow=False):
+            staged.unlink()
+            return self._result(header, Outcome.DUPLICATE, size)
+        if self.duplicate_policy is DuplicatePolicy.KEEP_FIRST:
+            raise Conflict(
+                f"SOP Instance UID {header.sop_instance_uid} is already stored with different "
+                "content; send it with a new SOP Instance UID (or set CRGATE_DUPLICATE_POLICY="
+                "replace to replace stored instances)"
+            )
+        relative = self.store.relative_path(
+            header.study_uid, header.series_uid, header.sop_instance_uid
+        )
+        if relative != existing.path or not current.exists():
+            raise Conflict(
+                f"SOP Instance UID {header.sop_instance_uid} is already stored in another "
+                "study or series; it cannot be replaced by an instance that moves it"
+            )
+        try:
+            self.store.replace(staged, relative)
+            self._index(header, relative, size, channel, source, replace=True)
+        except (OSError, SQLAlchemyError) as exc:
+            raise OutputError(f"cannot replace instance {header.sop_instance_uid}: {exc}") from None
+        return self._result(header, Outcome.REPLACED, size)
+
+    def _index(
+        self,
+        header: Header,
+        relative: str,
+        size: int,
+        channel: Channel,
+        source: str | None,
+        *,
+        replace: bool,
+    ) -> None:
+        """Commit the instance's index row (with its study and series rows)."""
+        with self.sessions() as session, session.begin():
+            repository.upsert_instance(
+                session,
+                ds=header.dataset,
+                transfer_syntax_uid=header.transfer_syntax_uid,
+                path=relative,
+                size_bytes=size,
+                channel=channel.value,
+                source=source,
+                replace=replace,
+            )
+
+    @staticmethod
+    def _result(header: Header, outcome: Outcome, size: int) -> IngestResult:
+        return IngestResult(
+            sop_class_uid=header.sop_class_uid,
+            sop_instance_uid=header.sop_instance_uid,
+            study_uid=header.study_uid,
+            series_uid=header.series_uid,
+            outcome=outcome,
+            size_bytes=size,
+        )
+
+
+def read_header(path: Path) -> Header:
+    """Read and check a Part 10 file's header without loading its pixel data into memory.
+
+    Raises NotDicom (not DICOM, truncated), InvalidUID, InvalidInput (missing attributes,
+    file meta disagreeing with the dataset) or NoPixelData (an image SOP class without pixels).
+    """
+    size = path.stat().st_size
+    try:
+        ds = pydicom.dcmread(path, defer_size=1024)
+    except InvalidDicomError as exc:
+        raise NotDicom(f"not a DICOM Part 10 file ({exc})") from None
+    except (
+        EOFError,
+        OSError,
+        ValueError,
+        KeyError,
+        TypeError,
+        AttributeError,
+        zlib.error,
+        struct.error,
+    ) as exc:
+        raise NotDicom(f"unreadable or truncated DICOM file ({exc})") from None
+    if "TransferSyntaxUID" not in ds.file_meta:
+        raise NotDicom("the file has no Transfer Syntax UID in its file meta information")
+    _check_complete(path, ds, size)
+    missing = [
+        k
+        for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+        if not ds.get(k)
+    ]
+    if missing:
+        raise InvalidInput(f"required attribute(s) missing or empty: {', '.join(missing)}")
+    sop_uid = validate_uid(str(ds.SOPInstanceUID), "SOP Instance UID")
+    sop_class = validate_uid(str(ds.SOPClassUID), "SOP Class UID")
+    study = validate_uid(str(ds.StudyInstanceUID), "Study Instance UID")
+    series = validate_uid(str(ds.SeriesInstanceUID), "Series Instance UID")
+    syntax = validate_uid(str(ds.file_meta.TransferSyntaxUID), "Transfer Syntax UID")
+    meta_sop = ds.file_meta.get("MediaStorageSOPInstanceUID")
+    if meta_sop and str(meta_sop) != sop_uid:
+        raise InvalidInput(
+            f"file meta Media Storage SOP Instance UID {meta_sop} differs from the dataset's "
+            f"SOP Instance UID {sop_uid}"
+        )
+    if _is_image_class(sop_class) and not any(
+        k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+    ):
+        raise NoPixelData(f"instance {sop_uid} is a {UID(sop_class).name} but has no Pixel Data")
+    return Header(
+        dataset=ds,
+        transfer_syntax_uid=syntax,
+        sop_class_uid=sop_class,
+        sop_instance_uid=sop_uid,
+        study_uid=study,
+        series_uid=series,
+    )
+
+
+def _check_complete(path: Path, ds: Dataset, file_size: int) -> None:
+    """NotDicom unless the last element pydicom read ends exactly at the end of the file.
+
+    pydicom stops quietly (with a warning) when a file ends inside an element and drops that
+    element; the last element it kept then ends before the end of the file.
+    """
+    if ds.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+        return  # offsets refer to the inflated stream; zlib reports truncation itself
+    last_tell, last = -1, None
+    for element in ds._dict.values():
+        tell = getattr(element, "value_tell", getattr(element, "file_tell", None))
+        if isinstance(tell, int) and tell > last_tell:
+            last_tell, last = tell, element
+    if last is None:
+        raise NotDicom("truncated or damaged DICOM file: no data element could be read")
+    length: Any = getattr(last, "length", None)
+    value: Any = getattr(last, "value", None)
+    end: int | None
+    if isinstance(length, int) and length != 0xFFFFFFFF:
+        end = last_tell + length
+        if isinstance(value, bytes) and len(value) < length:  # cut inside its value
+            end = last_tell + len(value) + file_size + 1
+    elif getattr(last, "VR", None) == "SQ":
+        return  # an undefined-length sequence read to its delimiter; nothing to measure
+    else:
+        end = _encapsulated_end(path, last_tell)
+    if end is not None and end != file_size:
+        raise NotDicom(
+            f"truncated or damaged DICOM file: its last element ends at byte {end} "
+            f"but the file has {file_size} bytes"
+        )
+
+
+def _encapsulated_end(path: Path, tell: int) -> int | None:
+    """Where an undefined-length (encapsulated) value starting at ``tell`` ends, or None."""
+    with path.open("rb") as fh:
+        position = tell
+        while True:
+            fh.seek(position)
+            head = fh.read(8)
+            if len(head) < 8:  # the file ends inside an item header: truncated
+                return position + 8
+            group, element, length = struct.unpack("<HHI", head)
+            if (group, element) == (0xFFFE, 0xE0DD):
+                return position + 8
+            if (group, element) != (0xFFFE, 0xE000) or length == 0xFFFFFFFF:
+                return None
+            position += 8 + length
+
+
+def _is_image_class(sop_class_uid: str) -> bool:
+    name = UID(sop_class_uid).name
+    return "Image Storage" in name and "Raw Data" not in name

@@ -1,0 +1,182 @@
+"""Job rows: create (idempotently), claim, heartbeat, progress, finish, and requeue the stale.
+
+A job's idempotency key is (study, CR, syntax, model sha256, the study's instance set): asking
+twice gives the same job; an instance arriving later makes a new key, hence a new result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from services.core.contracts import JobStatus, JobTrigger
+from services.core.db.tables import Job, Result
+from services.core.errors import NotFound
+
+WORKER_NAME = f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    study_uid: str
+    cr: float
+    syntax: str
+    model: str
+    model_sha256: str
+    instance_uids: tuple[str, ...]
+    policy_id: int | None
+    policy_source: str
+    trigger: JobTrigger
+    requested_cr: float | None = None
+    requested_by: str | None = None
+
+    @property
+    def idempotency_key(self) -> str:
+        parts = [self.study_uid, f"{self.cr:.6g}", self.syntax, self.model_sha256]
+        parts.extend(sorted(self.instance_uids))
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def submit(sessions: sessionmaker[Session], request: JobRequest) -> tuple[Job, bool]:
+    """The job for ``request``: an existing one (False) or a new queued one (True).
+
+    A failed job with the same key is queued again (True): asking again is how users retry.
+    """
+    key = request.idempotency_key
+    with sessions() as session, session.begin():
+        existing = session.scalars(select(Job).where(Job.idempotency_key == key)).first()
+        if existing is not None:
+            if existing.status != JobStatus.FAILED:
+                return existing, False
+            existing.status = JobStatus.QUEUED
+            existing.reason = None
+            existing.progress_done = 0
+            existing.finished_at = None
+            return existing, True
+    job = Job(
+        id=str(uuid.uuid4()),
+        idempotency_key=key,
+        study_uid=request.study_uid,
+        cr=request.cr,
+        syntax=request.syntax,
+        model=request.model,
+        model_sha256=request.model_sha256,
+        requested_cr=request.requested_cr,
+        policy_id=request.policy_id,
+        policy_source=request.policy_source,
+        trigger=request.trigger.value,
+        status=JobStatus.QUEUED.value,
+        progress_done=0,
+        progress_total=len(request.instance_uids),
+        attempts=0,
+        requested_by=request.requested_by,
+    )
+    try:
+        with sessions() as session, session.begin():
+            session.add(job)
+    except IntegrityError:  # the same request raced us: theirs wins
+        with sessions() as session:
+            found = session.scalars(select(Job).where(Job.idempotency_key == key)).one()
+            return found, False
+    return job, True
+
+
+def get_job(session: Session, job_id: str) -> Job:
+    job = session.get(Job, job_id)
+    if job is None:
+        raise NotFound(f"no job {job_id!r}")
+    return job
+
+
+def claim(sessions: sessionmaker[Session], job_id: str, *, stale_after_s: float) -> Job | None:
+    """Mark the job as running by this worker; None if it succeeded already or another live
+    worker runs it (its heartbeat is younger than ``stale_after_s``)."""
+    with sessions() as session, session.begin():
+        job = session.get(Job, job_id, with_for_update=True)
+        if job is None:
+            raise NotFound(f"no job {job_id!r}")
+        if job.status == JobStatus.SUCCEEDED:
+            return None
+        beat = job.heartbeat_at
+        if beat is not None and beat.tzinfo is None:  # SQLite gives naive datetimes
+            beat = beat.replace(tzinfo=UTC)
+        if (
+            job.status == JobStatus.RUNNING
+            and job.worker != WORKER_NAME
+            and beat is not None
+            and now() - beat < timedelta(seconds=stale_after_s)
+        ):
+            return None
+        job.status = JobStatus.RUNNING.value
+        job.attempts += 1
+        job.started_at = now()
+        job.heartbeat_at = now()
+        job.worker = WORKER_NAME
+        job.reason = None
+        return job
+
+
+def heartbeat(sessions: sessionmaker[Session], job_id: str, *, done: int | None = None) -> None:
+    values: dict[str, object] = {"heartbeat_at": now()}
+    if done is not None:
+        values["progress_done"] = done
+    with sessions() as session, session.begin():
+        session.execute(update(Job).where(Job.id == job_id).values(**values))
+
+
+def succeed(sessions: sessionmaker[Session], job_id: str, *, result: Result) -> None:
+    with sessions() as session, session.begin():
+        session.add(result)
+        session.flush()
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(
+                status=JobStatus.SUCCEEDED.value,
+                result_id=result.id,
+                finished_at=now(),
+                progress_done=Job.progress_total,
+            )
+        )
+
+
+def fail(sessions: sessionmaker[Session], job_id: str, *, reason: str) -> None:
+    with sessions() as session, session.begin():
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(status=JobStatus.FAILED.value, reason=reason[:2000], finished_at=now())
+        )
+
+
+def stale_jobs(sessions: sessionmaker[Session], *, older_than_s: float) -> list[str]:
+    """Running jobs whose worker stopped beating (killed, machine lost): put back in the queue."""
+    cutoff = now() - timedelta(seconds=older_than_s)
+    with sessions() as session, session.begin():
+        rows = session.scalars(
+            select(Job).where(Job.status == JobStatus.RUNNING.value, Job.heartbeat_at < cutoff)
+        ).all()
+        for job in rows:
+            job.status = JobStatus.QUEUED.value
+            job.reason = f"requeued: worker {job.worker} stopped responding"
+        return [job.id for job in rows]
+
+
+def results_of(session: Session, study_uid: str) -> list[Result]:
+    return list(
+        session.scalars(
+            select(Result).where(Result.study_uid == study_uid).order_by(Result.created_at.desc())
+        )
+    )

@@ -1,0 +1,118 @@
+"""``run_study``: the labelled set, the model, the sweep, the statistics and the report, in order.
+
+The sweep's per-CR partial results are written before any statistics, so an interrupted run
+(or one whose report failed) loses at most the CR in progress.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from services.core.errors import CrgateError, OutputError
+from services.core.study.analysis import StudyResult, analyse
+from services.core.study.copies import CopyCache
+from services.core.study.labels import load_labelled_set
+from services.core.study.panel import SaliencyPanel, pick_case, saliency_panel
+from services.core.study.report import write_report
+from services.core.study.sweep import (
+    Progress,
+    StudyConfig,
+    SweepOutcome,
+    resolve_model,
+    run_sweep,
+    threshold_of,
+)
+
+
+@dataclass(frozen=True)
+class StudyRun:
+    result: StudyResult
+    sweep: SweepOutcome
+    files: dict[str, str]
+    out_dir: Path
+
+
+def run_study(
+    data_dir: Path,
+    labels: Path | None,
+    model: str,
+    models_dir: Path,
+    config: StudyConfig,
+    out_dir: Path,
+    cache_dir: Path,
+    progress: Progress | None = None,
+) -> StudyRun:
+    from services.core.inference.runtime import Classifier
+
+    started = time.perf_counter()
+    labelled = load_labelled_set(data_dir, labels)
+    card_path = resolve_model(model, models_dir)
+    classifier = Classifier.load(card_path)
+    threshold, source = threshold_of(classifier.card, config.threshold)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{out_dir}: cannot create the report folder ({exc.strerror})") from None
+    outcome = run_sweep(labelled, classifier, config, out_dir, cache_dir, progress)
+    cache = CopyCache(cache_dir, config.encoder)
+    notes = [*config.notes, *labelled.notes]
+    if labelled.single_view:
+        notes.append(
+            f"{labelled.single_view} breast(s) have one view, used for both halves of the input"
+        )
+    card = classifier.card
+    meta: dict[str, Any] = {
+        "tool": "crgate study",
+        "format": 1,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "model": {
+            "name": card.name,
+            "version": card.version,
+            "card": str(card_path),
+            "sha256": card.sha256,
+            "architecture": card.architecture,
+            "saliency": classifier.saliency_method,
+            "provider": classifier.provider,
+        },
+        "data": {
+            "dir": str(data_dir),
+            "labels": str(labelled.labels_file),
+            "breasts": len(labelled.breasts),
+            "malignant": labelled.n_malignant,
+            "studies": labelled.n_studies,
+            "views": labelled.n_views,
+            "single_view_breasts": labelled.single_view,
+        },
+        "settings": {
+            "crs": list(config.crs),
+            "bootstrap": config.bootstrap,
+            "margin": config.margin,
+            "confidence": config.confidence,
+            "threshold_source": source,
+            "encoder": config.encoder,
+            "encoder_tag": cache.tag,
+            "seed": config.seed,
+        },
+        "notes": notes,
+    }
+    result = analyse(labelled, outcome.results, config, threshold, meta)
+    panel: SaliencyPanel | None = None
+    try:
+        case = pick_case(labelled.breasts, list(result.probabilities[result.crs.index(1.0)]))
+        panel = saliency_panel(classifier, case, cache)
+    except CrgateError as exc:
+        notes.append(f"no saliency panel: {exc}")
+    meta["run"] = {
+        "seconds": time.perf_counter() - started,
+        "sweep_seconds": outcome.seconds,
+        "computed": outcome.computed,
+        "reused": outcome.reused,
+        "cache_hits": outcome.cache_hits,
+        "cache_misses": outcome.cache_misses,
+    }
+    files = write_report(result, outcome.results, panel, out_dir)
+    return StudyRun(result, outcome, files, out_dir)

@@ -1,0 +1,108 @@
+"""Job queues for producers (API, SCP, CLI): Celery by task name, or a thread in this process.
+
+Producers never import task code: the Celery queue sends ``contracts.TASK_CLASSIFY`` by name;
+the in-process queue (no broker configured: `crgate serve` on one machine) runs the same task
+body, ``core.classify.run_job``, on a background thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from services.core import jobs
+from services.core.classify import JobContext, run_job
+from services.core.config import Settings
+from services.core.contracts import (
+    QUEUE_CLASSIFY,
+    TASK_CLASSIFY,
+    TASK_CR_SWEEP,
+    ClassifyPayload,
+    JobStatus,
+    Payload,
+    SweepPayload,
+)
+from services.core.db.tables import Job
+
+log = logging.getLogger(__name__)
+
+
+class CeleryJobQueue:
+    def __init__(self, settings: Settings) -> None:
+        from celery import Celery
+
+        self.app = Celery("crgate-producer", broker=settings.broker_url)
+        self.app.conf.broker_connection_retry_on_startup = True
+        self.app.conf.broker_transport_options = {
+            "visibility_timeout": settings.broker_visibility_timeout
+        }
+
+    def enqueue(self, payload: Payload) -> None:
+        if isinstance(payload, SweepPayload):
+            self.app.send_task(TASK_CR_SWEEP, args=[payload.sweep_id], queue=QUEUE_CLASSIFY)
+        else:
+            self.app.send_task(TASK_CLASSIFY, args=[payload.job_id], queue=QUEUE_CLASSIFY)
+
+    def close(self) -> None:
+        self.app.close()
+
+
+class InProcessJobQueue:
+    """One worker thread in this process; jobs left queued or running by a previous run of the
+    process are picked up again at start."""
+
+    def __init__(self, ctx: JobContext) -> None:
+        self.ctx = ctx
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="crgate-job")
+        self._stop = threading.Event()
+
+    def enqueue(self, payload: Payload) -> None:
+        if isinstance(payload, SweepPayload):
+            self.executor.submit(self._run_sweep, payload.sweep_id)
+        else:
+            self.executor.submit(self._run, payload.job_id)
+
+    def _run_sweep(self, sweep_id: str) -> None:
+        from services.core.sweeps import run_sweep_job
+
+        try:
+            run_sweep_job(self.ctx, sweep_id)
+        except Exception:
+            log.exception("sweep %s: unexpected error", sweep_id)
+
+    def _run(self, job_id: str) -> None:
+        try:
+            run_job(self.ctx, job_id)
+        except Exception as exc:
+            log.exception("job %s: unexpected error", job_id)
+            jobs.fail(self.ctx.sessions, job_id, reason=f"internal error ({type(exc).__name__})")
+
+    def recover(self) -> list[str]:
+        """Queue again the jobs a stopped process left unfinished (nothing acknowledged is lost)."""
+        from sqlalchemy import select
+
+        with self.ctx.sessions() as session:
+            unfinished = session.scalars(
+                select(Job.id).where(
+                    Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value])
+                )
+            ).all()
+        for job_id in unfinished:
+            self.enqueue(ClassifyPayload(job_id=job_id))
+        return list(unfinished)
+
+    def start_sweeper(self, sweep: Any, every_s: float) -> None:
+        def loop() -> None:
+            while not self._stop.wait(every_s):
+                try:
+                    sweep()
+                except Exception:
+                    log.exception("arrival sweep failed")
+
+        threading.Thread(target=loop, name="crgate-sweeper", daemon=True).start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self.executor.shutdown(wait=True, cancel_futures=False)

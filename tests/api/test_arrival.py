@@ -1,0 +1,96 @@
+"""Study arrival: auto-classification when the policy's expected count is reached, after its
+quiet period, and a late instance making a new result (in-process queue, real classifier)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from fastapi.testclient import TestClient
+
+from services.api.state import AppState
+from services.core.arrivals import ArrivalTracker
+from services.core.policies import PolicyKey, set_policy
+from tests.api.conftest import _ingest
+
+
+def mg_policy(state: AppState, **changes: Any) -> None:
+    with state.sessions() as session, session.begin():
+        set_policy(session, PolicyKey.of("MG"), changes, actor="test")  # type: ignore[arg-type]
+
+
+def results_when(client: TestClient, study_uid: str, count: int, timeout: float = 120) -> list:  # type: ignore[type-arg]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        results = client.get(f"/studies/{study_uid}/results").json()
+        if len(results) >= count:
+            return results  # type: ignore[no-any-return]
+        time.sleep(0.2)
+    raise AssertionError(f"{count} result(s) for {study_uid} did not appear in {timeout} s")
+
+
+def test_expected_count_reached_classifies_at_the_policy_cr(
+    client: TestClient, state: AppState, mg_study_files: list[Path]
+) -> None:
+    mg_policy(state, cr=20, auto_classify=True, expected_instances=4, quiet_seconds=3600)
+    for path in mg_study_files[:3]:
+        study_uid = _ingest(state, path)
+    time.sleep(0.5)
+    assert client.get(f"/studies/{study_uid}/results").json() == []  # 3 of 4: not ready
+    _ingest(state, mg_study_files[3])
+    (result,) = results_when(client, study_uid, 1)
+    assert result["applied_cr"] == 20 and result["requested_cr"] is None
+    assert result["policy"].startswith("policy ")
+    assert len(result["images"]) == 4
+
+
+def test_quiet_period_makes_a_study_ready(
+    client: TestClient, state: AppState, mg_study_files: list[Path]
+) -> None:
+    mg_policy(state, cr=15, auto_classify=True, expected_instances=None, quiet_seconds=1)
+    for path in mg_study_files:
+        study_uid = _ingest(state, path)
+    tracker = ArrivalTracker(state.job_context, state.queue)
+    assert tracker.sweep() == []  # the study is still within its quiet period
+    time.sleep(1.2)
+    started = tracker.sweep()
+    assert len(started) == 1
+    (result,) = results_when(client, study_uid, 1)
+    assert result["applied_cr"] == 15 and len(result["images"]) == 4
+
+
+def test_late_instance_makes_a_new_result_and_keeps_the_old(
+    client: TestClient, state: AppState, mg_study_files: list[Path]
+) -> None:
+    mg_policy(state, cr=25, auto_classify=True, expected_instances=3, quiet_seconds=3600)
+    for path in mg_study_files[:3]:
+        study_uid = _ingest(state, path)
+    (first,) = results_when(client, study_uid, 1)
+    _ingest(state, mg_study_files[3])  # the late fourth view
+    newest, older = results_when(client, study_uid, 2)
+    assert older["result_id"] == first["result_id"]
+    assert len(older["images"]) == 3 and older == first
+    assert len(newest["images"]) == 4
+
+
+def test_no_auto_classify_means_no_job(
+    client: TestClient, state: AppState, mg_study_files: list[Path]
+) -> None:
+    mg_policy(state, cr=25, auto_classify=False, expected_instances=4)
+    for path in mg_study_files:
+        study_uid = _ingest(state, path)
+    assert ArrivalTracker(state.job_context, state.queue).sweep() == []
+    time.sleep(0.5)
+    assert client.get(f"/studies/{study_uid}/results").json() == []
+
+
+def test_classify_without_cr_uses_the_policy(
+    client: TestClient, state: AppState, mg_study_files: list[Path]
+) -> None:
+    mg_policy(state, cr=30, auto_classify=False)
+    for path in mg_study_files:
+        study_uid = _ingest(state, path)
+    body = client.post(f"/studies/{study_uid}/classify", params={"wait": 120}).json()
+    assert body["job"]["cr"] == 30 and body["job"]["requested_cr"] is None
+    assert body["result"]["policy"].startswith("policy ")

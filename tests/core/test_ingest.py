@@ -1,0 +1,264 @@
+"""The ingest path against real SQLite and PostgreSQL databases and a real filesystem."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from services.core.config import DuplicatePolicy
+from services.core.db.tables import Instance, Series, Study
+from services.core.errors import Conflict, InvalidInput, InvalidUID, NoPixelData, NotDicom
+from services.core.ingest import Channel, Ingestor, Outcome
+from services.core.storage import InstanceStore
+
+
+def stage(store: InstanceStore, source: Path | bytes) -> Path:
+    path = store.new_staging_path()
+    if isinstance(source, bytes):
+        path.write_bytes(source)
+    else:
+        shutil.copyfile(source, path)
+    return path
+
+
+def count(sessions: sessionmaker[Session], table: type) -> int:
+    with sessions() as s:
+        return int(s.scalar(select(func.count()).select_from(table)) or 0)
+
+
+def test_stores_file_and_index_rows(
+    ingestor: Ingestor, store: InstanceStore, sessions: sessionmaker[Session], tiny_study_files
+) -> None:
+    results = [
+        ingestor.ingest_file(stage(store, p), channel=Channel.DIMSE, source="MODALITY")
+        for p in tiny_study_files
+    ]
+    assert {r.outcome for r in results} == {Outcome.STORED}
+    assert count(sessions, Study) == 1
+    assert count(sessions, Series) == len({r.series_uid for r in results})
+    assert count(sessions, Instance) == 4
+    with sessions() as s:
+        row = s.get(Instance, results[0].sop_instance_uid)
+        assert row is not None and row.source == "MODALITY" and row.channel == "dimse"
+        stored = store.absolute(row.path)
+        study = s.get(Study, results[0].study_uid)
+        assert study is not None and study.patient_id
+    original = pydicom.dcmread(tiny_study_files[0])
+    assert stored.read_bytes() == tiny_study_files[0].read_bytes()
+    assert str(original.SOPInstanceUID) == results[0].sop_instance_uid
+    assert store.leftover_staging() == []
+
+
+def test_same_bytes_twice_is_idempotent(
+    ingestor: Ingestor, store: InstanceStore, sessions: sessionmaker[Session], tiny_study_files
+) -> None:
+    first = ingestor.ingest_file(stage(store, tiny_study_files[0]), channel=Channel.STOW)
+    again = ingestor.ingest_file(stage(store, tiny_study_files[0]), channel=Channel.DIMSE)
+    assert (first.outcome, again.outcome) == (Outcome.STORED, Outcome.DUPLICATE)
+    assert count(sessions, Instance) == 1
+    assert store.leftover_staging() == []
+
+
+def _altered(path: Path, tmp_path: Path) -> Path:
+    ds = pydicom.dcmread(path)
+    ds.SeriesDescription = "changed"
+    out = tmp_path / "altered.dcm"
+    ds.save_as(out, enforce_file_format=True)
+    return out
+
+
+def test_different_bytes_refused_by_default(
+    ingestor: Ingestor, store: InstanceStore, tiny_study_files, tmp_path: Path
+) -> None:
+    ingestor.ingest_file(stage(store, tiny_study_files[0]), channel=Channel.STOW)
+    with pytest.raises(Conflict, match="already stored with different content"):
+        ingestor.ingest_file(
+            stage(store, _altered(tiny_study_files[0], tmp_path)), channel=Channel.STOW
+        )
+    with ingestor.sessions() as s:
+        row = s.scalars(select(Instance)).one()
+    assert store.absolute(row.path).read_bytes() == tiny_study_files[0].read_bytes()
+    assert store.leftover_staging() == []
+
+
+def test_replace_policy_keeps_the_old_file(
+    store: InstanceStore, sessions: sessionmaker[Session], tiny_study_files, tmp_path: Path
+) -> None:
+    ingestor = Ingestor(store, sessions, DuplicatePolicy.REPLACE)
+    ingestor.ingest_file(stage(store, tiny_study_files[0]), channel=Channel.STOW)
+    altered = _altered(tiny_study_files[0], tmp_path)
+    result = ingestor.ingest_file(stage(store, altered), channel=Channel.STOW)
+    assert result.outcome is Outcome.REPLACED
+    with sessions() as s:
+        row = s.scalars(select(Instance)).one()
+    assert row.replaced_count == 1
+    assert store.absolute(row.path).read_bytes() == altered.read_bytes()
+    kept = list(store.replaced.iterdir())
+    assert [k.read_bytes() for k in kept] == [tiny_study_files[0].read_bytes()]
+
+
+@pytest.mark.parametrize(
+    ("content", "error", "message"),
+    [
+        (b"this is not DICOM at all", NotDicom, "not a DICOM"),
+        (b"", NotDicom, "not a DICOM"),
+    ],
+)
+def test_not_dicom_refused(
+    ingestor: Ingestor, store: InstanceStore, content: bytes, error: type, message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        ingestor.ingest_file(stage(store, content), channel=Channel.STOW)
+    assert store.leftover_staging() == []
+    assert not any(store.instances.iterdir())
+
+
+def test_truncated_file_refused(ingestor: Ingestor, store: InstanceStore, tiny_study_files) -> None:
+    data = tiny_study_files[0].read_bytes()
+    with pytest.raises(NotDicom, match="truncated"):
+        ingestor.ingest_file(stage(store, data[: len(data) - 1000]), channel=Channel.DIMSE)
+    with pytest.raises(NotDicom, match="truncated"):  # cut inside the header
+        ingestor.ingest_file(stage(store, data[:400]), channel=Channel.DIMSE)
+    assert store.leftover_staging() == []
+    assert not any(store.instances.iterdir())
+
+
+def test_truncated_encapsulated_file_refused(ingestor: Ingestor, store: InstanceStore) -> None:
+    data = Path(get_testdata_file("JPEG2000.dcm")).read_bytes()  # type: ignore[arg-type]
+    with pytest.raises(NotDicom, match="truncated"):
+        ingestor.ingest_file(stage(store, data[: len(data) - 100]), channel=Channel.DIMSE)
+    assert store.leftover_staging() == []
+
+
+def _modified(path: Path, tmp_path: Path, **changes: object) -> Path:
+    ds = pydicom.dcmread(path)
+    for keyword, value in changes.items():
+        if value is None:
+            delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    if "SOPInstanceUID" in changes and changes["SOPInstanceUID"] is not None:
+        ds.file_meta.MediaStorageSOPInstanceUID = changes["SOPInstanceUID"]
+    out = tmp_path / "modified.dcm"
+    ds.save_as(out, enforce_file_format=False)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("changes", "error", "message"),
+    [
+        ({"StudyInstanceUID": "../../etc"}, InvalidUID, "Study Instance UID"),
+        ({"SeriesInstanceUID": "1.2.3/../4"}, InvalidUID, "Series Instance UID"),
+        ({"SOPInstanceUID": "1.2.abc"}, InvalidUID, "SOP Instance UID"),
+        ({"StudyInstanceUID": None}, InvalidInput, "StudyInstanceUID"),
+        ({"PixelData": None}, NoPixelData, "no Pixel Data"),
+    ],
+)
+def test_invalid_instances_refused(
+    ingestor: Ingestor,
+    store: InstanceStore,
+    tiny_study_files,
+    tmp_path: Path,
+    changes: dict[str, object],
+    error: type,
+    message: str,
+) -> None:
+    path = _modified(tiny_study_files[0], tmp_path, **changes)
+    with pytest.raises(error, match=message):
+        ingestor.ingest_file(stage(store, path), channel=Channel.STOW)
+    assert store.leftover_staging() == []
+    assert not any(store.instances.iterdir())
+    assert not (tmp_path.parent / "etc").exists()
+
+
+def test_wrong_study_for_request_refused(
+    ingestor: Ingestor, store: InstanceStore, tiny_study_files
+) -> None:
+    with pytest.raises(InvalidInput, match="not to the study"):
+        ingestor.ingest_file(
+            stage(store, tiny_study_files[0]), channel=Channel.STOW, expected_study_uid="1.2.3"
+        )
+
+
+def test_concurrent_ingest_of_one_study(
+    ingestor: Ingestor, store: InstanceStore, sessions: sessionmaker[Session], tiny_study_files
+) -> None:
+    """Four threads store the four views (and each one twice) at once: four rows, no errors."""
+    errors: list[BaseException] = []
+    staged = [stage(store, p) for p in tiny_study_files * 2]
+
+    def run(path: Path) -> None:
+        try:
+            ingestor.ingest_file(path, channel=Channel.DIMSE)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(p,)) for p in staged]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert count(sessions, Instance) == 4
+    assert count(sessions, Study) == 1
+    assert store.leftover_staging() == []
+
+
+def test_ingest_dataset_uses_the_same_path(
+    ingestor: Ingestor, sessions: sessionmaker[Session], tiny_study_files
+) -> None:
+    ds = pydicom.dcmread(tiny_study_files[1])
+    result = ingestor.ingest_dataset(ds, channel=Channel.WORKER)
+    assert result.outcome is Outcome.STORED
+    with sessions() as s:
+        row = s.get(Instance, str(ds.SOPInstanceUID))
+        assert row is not None and row.channel == "worker"
+
+
+def _complete_testdata_files() -> list[Path]:
+    """pydicom's bundled files that carry every UID ingest needs (deflated ones excluded)."""
+    import warnings
+
+    from pydicom.data import get_testdata_files
+
+    keep = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in sorted(get_testdata_files("*.dcm")):
+            try:
+                ds = pydicom.dcmread(name)
+            except Exception:
+                continue
+            meta = ds.file_meta
+            if (
+                all(ds.get(k) for k in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"))
+                and meta.get("MediaStorageSOPInstanceUID") == ds.SOPInstanceUID
+                and meta.get("TransferSyntaxUID") not in (None, "1.2.840.10008.1.2.1.99")
+                and "truncated" not in name
+            ):
+                keep.append(Path(name))
+    return keep
+
+
+@pytest.mark.slow
+def test_bundled_files_pass_and_their_truncations_fail(tmp_path: Path) -> None:
+    """Real-world files from many vendors: whole ones pass, ones cut short anywhere fail."""
+    from services.core.ingest import read_header
+
+    files = _complete_testdata_files()
+    assert len(files) > 40
+    for path in files:
+        read_header(path)
+        data = path.read_bytes()
+        for cut in (1, 7, 100, len(data) // 3):
+            short = tmp_path / "short.dcm"
+            short.write_bytes(data[: len(data) - cut])
+            with pytest.raises(NotDicom):
+                read_header(short)

@@ -1,0 +1,99 @@
+"""`crgate serve` as a process: HTTP and DICOM on one ingest path, clean SIGTERM, private logs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pydicom
+import pytest
+
+from tests.conftest import free_port
+from tests.scp.dcmtk import output, stored_ok, storescu
+
+pytestmark = pytest.mark.tools
+
+CRGATE = Path(sys.executable).with_name("crgate")
+
+
+@dataclass
+class Served:
+    proc: subprocess.Popen[bytes]
+    data_dir: Path
+    log: Path
+    url: str
+    dicom_port: int
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[Served]:
+    """`crgate serve` on free ports with a fresh data directory (SQLite: no database URL)."""
+    data_dir, log = tmp_path / "var", tmp_path / "serve.log"
+    http_port, dicom_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CRGATE_")}
+    command = [str(CRGATE), "serve", "--data-dir", str(data_dir)]
+    command += ["--http-port", str(http_port), "--dicom-port", str(dicom_port)]
+    with log.open("wb") as fh:
+        proc = subprocess.Popen(command, stdout=fh, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{http_port}"
+    deadline = time.monotonic() + 60
+    while True:
+        assert proc.poll() is None, f"crgate serve exited early:\n{log.read_text()}"
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, f"no /healthz after 60 s:\n{log.read_text()}"
+        time.sleep(0.1)
+    yield Served(proc, data_dir, log, url, dicom_port)
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(10)
+
+
+def test_serve_stores_pushed_study_finds_it_and_stops_cleanly(
+    served: Served, tiny_study_files: list[Path]
+) -> None:
+    key_file = served.data_dir / "admin.key"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    key = key_file.read_text().strip()
+
+    proc = storescu(served.dicom_port, tiny_study_files, aet="MODALITY")
+    assert stored_ok(proc, len(tiny_study_files)), output(proc)
+
+    sent = [pydicom.dcmread(p) for p in tiny_study_files]
+    study_uid = sent[0].StudyInstanceUID
+    found = httpx.get(
+        f"{served.url}/dicomweb/studies",
+        params={"StudyInstanceUID": study_uid},
+        headers={"Authorization": f"Bearer {key}", "Accept": "application/dicom+json"},
+        timeout=30,
+    )
+    assert found.status_code == 200, found.text
+    (study,) = found.json()
+    assert study["0020000D"]["Value"] == [study_uid]
+    assert study["00201208"]["Value"] == [len(tiny_study_files)]  # instances in the study
+
+    served.proc.send_signal(signal.SIGTERM)
+    assert served.proc.wait(60) == 0, served.log.read_text()
+    log = served.log.read_text()
+    assert "DICOM SCP stopped" in log
+    assert not list((served.data_dir / "incoming").iterdir())
+
+    # privacy: the log names instances by UID, never by patient
+    for ds in sent:
+        assert ds.SOPInstanceUID in log
+        name = str(ds.PatientName)
+        words = [w for w in name.split("^") if len(w) >= 4 and not w.isdigit()]
+        secrets = {name, *words, str(ds.PatientID), str(ds.PatientBirthDate)}
+        for secret in sorted(s for s in secrets if len(s) >= 4):
+            assert secret not in log, f"the serve log contains patient data {secret!r}"

@@ -1,0 +1,173 @@
+"""C-ECHO and C-STORE from dcmtk's echoscu and storescu (real processes) into crgate's SCP."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from sqlalchemy.orm import Session, sessionmaker
+
+from services.core.ingest import Ingestor
+from services.core.storage import InstanceStore
+from services.scp.server import ScpServer
+from tests.scp.conftest import StartScp, store_files, stored_rows
+from tests.scp.dcmtk import echoscu, output, stored_ok, storescu, successes
+
+pytestmark = pytest.mark.tools
+
+SQLITE_ONLY = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+
+
+def error_comment(text: str) -> str | None:
+    """The Error Comment storescu -d printed in a C-STORE response, if any."""
+    match = re.search(r"\(0000,0902\) LO \[(.*?)\]", text)
+    return match.group(1) if match else None
+
+
+def test_echo(scp: ScpServer) -> None:
+    proc = echoscu(scp.port)
+    assert proc.returncode == 0, output(proc)
+
+
+def test_store_tiny_study(
+    scp: ScpServer,
+    tiny_study_files: list[Path],
+    sessions: sessionmaker[Session],
+    store: InstanceStore,
+) -> None:
+    proc = storescu(scp.port, tiny_study_files, aet="MODALITY1")
+    assert stored_ok(proc, len(tiny_study_files)), output(proc)
+
+    rows = {r.sop_instance_uid: r for r in stored_rows(sessions)}
+    assert len(rows) == len(tiny_study_files)
+    for path in tiny_study_files:
+        sent = pydicom.dcmread(path)
+        row = rows[sent.SOPInstanceUID]
+        assert (row.channel, row.source) == ("dimse", "MODALITY1")
+        kept = pydicom.dcmread(store.absolute(row.path))
+        assert kept.file_meta.TransferSyntaxUID == sent.file_meta.TransferSyntaxUID
+        assert kept.file_meta.MediaStorageSOPInstanceUID == sent.SOPInstanceUID
+        assert kept.PixelData == sent.PixelData
+        assert kept.StudyInstanceUID == sent.StudyInstanceUID
+    assert store_files(store, "incoming") == []
+
+
+@pytest.mark.parametrize(
+    ("name", "propose"),
+    [("JPEG2000.dcm", "--propose-j2k-lossy"), ("MR_small_RLE.dcm", "--propose-rle")],
+)
+def test_compressed_instances_are_kept_as_received(
+    scp: ScpServer,
+    sessions: sessionmaker[Session],
+    store: InstanceStore,
+    name: str,
+    propose: str,
+) -> None:
+    path = Path(str(get_testdata_file(name)))
+    sent = pydicom.dcmread(path)
+    proc = storescu(scp.port, [path], propose, "--required")
+    assert stored_ok(proc, 1), output(proc)
+    (row,) = stored_rows(sessions)
+    assert row.transfer_syntax_uid == sent.file_meta.TransferSyntaxUID
+    kept = pydicom.dcmread(store.absolute(row.path))
+    assert kept.file_meta.TransferSyntaxUID == sent.file_meta.TransferSyntaxUID
+    assert kept.PixelData == sent.PixelData  # the encapsulated fragments, byte for byte
+
+
+def test_missing_pixel_data_is_refused_with_a_comment_and_the_next_association_works(
+    scp: ScpServer,
+    tiny_study_files: list[Path],
+    sessions: sessionmaker[Session],
+    store: InstanceStore,
+    tmp_path: Path,
+) -> None:
+    ds = pydicom.dcmread(tiny_study_files[0])
+    del ds.PixelData
+    no_pixels = tmp_path / "no-pixels.dcm"
+    ds.save_as(no_pixels)
+
+    proc = storescu(scp.port, [no_pixels])
+    text = output(proc)
+    assert proc.returncode != 0, text
+    assert (
+        "DIMSE Status                  : 0xa900: Error: Data Set does not match SOP Class" in text
+    )
+    assert error_comment(text) == "image SOP class instance without Pixel Data"
+
+    proc = storescu(scp.port, tiny_study_files[1:2])
+    assert stored_ok(proc, 1), output(proc)
+    assert [r.sop_instance_uid for r in stored_rows(sessions)] == [
+        pydicom.dcmread(tiny_study_files[1]).SOPInstanceUID
+    ]
+    assert store_files(store, "incoming") == []
+
+
+@SQLITE_ONLY
+def test_same_uid_other_content_is_refused_as_a_conflict(
+    scp: ScpServer, tiny_study_files: list[Path], sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    ds = pydicom.dcmread(tiny_study_files[0])
+    ds.SeriesDescription = "changed"
+    changed = tmp_path / "changed.dcm"
+    ds.save_as(changed)
+
+    assert stored_ok(storescu(scp.port, tiny_study_files[:1]), 1)
+    assert stored_ok(storescu(scp.port, tiny_study_files[:1]), 1)  # same bytes again: success
+    proc = storescu(scp.port, [changed])
+    text = output(proc)
+    assert proc.returncode != 0, text
+    assert "0xc010" in text.lower(), text
+    assert error_comment(text) == "SOP Instance UID already stored with other content"
+    assert len(stored_rows(sessions)) == 1
+
+
+@SQLITE_ONLY
+def test_an_unexpected_error_answers_c001_and_the_server_keeps_serving(
+    scp: ScpServer,
+    ingestor: Ingestor,
+    tiny_study_files: list[Path],
+    sessions: sessionmaker[Session],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real = ingestor.ingest_file
+
+    def broken(staged: Path, **kwargs: object) -> object:
+        monkeypatch.setattr(ingestor, "ingest_file", real)  # fails once
+        staged.unlink()
+        raise ZeroDivisionError("boom")
+
+    monkeypatch.setattr(ingestor, "ingest_file", broken)
+    proc = storescu(scp.port, tiny_study_files[:1])
+    text = output(proc)
+    assert "0xc001" in text.lower(), text
+    assert error_comment(text) == "internal error: ZeroDivisionError"
+    assert successes(proc) == 0, text
+    assert stored_ok(storescu(scp.port, tiny_study_files[:2]), 2)
+    assert len(stored_rows(sessions)) == 2
+
+
+@SQLITE_ONLY
+def test_unknown_calling_ae_is_rejected(start_scp: StartScp) -> None:
+    server = start_scp(allowed_ae="PACS1, PACS2")
+    proc = echoscu(server.port, aet="INTRUDER")
+    text = output(proc)
+    assert proc.returncode != 0, text
+    assert "Association Rejected" in text
+    assert "Result: Rejected Permanent, Source: Service User" in text
+    assert "Reason: Calling AE Title Not Recognized" in text
+    assert echoscu(server.port, aet="PACS2").returncode == 0
+
+
+@SQLITE_ONLY
+def test_unknown_source_address_is_rejected(start_scp: StartScp) -> None:
+    server = start_scp(allowed_hosts="192.0.2.10")
+    proc = echoscu(server.port)
+    text = output(proc)
+    assert proc.returncode != 0, text
+    assert "Result: Rejected Permanent, Source: Service User" in text
+    assert "Reason: No Reason" in text
+    allowed = start_scp(allowed_hosts="192.0.2.10, 127.0.0.1")
+    assert echoscu(allowed.port).returncode == 0
