@@ -317,3 +317,6 @@ def register(app: typer.Typer) -> None:
     from services.cli_study import study
 
     app.command()(study)
+    from services.cli_experiment import experiment
+
+    app.command()(experiment)
