@@ -41,6 +41,7 @@ from services.core import stats
 from services.core.dicom.io import read_dataset
 from services.core.inference.card import (
     GRADCAM_OUTPUT,
+    HIRESCAM_OUTPUT,
     INPUT_NAME,
     PROBABILITY_OUTPUT,
     GradCamGrid,
@@ -226,7 +227,8 @@ def evaluate(
 
 
 def export_onnx(model: Classifier, input_shape: tuple[int, int], path: Path) -> None:
-    """ONNX with outputs `malignancy` [N] and `gradcam` [N, h, w] (Grad-CAM in the graph)."""
+    """ONNX with outputs `malignancy` [N], `gradcam` and `hirescam` [N, h, w] (both maps
+    computed in the graph: models/gradcam.py)."""
     wrapper = WithGradCam(model.cpu().eval()).eval()
     example = torch.zeros(2, 1, *input_shape)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -235,8 +237,13 @@ def export_onnx(model: Classifier, input_shape: tuple[int, int], path: Path) -> 
         (example,),
         str(path),
         input_names=[INPUT_NAME],
-        output_names=[PROBABILITY_OUTPUT, GRADCAM_OUTPUT],
-        dynamic_axes={INPUT_NAME: {0: "N"}, PROBABILITY_OUTPUT: {0: "N"}, GRADCAM_OUTPUT: {0: "N"}},
+        output_names=[PROBABILITY_OUTPUT, GRADCAM_OUTPUT, HIRESCAM_OUTPUT],
+        dynamic_axes={
+            INPUT_NAME: {0: "N"},
+            PROBABILITY_OUTPUT: {0: "N"},
+            GRADCAM_OUTPUT: {0: "N"},
+            HIRESCAM_OUTPUT: {0: "N"},
+        },
         opset_version=OPSET,
         dynamo=True,
         external_data=False,
@@ -359,6 +366,7 @@ def train(config: TrainConfig, progress: Progress | None = None) -> ModelCard:
     trained.seconds["export"] = time.perf_counter() - clock
     stride, offset = model.cam_grid()
     h, w = params.input_shape
+    cam_shape = gradcam_shape(model, (h, w))
     card = ModelCard(
         name=config.name,
         version=config.version,
@@ -367,8 +375,12 @@ def train(config: TrainConfig, progress: Progress | None = None) -> ModelCard:
         architecture=config.architecture,
         opset=OPSET,
         input_shape=["N", 1, h, w],
-        outputs={PROBABILITY_OUTPUT: ["N"], GRADCAM_OUTPUT: ["N", *gradcam_shape(model, (h, w))]},
-        saliency="gradcam",
+        outputs={
+            PROBABILITY_OUTPUT: ["N"],
+            GRADCAM_OUTPUT: ["N", *cam_shape],
+            HIRESCAM_OUTPUT: ["N", *cam_shape],
+        },
+        saliency="hirescam",
         gradcam_grid=GradCamGrid(stride=stride, offset=offset),
         preprocessing=params.as_dict(),
         training={

@@ -261,7 +261,7 @@ def _classify(
 def _write_overlays(
     folder: Path, classification: Classification, sources: dict[str, Dataset]
 ) -> dict[str, Image.Image]:
-    """A preview-sized Grad-CAM overlay PNG per classified image, named by SOP UID."""
+    """A preview-sized saliency overlay PNG per classified image, named by SOP UID."""
     from services.core.inference.breasts import window_of
     from services.core.inference.overlay import render_preview, write_png
 

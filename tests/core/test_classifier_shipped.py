@@ -14,6 +14,7 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image
+from scipy import ndimage
 from typer.testing import CliRunner
 
 from services.cli import app
@@ -21,7 +22,7 @@ from services.core import stats
 from services.core.inference.breasts import classify_breasts, group_breasts
 from services.core.inference.card import file_sha256, load_card
 from services.core.inference.runtime import Classifier, get_classifier
-from services.core.phantom import PhantomConfig, generate_study
+from services.core.phantom import PhantomConfig, PhantomStudy, generate_study
 from services.core.pipeline import classify_datasets
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
@@ -78,36 +79,41 @@ def test_auroc_on_held_out_phantoms_is_at_least_085(classifier: Classifier) -> N
     assert stats.auroc(y, p) >= 0.85
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known failure of cnn3-phantom-v2 (docs/classifier.md, 'Grad-CAM'): the peak of its "
-    "Grad-CAM lies 1-2 cells (30-60 mm) from the lesion, 1 of 22 inside; even its summed "
-    "last-block activation does not peak on lesions it detects; strict, so a model that fixes "
-    "it turns this test red until updated",
-)
-def test_gradcam_peak_falls_inside_a_large_lesion(classifier: Classifier) -> None:
-    """One spiculated mass of 19-20 mm radius per malignant breast. Large because a cell of the
-    last conv block covers 32 input pixels, 30 mm of breast at the training geometry (the seed
-    study's full-size images give 7.5 mm): a peak at a cell centre can only fall inside a lesion
-    about that size (the largest the phantom generator places in an 832-pixel-wide view)."""
+def _lesion_mask(study: PhantomStudy, plain: PhantomStudy, key: str) -> np.ndarray:
+    """The pixels the lesion changed: the same study drawn with lesion contrast 0 differs from
+    it exactly there (mass core and spicules)."""
+    return study.datasets[key].pixel_array != plain.datasets[key].pixel_array  # type: ignore[no-any-return]
+
+
+def test_saliency_peak_falls_on_the_lesion(classifier: Classifier) -> None:
+    """One spiculated mass (19-20 mm core radius) per malignant breast: the peak of the shipped
+    model's saliency (HiResCAM, the card's choice) lies on the lesion (core or spicules, as the
+    generator drew it) or within half a saliency cell of it, the finest the map can resolve (a
+    cell is 32 input pixels, 107 original pixels). A random breast pixel is that close to the
+    lesion about 18 % of the time."""
+    assert classifier.saliency_method == "hirescam"
     overrides = {**TRAINING_PHANTOMS, "mass_radius_mm": [19, 20]}
     config = PhantomConfig.from_overrides(overrides)
+    bare = PhantomConfig.from_overrides({**overrides, "mass_contrast": 0.0})
+    half_cell = 0.5 * 32 / classifier.preprocessing.resize_fraction
     hits, tried = 0, 0
     for i in range(10):
         study = generate_study(i, seed=31, config=config, malignant_fraction=1.0, benign_fraction=0)
-        truth = {(r.laterality, r.view): r for r in study.truth}
-        breasts = group_breasts([(v, ds) for v, ds in study.datasets.items()])
-        for result in classify_breasts(classifier, breasts):
+        plain = generate_study(i, seed=31, config=bare, malignant_fraction=1.0, benign_fraction=0)
+        kinds = {(r.laterality, r.view): r.lesion_kind for r in study.truth}
+        keys = {(ds.ImageLaterality, ds.ViewPosition): k for k, ds in study.datasets.items()}
+        for result in classify_breasts(classifier, group_breasts(list(study.datasets.items()))):
             for view, saliency in result.views.items():
-                row = truth[(result.laterality, view)]
-                if row.lesion_kind != "spiculated_mass":
+                if kinds[(result.laterality, view)] != "spiculated_mass":
                     continue
-                tried += 1
+                mask = _lesion_mask(study, plain, keys[(result.laterality, view)])
+                assert 0 < mask.mean() < 0.5
+                distance = ndimage.distance_transform_edt(~mask)
                 y, x = np.unravel_index(int(np.argmax(saliency.saliency)), saliency.saliency.shape)
-                assert row.center_x is not None and row.center_y is not None and row.radius_px
-                hits += np.hypot(x - row.center_x, y - row.center_y) <= row.radius_px
+                tried += 1
+                hits += distance[y, x] <= half_cell
     assert tried >= 8
-    assert hits / tried >= 0.75, f"{hits} of {tried} Grad-CAM peaks inside the lesion"
+    assert hits / tried >= 0.75, f"{hits} of {tried} saliency peaks on the lesion"
 
 
 def test_classify_reports_both_probabilities(classifier: Classifier) -> None:

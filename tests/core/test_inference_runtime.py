@@ -139,12 +139,13 @@ def cnn3() -> CNN3:
 
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory: pytest.TempPathFactory, cnn3: CNN3) -> dict[str, Path]:
-    """Cards of three exported models: gradcam (CNN3), occlusion (CNN3), region (hand-made)."""
+    """Cards of four exported models: gradcam (CNN3), both (CNN3 with Grad-CAM and HiResCAM,
+    the card choosing HiResCAM), occlusion (CNN3), region (hand-made)."""
     root = tmp_path_factory.mktemp("models")
     cards: dict[str, Path] = {}
     gradcam = root / "gradcam"
     gradcam.mkdir()
-    _export(WithGradCam(cnn3), gradcam / "cnn3.onnx", ["malignancy", "gradcam"])
+    _export(WithGradCam(cnn3, hirescam=False), gradcam / "cnn3.onnx", ["malignancy", "gradcam"])
     cam_shape = (
         ort.InferenceSession(str(gradcam / "cnn3.onnx"), providers=["CPUExecutionProvider"])
         .get_outputs()[1]
@@ -152,6 +153,15 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory, cnn3: CNN3) -> dict[str
     )
     cards["gradcam"] = _card(
         gradcam, gradcam / "cnn3.onnx", {"malignancy": ["N"], "gradcam": cam_shape}, "gradcam"
+    )
+    both = root / "both"
+    both.mkdir()
+    _export(WithGradCam(cnn3), both / "cnn3.onnx", ["malignancy", "gradcam", "hirescam"])
+    cards["both"] = _card(
+        both,
+        both / "cnn3.onnx",
+        {"malignancy": ["N"], "gradcam": cam_shape, "hirescam": cam_shape},
+        "hirescam",
     )
     for name, module in (("occlusion", ProbabilityOnly(cnn3)), ("region", RegionMean())):
         directory = root / name
@@ -342,11 +352,47 @@ def test_predict_batches_like_one_run(models_dir: dict[str, Path], cnn3: CNN3, n
     default_probs, _ = clf.predict(x)  # batch size 8
     np.testing.assert_allclose(default_probs, probs, atol=1e-5)
     with torch.no_grad():
-        torch_probs, torch_cams = WithGradCam(cnn3)(torch.from_numpy(x))
+        torch_probs, torch_cams = WithGradCam(cnn3, hirescam=False)(torch.from_numpy(x))
     np.testing.assert_allclose(probs, torch_probs.numpy(), atol=1e-4)
     # atol 1e-3: the exporter drops the "+ 1e-8" of cam / (peak + 1e-8), which matters for
     # maps whose peak is itself tiny.
     np.testing.assert_allclose(cams, torch_cams.numpy(), atol=1e-3)
+
+
+def test_the_card_chooses_the_saliency_map(
+    models_dir: dict[str, Path], copy_model: Callable[[str], Path], cnn3: CNN3
+) -> None:
+    """A graph with both maps: the card's saliency picks the one predict returns."""
+    x = _inputs(4, seed=5)
+    with torch.no_grad():
+        _, gradcam, hirescam = WithGradCam(cnn3)(torch.from_numpy(x))
+    assert not np.allclose(gradcam.numpy(), hirescam.numpy(), atol=1e-3)
+    clf = Classifier.load(models_dir["both"])
+    assert clf.saliency_method == "hirescam"
+    _, cams = clf.predict(x)
+    np.testing.assert_allclose(cams, hirescam.numpy(), atol=1e-3)  # type: ignore[arg-type]
+    card_path = copy_model("both")
+    _edit_card(card_path, saliency="gradcam")
+    clf = Classifier.load(card_path)
+    assert clf.saliency_method == "gradcam"
+    _, cams = clf.predict(x)
+    np.testing.assert_allclose(cams, gradcam.numpy(), atol=1e-3)  # type: ignore[arg-type]
+    _edit_card(card_path, saliency="occlusion")
+    assert Classifier.load(card_path).saliency_method == "occlusion"
+
+
+def test_card_saliency_must_be_known_and_in_the_graph(copy_model: Callable[[str], Path]) -> None:
+    card_path = copy_model("gradcam")
+    _edit_card(card_path, saliency="hirescam")
+    with pytest.raises(
+        InvalidInput,
+        match="saliency is 'hirescam' but the graph has no 'hirescam' output: set saliency to "
+        "one of 'gradcam', 'occlusion'",
+    ):
+        Classifier.load(card_path)
+    _edit_card(card_path, saliency="lime")
+    with pytest.raises(InvalidInput, match="use 'gradcam', 'hirescam', 'occlusion'"):
+        Classifier.load(card_path)
 
 
 def test_predict_refuses_wrong_shape(models_dir: dict[str, Path]) -> None:

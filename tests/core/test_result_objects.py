@@ -207,7 +207,7 @@ def test_overlay_captures_are_rgb_secondary_captures_of_their_sources(
         assert sc.BurnedInAnnotation == "NO" and sc.ConversionType == "WSD"
         assert sc.SeriesNumber == 9002
         assert "cnn3-phantom-v2" in sc.DerivationDescription
-        assert "gradcam" in sc.DerivationDescription
+        assert "hirescam saliency" in sc.DerivationDescription
         assert sc.LossyImageCompression == "01"  # it shows the lossy copy
         (reference,) = sc.SourceImageSequence
         assert reference.ReferencedSOPInstanceUID == uid

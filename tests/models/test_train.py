@@ -49,7 +49,7 @@ def test_train_writes_a_model_the_runtime_accepts(phantoms: Path, tmp_path: Path
     for r in card.test_results:
         assert r.auroc.ci_low <= r.auroc.value <= r.auroc.ci_high
     classifier = Classifier.load(tmp_path / "m" / "cnn3-phantom-v1.json")
-    assert classifier.saliency_method == "gradcam"
+    assert classifier.saliency_method == "hirescam"
 
     # a second run finds every compressed copy in the cache and rewrites none of them
     stamps = {p: p.stat().st_mtime_ns for p in cache.rglob("*.npz")}

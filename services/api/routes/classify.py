@@ -129,7 +129,7 @@ def _result(session: Any, study_uid: str, result_id: str) -> Result:
 
 @router.get(
     "/studies/{study_uid}/results/{result_id}/overlays/{sop_uid}.png",
-    summary="The Grad-CAM overlay of one image (PNG)",
+    summary="The saliency overlay of one image (PNG; the method the result names)",
     response_class=FileResponse,
     dependencies=[Depends(require(Role.VIEWER))],
 )

@@ -1,7 +1,8 @@
 """The DICOM objects a classification job returns to the study it read.
 
 * :func:`derived_series`: the JPEG 2000 copies as one new derived series (MG, same study);
-* :func:`overlay_captures`: the Grad-CAM overlays as Secondary Capture images (RGB, 8 bits);
+* :func:`overlay_captures`: the saliency overlays (HiResCAM, Grad-CAM or occlusion) as
+  Secondary Capture images (RGB, 8 bits);
 * :func:`findings_report`: a Comprehensive SR with the model, the compression and, per breast
   and per image, what the compression did to the AI and to the pixels.
 

@@ -20,6 +20,10 @@ from services.core.inference.preprocess import Preprocessing, SaliencyGrid
 INPUT_NAME = "image"
 PROBABILITY_OUTPUT = "malignancy"
 GRADCAM_OUTPUT = "gradcam"
+HIRESCAM_OUTPUT = "hirescam"
+# saliency methods computed inside the graph, by the output that carries each
+GRAPH_SALIENCY = {"gradcam": GRADCAM_OUTPUT, "hirescam": HIRESCAM_OUTPUT}
+SALIENCY_METHODS = (*GRAPH_SALIENCY, "occlusion")
 
 
 class MetricWithCI(BaseModel):
@@ -61,9 +65,13 @@ class ModelCard(BaseModel):
     input_name: str = INPUT_NAME
     input_shape: list[int | str] = Field(description="[N, 1, H, W]; N is dynamic")
     outputs: dict[str, list[int | str]] = Field(description="output name -> shape")
-    saliency: str = Field(description="gradcam (in the graph) or occlusion (runtime fallback)")
+    saliency: str = Field(
+        description="the map the service shows: gradcam or hirescam (outputs of the graph) "
+        "or occlusion (computed by the runtime)"
+    )
     gradcam_grid: GradCamGrid | None = Field(
-        None, description="where the gradcam cells lie on the input; absent: spread evenly"
+        None,
+        description="where the gradcam/hirescam cells lie on the input; absent: spread evenly",
     )
     preprocessing: dict[str, Any]
     operating_threshold: float = 0.5

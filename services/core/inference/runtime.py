@@ -27,8 +27,10 @@ import onnxruntime as ort
 
 from services.core.errors import CrgateError, InvalidInput, InvalidParameter, NotFound
 from services.core.inference.card import (
-    GRADCAM_OUTPUT,
+    GRAPH_SALIENCY,
+    HIRESCAM_OUTPUT,
     PROBABILITY_OUTPUT,
+    SALIENCY_METHODS,
     ModelCard,
     load_card,
 )
@@ -36,7 +38,7 @@ from services.core.inference.preprocess import Preprocessing, SaliencyGrid
 from services.core.inference.saliency import occlusion_saliency
 
 F32 = npt.NDArray[np.float32]
-SaliencyMethod = Literal["gradcam", "occlusion"]
+SaliencyMethod = Literal["gradcam", "hirescam", "occlusion"]
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
@@ -46,7 +48,8 @@ DEFAULT_BATCH_SIZE = 8
 @dataclass(frozen=True)
 class _GraphInfo:
     input_shape: tuple[int, int]  # (H, W)
-    saliency_shape: tuple[int, int] | None  # (h, w) of the gradcam output, if any
+    saliency_shape: tuple[int, int] | None  # (h, w) of the saliency output, if any
+    saliency_output: str | None = None  # the graph output the card's saliency names
 
 
 class Classifier:
@@ -137,7 +140,10 @@ class Classifier:
 
     @property
     def saliency_method(self) -> SaliencyMethod:
-        return "gradcam" if self._graph.saliency_shape is not None else "occlusion"
+        output = self._graph.saliency_output
+        if output is None:
+            return "occlusion"
+        return "hirescam" if output == HIRESCAM_OUTPUT else "gradcam"
 
     @property
     def saliency_shape(self) -> tuple[int, int]:
@@ -148,7 +154,7 @@ class Classifier:
     def saliency_grid(self) -> SaliencyGrid | None:
         """Where the saliency cells lie on the input (the card's Grad-CAM grid); ``None``: the
         map is spread evenly over the input (occlusion maps have the input's size)."""
-        return self.card.saliency_grid if self.saliency_method == "gradcam" else None
+        return self.card.saliency_grid if self._graph.saliency_output else None
 
     @property
     def operating_threshold(self) -> float:
@@ -172,11 +178,12 @@ class Classifier:
         _check_batch_size(batch_size)
         n = batch.shape[0]
         probs = np.empty(n, dtype=np.float32)
-        want_cam = saliency and self.saliency_method == "gradcam"
+        cam_output = self._graph.saliency_output if saliency else None
+        want_cam = cam_output is not None
         cams: F32 | None = None
         if want_cam:
             cams = np.empty((n, *self.saliency_shape), dtype=np.float32)
-        outputs = [PROBABILITY_OUTPUT, GRADCAM_OUTPUT] if want_cam else [PROBABILITY_OUTPUT]
+        outputs = [PROBABILITY_OUTPUT, cam_output] if cam_output else [PROBABILITY_OUTPUT]
         for start in range(0, n, batch_size):
             chunk = batch[start : start + batch_size]
             result = self._run(outputs, chunk)
@@ -362,30 +369,43 @@ def _check_graph(session: Any, card: ModelCard, card_path: Path, model_path: Pat
             f"{where}: output {PROBABILITY_OUTPUT!r} has shape {_shape_text(prob_shape)}; "
             "expected [N]"
         )
-    saliency_shape: tuple[int, int] | None = None
-    if GRADCAM_OUTPUT in graph_outputs:
-        cam = graph_outputs[GRADCAM_OUTPUT]
+    if card.saliency not in SALIENCY_METHODS:
+        raise InvalidInput(
+            f"{where}: the card's saliency is {card.saliency!r}; use "
+            + ", ".join(repr(m) for m in SALIENCY_METHODS)
+        )
+    cam_shapes: dict[str, tuple[int, int]] = {}
+    for name in GRAPH_SALIENCY.values():
+        if name not in graph_outputs:
+            continue
+        cam = graph_outputs[name]
         if len(cam) != 3 or not _is_dynamic(cam[0]) or any(_is_dynamic(d) for d in cam[1:]):
             raise InvalidInput(
-                f"{where}: output {GRADCAM_OUTPUT!r} has shape {_shape_text(cam)}; expected "
+                f"{where}: output {name!r} has shape {_shape_text(cam)}; expected "
                 "[N, h, w] with fixed h and w"
             )
-        saliency_shape = (int(cam[1]), int(cam[2]))
-    if card.saliency == "gradcam" and saliency_shape is None:
+        cam_shapes[name] = (int(cam[1]), int(cam[2]))
+    saliency_output = GRAPH_SALIENCY.get(card.saliency)
+    if saliency_output is not None and saliency_output not in cam_shapes:
         raise InvalidInput(
-            f"{where}: the card's saliency is 'gradcam' but the graph has no {GRADCAM_OUTPUT!r} "
-            "output: set saliency to 'occlusion' or export the model with WithGradCam"
+            f"{where}: the card's saliency is {card.saliency!r} but the graph has no "
+            f"{saliency_output!r} output: set saliency to one of "
+            + ", ".join(repr(m) for m in (*_methods_in(cam_shapes), "occlusion"))
+            + " or export the model with WithGradCam"
         )
+    saliency_shape = cam_shapes.get(saliency_output) if saliency_output else None
     if saliency_shape is not None and card.gradcam_grid is not None:
         grid = card.gradcam_grid
         _check_grid(where, grid.stride, grid.offset, saliency_shape, graph_hw)
-    if card.saliency not in ("gradcam", "occlusion"):
-        raise InvalidInput(
-            f"{where}: the card's saliency is {card.saliency!r}; use 'gradcam' or 'occlusion'"
-        )
     return _GraphInfo(
-        input_shape=(int(graph_hw[0]), int(graph_hw[1])), saliency_shape=saliency_shape
+        input_shape=(int(graph_hw[0]), int(graph_hw[1])),
+        saliency_shape=saliency_shape,
+        saliency_output=saliency_output,
     )
+
+
+def _methods_in(outputs: dict[str, Any]) -> list[str]:
+    return [method for method, name in GRAPH_SALIENCY.items() if name in outputs]
 
 
 def _check_grid(

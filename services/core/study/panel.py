@@ -37,7 +37,7 @@ class Tile:
 class SaliencyPanel:
     breast: LabelledBreast
     view: str
-    method: str  # gradcam or occlusion
+    method: str  # hirescam, gradcam or occlusion
     original: Image.Image  # the original, ground truth drawn when known
     tiles: list[Tile]
 
