@@ -13,7 +13,15 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY services ./services
 COPY models ./models
-RUN pip install --no-cache-dir ".${EXTRAS:+[$EXTRAS]}" && mkdir -p /data && chown crgate /data
+# onnxruntime and onnxruntime-gpu install the same `onnxruntime` module: with the gpu extra the
+# CPU wheel is removed and the GPU one reinstalled over it, so the CUDA provider is really there.
+RUN pip install --no-cache-dir ".${EXTRAS:+[$EXTRAS]}" \
+    && case ",$EXTRAS," in *,gpu,*) \
+         pip uninstall -y onnxruntime \
+         && pip install --no-cache-dir --force-reinstall --no-deps "onnxruntime-gpu>=1.17" \
+         && python -c "import onnxruntime as o; assert 'CUDAExecutionProvider' in o.get_available_providers()" ;; \
+       esac \
+    && mkdir -p /data && chown crgate /data
 
 USER crgate
 ENV CRGATE_DATA_DIR=/data \

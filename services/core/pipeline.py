@@ -229,7 +229,7 @@ def classify_datasets(
         for breast in originals
     ]
     at_cr = classify_breasts(classifier, compressed)
-    at_original = classify_breasts(classifier, originals)
+    at_original = classify_breasts(classifier, originals, saliency=False)  # only shown at the CR
     findings = [
         BreastFinding(
             study_uid=c.study_uid,

@@ -574,6 +574,20 @@ def test_classify_breasts(models_dir: dict[str, Path], study: PhantomStudy) -> N
             assert sal.saliency.min() >= 0 and sal.saliency.max() <= 1
 
 
+@pytest.mark.parametrize("model", ["gradcam", "occlusion"])
+def test_classify_breasts_without_saliency(
+    models_dir: dict[str, Path], study: PhantomStudy, model: str
+) -> None:
+    """Probabilities only (the job's run on the originals): the same numbers, no maps."""
+    clf = Classifier.load(models_dir[model])
+    breasts = group_breasts(_named(study))
+    with_maps = classify_breasts(clf, breasts)
+    without = classify_breasts(clf, breasts, saliency=False)
+    assert [r.probability for r in without] == [r.probability for r in with_maps]
+    assert all(r.views == {} for r in without)
+    assert all(r.views for r in with_maps)
+
+
 def test_classify_breasts_fallback_occlusion(
     models_dir: dict[str, Path], study: PhantomStudy
 ) -> None:

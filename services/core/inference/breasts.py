@@ -285,11 +285,13 @@ def classify_breasts(
     breasts: Iterable[Breast],
     *,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    saliency: bool = True,
 ) -> list[BreastResult]:
     """Probability and per-view saliency (original pixel grid) of each breast.
 
     Breasts are prepared and run ``batch_size`` at a time, so memory stays bounded for large
     studies. For a breast with one view, that view's map is the larger of the two halves' maps.
+    With ``saliency=False`` only the probabilities are computed (``views`` is then empty).
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InvalidParameter(f"batch size must be a positive integer, got {batch_size!r}")
@@ -299,11 +301,15 @@ def classify_breasts(
     results: list[BreastResult] = []
     for start in range(0, len(items), batch_size):
         part = items[start : start + batch_size]
-        probs, maps = classifier.predict(breast_inputs(classifier, part), batch_size=batch_size)
-        assert maps is not None
-        for breast, prob, cam in zip(part, probs, maps, strict=True):
+        probs, maps = classifier.predict(
+            breast_inputs(classifier, part), batch_size=batch_size, saliency=saliency
+        )
+        cams = list(maps) if maps is not None else [None] * len(part)
+        for breast, prob, cam in zip(part, probs, cams, strict=True):
             views: dict[str, ViewSaliency] = {}
             for view, image in breast.views.items():
+                if cam is None:
+                    continue
                 mapped = map_back(
                     cam, view, breast.laterality, params, image.rows, image.cols, grid
                 )

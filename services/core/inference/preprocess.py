@@ -146,11 +146,12 @@ def _check_view(view: str, laterality: str) -> None:
 def normalise(pixels: npt.NDArray[Any], bits_stored: int, photometric: str = "MONOCHROME2") -> F32:
     """Stored values to [0, 1]; MONOCHROME1 inverted so that dense tissue is bright."""
     peak = float((1 << bits_stored) - 1)
-    out = pixels.astype(np.float32) / np.float32(peak)
+    out: F32 = pixels.astype(np.float32)  # a new array: the steps below work in place
+    np.divide(out, np.float32(peak), out=out)
     if photometric == "MONOCHROME1":
-        out = np.float32(1.0) - out
-    clipped: F32 = np.clip(out, 0.0, 1.0)
-    return clipped
+        np.subtract(np.float32(1.0), out, out=out)
+    np.clip(out, 0.0, 1.0, out=out)
+    return out
 
 
 def resize(image: F32, rows: int, cols: int) -> F32:
