@@ -7,8 +7,8 @@ before it is complete, and an instance is never acknowledged before its row is c
 
 from __future__ import annotations
 
-import filecmp
 import logging
+import os
 import struct
 import threading
 import zlib
@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -114,7 +114,8 @@ class Ingestor:
                     f"instance {header.sop_instance_uid} belongs to study {header.study_uid}, "
                     f"not to the study {expected_study_uid} named in the request"
                 )
-            with self._lock_for(header.sop_instance_uid):
+            uid = header.sop_instance_uid
+            with self._lock_for(uid), self.store.lock(uid):  # this process's threads, then all
                 result = self._store(staged, header, channel=channel, source=source)
         except CrgateError as exc:
             staged.unlink(missing_ok=True)
@@ -169,35 +170,72 @@ class Ingestor:
             header.study_uid, header.series_uid, header.sop_instance_uid
         )
         size = staged.stat().st_size
-        try:
-            with self.sessions() as session:
-                existing = session.get(Instance, header.sop_instance_uid)
-        except SQLAlchemyError as exc:
-            raise OutputError(f"the index database is unavailable: {exc}") from None
+        existing = self._row(header.sop_instance_uid)
         if existing is not None:
             return self._duplicate(staged, header, existing, size, channel=channel, source=source)
-        try:
-            self.store.place(staged, relative)
-        except FileExistsError:
-            # a file without a row: a crash between placing and committing; the row decides
-            if filecmp.cmp(staged, self.store.absolute(relative), shallow=False):
-                staged.unlink()
-            else:
-                self.store.replace(staged, relative)
-        except OSError as exc:
-            raise OutputError(f"cannot store instance {header.sop_instance_uid}: {exc}") from None
-        try:
-            self._index(header, relative, size, channel, source, replace=False)
-        except IntegrityError:
-            # another process committed the same SOP Instance UID a moment ago: same bytes
-            # (it was linked to the same path), so this is a duplicate
-            return self._result(header, Outcome.DUPLICATE, size)
-        except SQLAlchemyError as exc:
-            self.store.remove(relative)
-            raise OutputError(
-                f"instance {header.sop_instance_uid} not stored: index write failed ({exc})"
-            ) from None
+        indexed = size  # the size of the file the row will describe
+        with staged.open("rb") as ours:  # our bytes, whatever happens to the names
+            try:
+                self.store.place(staged, relative)
+            except FileExistsError:
+                # a file without a row: a crash between placing and committing, or a writer
+                # that does not take the lock; the row (if one appeared meanwhile) decides
+                if same_instance(staged, self.store.absolute(relative)):
+                    staged.unlink()
+                    indexed = self.store.absolute(relative).stat().st_size  # that file stays
+                else:
+                    existing = self._row(header.sop_instance_uid)
+                    if existing is not None:
+                        return self._duplicate(
+                            staged, header, existing, size, channel=channel, source=source
+                        )
+                    self.store.replace(staged, relative)
+            except OSError as exc:
+                raise OutputError(
+                    f"cannot store instance {header.sop_instance_uid}: {exc}"
+                ) from None
+            try:
+                self._index(header, relative, indexed, channel, source, replace=False)
+            except IntegrityError:
+                # a row for this SOP Instance UID was committed meanwhile (by a writer that does
+                # not take the lock): a duplicate only if that row's file holds our content
+                return self._committed_meanwhile(ours, header, relative, size)
+            except SQLAlchemyError as exc:
+                self.store.remove(relative)
+                raise OutputError(
+                    f"instance {header.sop_instance_uid} not stored: index write failed ({exc})"
+                ) from None
         return self._result(header, Outcome.STORED, size)
+
+    def _row(self, sop_instance_uid: str) -> Instance | None:
+        try:
+            with self.sessions() as session:
+                return session.get(Instance, sop_instance_uid)
+        except SQLAlchemyError as exc:
+            raise OutputError(f"the index database is unavailable: {exc}") from None
+
+    def _committed_meanwhile(
+        self, ours: BinaryIO, header: Header, relative: str, size: int
+    ) -> IngestResult:
+        """After an IntegrityError: DUPLICATE if the committed row's file holds our content."""
+        row = self._row(header.sop_instance_uid)
+        if row is None:
+            raise OutputError(f"instance {header.sop_instance_uid} not stored: index write failed")
+        theirs = self.store.absolute(row.path)
+        placed = self.store.absolute(relative)
+        if row.path != relative and _same_inode(ours, placed):
+            self.store.remove(relative)  # ours, placed under a name no row refers to
+        try:
+            with theirs.open("rb") as fh:
+                same = _same_content(ours, fh)
+        except FileNotFoundError:
+            same = False
+        if not same:
+            raise Conflict(
+                f"SOP Instance UID {header.sop_instance_uid} was stored with different content "
+                "by another writer at the same time; this instance was not stored"
+            )
+        return self._result(header, Outcome.DUPLICATE, size)
 
     def _duplicate(
         self,
@@ -210,7 +248,7 @@ class Ingestor:
         source: str | None,
     ) -> IngestResult:
         current = self.store.absolute(existing.path)
-        if current.exists() and filecmp.cmp(staged, current, shallow=False):
+        if current.exists() and same_instance(staged, current):
             staged.unlink()
             return self._result(header, Outcome.DUPLICATE, size)
         if self.duplicate_policy is DuplicatePolicy.KEEP_FIRST:
@@ -267,6 +305,87 @@ class Ingestor:
             outcome=outcome,
             size_bytes=size,
         )
+
+
+def same_instance(a: Path, b: Path) -> bool:
+    """Whether two Part 10 files hold the same instance: the same transfer syntax and identical
+    bytes after the file meta group (which each channel writes its own way: pynetdicom in the
+    SCP, the sender in STOW-RS). Files without a usable group length are compared whole."""
+    with a.open("rb") as fa, b.open("rb") as fb:
+        return _same_content(fa, fb)
+
+
+def _same_content(fa: BinaryIO, fb: BinaryIO) -> bool:
+    meta_a, meta_b = _file_meta(fa), _file_meta(fb)
+    if meta_a is None or meta_b is None:
+        start_a = start_b = 0
+    elif meta_a[1] != meta_b[1]:
+        return False
+    else:
+        start_a, start_b = meta_a[0], meta_b[0]
+    fa.seek(start_a)
+    fb.seek(start_b)
+    while True:
+        chunk_a, chunk_b = fa.read(_COMPARE_CHUNK), fb.read(_COMPARE_CHUNK)
+        if chunk_a != chunk_b:
+            return False
+        if not chunk_a:
+            return True
+
+
+_COMPARE_CHUNK = 1 << 20
+_MAX_META = 1 << 16  # a longer file meta group is not believed
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT"}
+
+
+def _file_meta(fh: BinaryIO) -> tuple[int, bytes] | None:
+    """(offset where the data set starts, transfer syntax UID) from the file meta group.
+
+    The end is the group length (0002,0000) at offset 132; None if there is none, or if the
+    group's elements (explicit VR little endian) do not end exactly there.
+    """
+    fh.seek(128)
+    head = fh.read(16)
+    if len(head) < 16 or head[:4] != b"DICM" or head[4:10] != b"\x02\x00\x00\x00UL":
+        return None
+    (length,) = struct.unpack("<H", head[10:12])
+    if length != 4:
+        return None
+    (group_length,) = struct.unpack("<I", head[12:16])
+    if group_length > _MAX_META:
+        return None
+    meta = fh.read(group_length)
+    if len(meta) != group_length:
+        return None
+    position, syntax = 0, None
+    while position < group_length:
+        if position + 8 > group_length:
+            return None
+        group, element = struct.unpack("<HH", meta[position : position + 4])
+        vr = meta[position + 4 : position + 6]
+        if group != 0x0002:
+            return None
+        if vr in _LONG_VRS:
+            if position + 12 > group_length:
+                return None
+            (size,) = struct.unpack("<I", meta[position + 8 : position + 12])
+            value_at = position + 12
+        else:
+            (size,) = struct.unpack("<H", meta[position + 6 : position + 8])
+            value_at = position + 8
+        if element == 0x0010:
+            syntax = meta[value_at : value_at + size].rstrip(b"\x00 ")
+        position = value_at + size
+    if position != group_length or syntax is None:
+        return None
+    return 144 + group_length, syntax
+
+
+def _same_inode(fh: BinaryIO, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fh.fileno()), path.stat())
+    except FileNotFoundError:
+        return False
 
 
 def read_header(path: Path) -> Header:

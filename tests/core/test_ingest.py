@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import shutil
+import struct
+import subprocess
+import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
+from pydicom.uid import JPEG2000Lossless
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.core.config import DuplicatePolicy
 from services.core.db.tables import Instance, Series, Study
 from services.core.errors import Conflict, InvalidInput, InvalidUID, NoPixelData, NotDicom
-from services.core.ingest import Channel, Ingestor, Outcome
+from services.core.ingest import Channel, Ingestor, Outcome, read_header, same_instance
 from services.core.storage import InstanceStore
 
 
@@ -262,3 +268,180 @@ def test_bundled_files_pass_and_their_truncations_fail(tmp_path: Path) -> None:
             short.write_bytes(data[: len(data) - cut])
             with pytest.raises(NotDicom):
                 read_header(short)
+
+
+# -- same instance, other file meta --------------------------------------------------------------
+
+
+def _resaved(path: Path, out: Path, **meta: str) -> Path:
+    """``path``'s data set written again with some file meta attributes changed."""
+    ds = pydicom.dcmread(path)
+    for keyword, value in meta.items():
+        setattr(ds.file_meta, keyword, value)
+    ds.save_as(out, enforce_file_format=True)
+    return out
+
+
+def _body(path: Path) -> bytes:
+    """The bytes after the file meta group (its length is at offset 140)."""
+    data = path.read_bytes()
+    return data[144 + struct.unpack("<I", data[140:144])[0] :]
+
+
+def test_same_data_set_with_other_file_meta_is_a_duplicate(
+    ingestor: Ingestor, store: InstanceStore, tiny_study_files: list[Path], tmp_path: Path
+) -> None:
+    """The SCP writes pynetdicom's file meta, STOW-RS keeps the sender's: still one instance."""
+    original = tiny_study_files[0]
+    first = ingestor.ingest_file(stage(store, original), channel=Channel.STOW)
+    other = _resaved(
+        original,
+        tmp_path / "other-meta.dcm",
+        ImplementationClassUID="1.2.826.0.1.3680043.9.3811.3.0.4",
+        ImplementationVersionName="PYNETDICOM_304",
+        SourceApplicationEntityTitle="MODALITY",
+    )
+    assert other.read_bytes() != original.read_bytes()
+    assert _body(other) == _body(original)
+    again = ingestor.ingest_file(stage(store, other), channel=Channel.DIMSE)
+    assert (first.outcome, again.outcome) == (Outcome.STORED, Outcome.DUPLICATE)
+    with ingestor.sessions() as s:
+        row = s.scalars(select(Instance)).one()
+    assert store.absolute(row.path).read_bytes() == original.read_bytes()
+    assert store.leftover_staging() == []
+
+
+@pytest.mark.parametrize("change", ["transfer syntax", "element"])
+def test_other_transfer_syntax_or_element_is_a_conflict(
+    ingestor: Ingestor, store: InstanceStore, tmp_path: Path, change: str
+) -> None:
+    original = Path(str(get_testdata_file("JPEG2000.dcm")))  # JPEG 2000 (lossy)
+    ingestor.ingest_file(stage(store, original), channel=Channel.STOW)
+    if change == "transfer syntax":  # the same encapsulated bytes, labelled lossless
+        other = _resaved(original, tmp_path / "other.dcm", TransferSyntaxUID=JPEG2000Lossless)
+        assert _body(other) == _body(original)
+    else:
+        ds = pydicom.dcmread(original)
+        ds.SeriesDescription = "changed"
+        other = tmp_path / "other.dcm"
+        ds.save_as(other, enforce_file_format=True)
+    with pytest.raises(Conflict, match="already stored with different content"):
+        ingestor.ingest_file(stage(store, other), channel=Channel.STOW)
+    assert count(ingestor.sessions, Instance) == 1
+    assert store.leftover_staging() == []
+
+
+def test_same_instance_compares_files_without_file_meta_whole(tmp_path: Path) -> None:
+    a, b, c = (tmp_path / n for n in "abc")
+    a.write_bytes(b"no preamble, no meta")
+    b.write_bytes(b"no preamble, no meta")
+    c.write_bytes(b"no preamble, no meta!")
+    assert same_instance(a, b) and not same_instance(a, c)
+
+
+# -- other writers -------------------------------------------------------------------------------
+
+
+class InterleavingStore(InstanceStore):
+    """A real store that lets another writer run just before or just after it places a file."""
+
+    def __init__(self, root: Path, *, before: Callable[[], None] | None = None) -> None:
+        super().__init__(root)
+        self.before, self.after = before, cast(Callable[[], None] | None, None)
+
+    def place(self, staged: Path, relative: str) -> Path:
+        if self.before is not None:
+            hook, self.before = self.before, None
+            hook()
+        target = super().place(staged, relative)
+        if self.after is not None:
+            hook, self.after = self.after, None
+            hook()
+        return target
+
+
+def _unlocked_writer(ingestor: Ingestor, source: Path) -> Callable[[], None]:
+    """Store ``source`` without taking the UID's lock (a writer on another host, or an old one)."""
+
+    def write() -> None:
+        staged = stage(ingestor.store, source)
+        ingestor._store(staged, read_header(staged), channel=Channel.STOW, source=None)
+
+    return write
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+@pytest.mark.parametrize("theirs", ["same", "other"])
+def test_a_writer_in_between_never_makes_a_false_success(
+    store: InstanceStore,
+    sessions: sessionmaker[Session],
+    tiny_study_files: list[Path],
+    tmp_path: Path,
+    when: str,
+    theirs: str,
+) -> None:
+    """Another writer stores the same UID between our row check and our commit: we answer
+    DUPLICATE only when its content is ours, and the row always describes the file on disk."""
+    ours = tiny_study_files[0]
+    their_file = ours if theirs == "same" else _altered(ours, tmp_path)
+    other = Ingestor(InstanceStore(store.root), sessions)
+    interleaving = InterleavingStore(store.root)
+    setattr(interleaving, when, _unlocked_writer(other, their_file))
+    ingestor = Ingestor(interleaving, sessions)
+    staged = stage(store, ours)
+    if theirs == "same":
+        assert ingestor.ingest_file(staged, channel=Channel.DIMSE).outcome is Outcome.DUPLICATE
+    else:
+        with pytest.raises(Conflict):
+            ingestor.ingest_file(staged, channel=Channel.DIMSE)
+    assert interleaving.before is None and interleaving.after is None  # the writer ran
+    with sessions() as s:
+        row = s.scalars(select(Instance)).one()
+    assert store.absolute(row.path).read_bytes() == their_file.read_bytes()
+    assert store.leftover_staging() == []
+
+
+HOLD_LOCK = """
+import sys
+from pathlib import Path
+from services.core.storage import InstanceStore
+with InstanceStore(Path(sys.argv[1])).lock(sys.argv[2]):
+    print("held", flush=True)
+    sys.stdin.readline()
+"""
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_ingest_waits_for_another_process_holding_the_uid_lock(
+    ingestor: Ingestor, store: InstanceStore, tiny_study_files: list[Path]
+) -> None:
+    uid = str(pydicom.dcmread(tiny_study_files[0]).SOPInstanceUID)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(store.root), uid],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).parents[2],
+    )
+    assert holder.stdin is not None and holder.stdout is not None
+    results: list[Outcome] = []
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        staged = stage(store, tiny_study_files[0])
+        thread = threading.Thread(
+            target=lambda: results.append(
+                ingestor.ingest_file(staged, channel=Channel.DIMSE).outcome
+            )
+        )
+        thread.start()
+        thread.join(0.5)
+        assert thread.is_alive() and results == []  # waiting for the other process
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        thread.join(30)
+        assert results == [Outcome.STORED]
+    finally:
+        holder.kill()
+        holder.wait(10)
+        holder.stdin.close()
+        holder.stdout.close()

@@ -5,6 +5,7 @@ Layout under the data directory::
     incoming/   staged uploads (temp names; never read by anyone else)
     instances/<study>/<series>/<sop>.dcm
     replaced/   older copies kept when a SOP Instance UID is replaced
+    locks/      256 lock files; ``lock(uid)`` takes one (flock) across every process
 
 Files are written to ``incoming/`` first, fsynced, then hard-linked into place (which fails if a
 file is already there, so two writers never clobber each other) and the directory is fsynced.
@@ -13,8 +14,10 @@ file is already there, so two writers never clobber each other) and the director
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import tempfile
+import zlib
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,6 +26,8 @@ from typing import BinaryIO
 from services.core.dicom.uids import validate_uid
 from services.core.errors import NotFound, OutputError
 
+LOCK_STRIPES = 256
+
 
 class InstanceStore:
     def __init__(self, data_dir: Path) -> None:
@@ -30,11 +35,12 @@ class InstanceStore:
         self.incoming = self.root / "incoming"
         self.instances = self.root / "instances"
         self.replaced = self.root / "replaced"
+        self.locks = self.root / "locks"
 
     def ensure(self) -> None:
         """Create the store's directories; raise OutputError when that is impossible."""
         try:
-            for directory in (self.incoming, self.instances, self.replaced):
+            for directory in (self.incoming, self.instances, self.replaced, self.locks):
                 directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise OutputError(f"data directory {self.root}: {exc.strerror or exc}") from None
@@ -65,6 +71,27 @@ class InstanceStore:
         except BaseException:
             path.unlink(missing_ok=True)
             raise
+
+    # -- locking -------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def lock(self, uid: str) -> Iterator[None]:
+        """Hold the exclusive flock of ``uid``'s stripe (one of LOCK_STRIPES files in ``locks/``).
+
+        Every process sharing the data directory (api, scp) serialises on it; so do two
+        threads of one process, since each call opens the file anew.
+        """
+        path = self.locks / f"{zlib.crc32(uid.encode()) % LOCK_STRIPES:02x}.lock"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except FileNotFoundError:
+            self.locks.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing the last descriptor releases the lock
 
     # -- placement -----------------------------------------------------------------------------
 
