@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 from dataclasses import dataclass
 
 from sqlalchemy import Engine
@@ -20,6 +22,10 @@ from services.forwarding import DicomForwarder
 from services.queue import CeleryJobQueue, InProcessJobQueue
 
 log = logging.getLogger(__name__)
+
+#: at start, staged files older than this (by mtime) are a crash's leftovers and are dropped;
+#: younger ones may be uploads another process (api and scp run apart) is still receiving
+STALE_STAGING_SECONDS = 3600.0
 
 
 @dataclass
@@ -41,8 +47,11 @@ def build_state(settings: Settings) -> AppState:
     """Open the database (migrating it), prepare the store, create the first admin key."""
     store = InstanceStore(settings.data_dir)
     store.ensure()
+    cutoff = time.time() - STALE_STAGING_SECONDS
     for leftover in store.leftover_staging():  # never acknowledged: safe to drop
-        leftover.unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):  # finished meanwhile by its process
+            if leftover.stat().st_mtime < cutoff:
+                leftover.unlink()
     engine = make_engine(settings.effective_database_url)
     migrate(engine)
     sessions = session_factory(engine)
