@@ -68,22 +68,44 @@ def _fail(message: str, code: int) -> typer.Exit:
     return typer.Exit(code)
 
 
-def api(data_dir: DataDir = None, http_port: HttpPort = None) -> None:
+def _server_settings(
+    data_dir: Path | None,
+    http_port: int | None,
+    dicom_port: int | None,
+    ae_title: str | None,
+    allowed_ae: str | None,
+) -> Settings:
+    """The settings of api, scp and serve, which take the same options (one config for all)."""
+    return settings_from(
+        data_dir=data_dir,
+        http_port=http_port,
+        dicom_port=dicom_port,
+        ae_title=ae_title,
+        allowed_ae=allowed_ae,
+    )
+
+
+def api(
+    data_dir: DataDir = None,
+    http_port: HttpPort = None,
+    dicom_port: DicomPort = None,
+    ae_title: AeTitle = None,
+    allowed_ae: AllowedAe = None,
+) -> None:
     """Serve the HTTP API (DICOMweb, jobs, policies, /docs, /metrics)."""
-    settings = settings_from(data_dir=data_dir, http_port=http_port)
+    settings = _server_settings(data_dir, http_port, dicom_port, ae_title, allowed_ae)
     _run(settings, http=True, dicom=False)
 
 
 def scp(
     data_dir: DataDir = None,
+    http_port: HttpPort = None,
     dicom_port: DicomPort = None,
     ae_title: AeTitle = None,
     allowed_ae: AllowedAe = None,
 ) -> None:
     """Serve DICOM C-ECHO and C-STORE (a PACS pushes studies here)."""
-    settings = settings_from(
-        data_dir=data_dir, dicom_port=dicom_port, ae_title=ae_title, allowed_ae=allowed_ae
-    )
+    settings = _server_settings(data_dir, http_port, dicom_port, ae_title, allowed_ae)
     _run(settings, http=False, dicom=True)
 
 
@@ -95,13 +117,7 @@ def serve(
     allowed_ae: AllowedAe = None,
 ) -> None:
     """Serve everything in one process: HTTP API and DICOM SCP on one ingest path."""
-    settings = settings_from(
-        data_dir=data_dir,
-        http_port=http_port,
-        dicom_port=dicom_port,
-        ae_title=ae_title,
-        allowed_ae=allowed_ae,
-    )
+    settings = _server_settings(data_dir, http_port, dicom_port, ae_title, allowed_ae)
     _run(settings, http=True, dicom=True)
 
 
