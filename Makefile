@@ -31,7 +31,7 @@ $(BIN)/crgate: pyproject.toml
 deps: $(BIN)/crgate .stamp-deb
 
 # `make run`: crgate serve (data in var/demo) in the foreground; once it answers, a phantom study
-# is pushed to it with dcmtk's storescu like a PACS would. Ctrl-C stops it.
+# is pushed to it by C-STORE (pynetdicom, `crgate demo`) like a PACS would. Ctrl-C stops it.
 HTTP_PORT ?= 8080
 DICOM_PORT ?= 11112
 run: deps

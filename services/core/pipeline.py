@@ -1,6 +1,6 @@
 """Use cases that compose the core modules: ``transcode`` (decode, encode to a target CR,
 encapsulate, measure) and ``classify`` (transcode a set of mammograms, then classify each breast
-on the compressed copy and on the original). The ingest issue adds ``ingest`` here."""
+on the compressed copy and on the original). Ingest lives in services/core/ingest.py."""
 
 from __future__ import annotations
 

@@ -303,6 +303,22 @@ def test_instances_across_studies_and_of_a_study(client: TestClient, studies: St
     assert with_syntax["00083002"]["Value"] == ["1.2.840.10008.1.2.1"]
 
 
+def test_series_instance_uid_matching(client: TestClient, studies: Studies) -> None:
+    (ot,) = get(client, "/dicomweb/series", SeriesInstanceUID=studies.b_ot)
+    assert first(ot, "Modality") == "OT" and first(ot, "StudyInstanceUID") == studies.b
+    two = get(client, "/dicomweb/series", SeriesInstanceUID=f"{studies.a_series},{studies.b_mg}")
+    assert sorted(uids(two, "SeriesInstanceUID")) == sorted([studies.a_series, studies.b_mg])
+    in_b = f"/dicomweb/studies/{studies.b}/series"
+    assert uids(get(client, in_b, SeriesInstanceUID=studies.b_mg), "SeriesInstanceUID") == [
+        studies.b_mg
+    ]
+    assert get(client, in_b, SeriesInstanceUID=studies.a_series) == []  # another study's
+    instances = get(client, "/dicomweb/instances", SeriesInstanceUID=studies.b_mg)
+    assert len(instances) == 2
+    assert {first(i, "SeriesInstanceUID") for i in instances} == {studies.b_mg}
+    assert get(client, "/dicomweb/series", SeriesInstanceUID="1.2.3.4") == []
+
+
 # -- errors ----------------------------------------------------------------------------------------
 
 

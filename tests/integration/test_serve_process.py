@@ -87,6 +87,11 @@ def test_serve_stores_pushed_study_finds_it_and_stops_cleanly(
     assert served.proc.wait(60) == 0, served.log.read_text()
     log = served.log.read_text()
     assert "DICOM SCP stopped" in log
+    # the first admin key: its file is named in the log, the key itself never is
+    assert f"created an admin key in {key_file}" in log
+    assert key not in log and key.split("_", 2)[2] not in log
+    # no allow-list configured: the SCP says it accepts any caller
+    assert "DICOM SCP accepts ANY calling AE title" in log
     assert not list((served.data_dir / "incoming").iterdir())
 
     # privacy: the log names instances by UID, never by patient

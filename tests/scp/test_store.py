@@ -1,4 +1,5 @@
-"""C-ECHO and C-STORE from dcmtk's echoscu and storescu (real processes) into crgate's SCP."""
+"""C-ECHO and C-STORE from dcmtk's echoscu and storescu (real processes) into crgate's SCP;
+pynetdicom sends what storescu refuses to (a data set that is noise)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,16 @@ import re
 from pathlib import Path
 
 import pydicom
+import pynetdicom
 import pytest
 from pydicom.data import get_testdata_file
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE
 from sqlalchemy.orm import Session, sessionmaker
 
-from services.core.ingest import Ingestor
+from services.core.ingest import Channel, Ingestor
 from services.core.storage import InstanceStore
 from services.scp.server import ScpServer
 from tests.scp.conftest import StartScp, store_files, stored_rows
@@ -171,3 +177,57 @@ def test_unknown_source_address_is_rejected(start_scp: StartScp) -> None:
     assert "Reason: No Reason" in text
     allowed = start_scp(allowed_hosts="192.0.2.10, 127.0.0.1")
     assert echoscu(allowed.port).returncode == 0
+
+
+@SQLITE_ONLY
+def test_an_undecodable_data_set_gets_c000_with_a_comment_and_the_scp_keeps_serving(
+    scp: ScpServer,
+    tiny_study_files: list[Path],
+    sessions: sessionmaker[Session],
+    store: InstanceStore,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A sender streams a valid file meta and then noise as the data set (dcmtk's storescu
+    refuses to send what it cannot parse, so pynetdicom sends the file's bytes as they are)."""
+    meta = pydicom.dcmread(tiny_study_files[0]).file_meta
+    header = DicomBytesIO()
+    write_file_meta_info(header, meta, enforce_standard=True)
+    garbage = tmp_path / "garbage.dcm"
+    garbage.write_bytes(b"\0" * 128 + b"DICM" + header.getvalue() + b"\xde\xad\xbe\xef" * 256)
+    monkeypatch.setattr(pynetdicom._config, "STORE_SEND_CHUNKED_DATASET", True)  # not decoded
+
+    ae = AE(ae_title="NOISY")
+    ae.add_requested_context(meta.MediaStorageSOPClassUID, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="CRGATE")
+    assert assoc.is_established
+    try:
+        status = assoc.send_c_store(garbage)
+    finally:
+        assoc.release()
+    assert 0xC000 <= status.Status <= 0xCFFF, hex(status.Status)
+    assert status.ErrorComment == "not a complete DICOM data set (unreadable or truncated)"
+
+    proc = echoscu(scp.port)
+    assert proc.returncode == 0, output(proc)
+    assert stored_rows(sessions) == []
+    assert store_files(store, "incoming") == [] and store_files(store, "instances") == []
+
+
+@SQLITE_ONLY
+def test_an_instance_stored_by_another_channel_is_a_duplicate(
+    scp: ScpServer,
+    ingestor: Ingestor,
+    tiny_study_files: list[Path],
+    sessions: sessionmaker[Session],
+    store: InstanceStore,
+) -> None:
+    """STOW-RS keeps the sender's file meta, the SCP writes pynetdicom's: one instance."""
+    staged = store.new_staging_path()
+    staged.write_bytes(tiny_study_files[0].read_bytes())
+    ingestor.ingest_file(staged, channel=Channel.STOW)
+    proc = storescu(scp.port, tiny_study_files[:1])
+    assert stored_ok(proc, 1), output(proc)
+    (row,) = stored_rows(sessions)
+    assert row.channel == "stow"
+    assert store.absolute(row.path).read_bytes() == tiny_study_files[0].read_bytes()
