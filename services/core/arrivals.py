@@ -75,12 +75,13 @@ class ArrivalTracker:
         self._maybe_classify(result.study_uid, count, classified)
 
     def sweep(self) -> list[str]:
-        """Classify quiet studies (auto policies) and requeue jobs whose worker died."""
+        """Classify quiet studies (auto policies); send again jobs whose worker died and jobs
+        queued too long (their message was lost, or sending it failed)."""
         started: list[str] = []
         for job_id in jobs.stale_jobs(
             self.ctx.sessions, older_than_s=self.ctx.settings.job_stale_seconds
         ):
-            log.warning("job %s: worker stopped responding; queued again", job_id)
+            log.warning("job %s: worker stopped responding or message lost; sent again", job_id)
             self.queue.enqueue(ClassifyPayload(job_id=job_id))
         with self.ctx.sessions() as session:
             pending = session.scalars(
@@ -143,7 +144,7 @@ class ArrivalTracker:
     def _policy(self, study_uid: str) -> Any:
         with self.ctx.sessions() as session:
             try:
-                return resolve_study_policy(session, study_uid)
+                return resolve_study_policy(session, study_uid, self.ctx.store)
             except CrgateError:
                 return None
 

@@ -4,9 +4,10 @@
 and resolves the CR (explicit, or the site's policy). ``run_job`` is the whole task body, the
 same code whether a Celery worker or the in-process runner of `crgate serve` runs it:
 
-claim the job -> read the study's mammograms -> transcode at the CR + classify (on the
+claim the job -> read the mammograms it was made for -> transcode at the CR + classify (on the
 compressed copy and on the original) -> overlay PNGs -> DICOM outputs through the ingest path
 (derived series, Secondary Capture overlays, Comprehensive SR) -> result row -> job succeeded.
+A retried job stores the same output objects again (UIDs stable per job), replacing its own.
 """
 
 from __future__ import annotations
@@ -18,20 +19,24 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import date
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import pydicom
 from PIL import Image
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.core import jobs
 from services.core.codecs import OutputSyntax
 from services.core.codecs.jpeg2000 import validate_cr
-from services.core.config import Settings
+from services.core.config import DuplicatePolicy, Settings
 from services.core.contracts import JobStatus, JobTrigger
-from services.core.db.tables import Instance, Result, Series, Study
+from services.core.db.tables import Instance, Job, Result, Series, Study
 from services.core.dicom.io import atomic_output, read_dataset
 from services.core.errors import CrgateError, InvalidInput, InvalidParameter, NotFound
 from services.core.inference.card import ModelCard, load_card
@@ -45,6 +50,8 @@ log = logging.getLogger(__name__)
 CLASSIFIABLE_MODALITY = "MG"
 HEARTBEAT_SECONDS = 5.0
 OVERLAY_MAX_SIDE = 1024
+PEDIATRIC_BELOW_YEARS = 18  # pediatric policies apply to patients younger than this
+_AGE_UNIT_YEARS = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0}
 
 
 @dataclass
@@ -75,6 +82,15 @@ class JobContext:
     def results_dir(self, result_id: str) -> Path:
         return self.store.root / "results" / result_id
 
+    @cached_property
+    def outputs_ingestor(self) -> Ingestor:
+        """The ingest path for a job's own outputs: an object with the same UID replaces the
+        stored one (only the same job makes those UIDs: it is a retry storing its objects again),
+        whatever the site's duplicate policy for incoming instances."""
+        ingestor = Ingestor(self.store, self.sessions, DuplicatePolicy.REPLACE)
+        ingestor.observers = self.ingestor.observers
+        return ingestor
+
 
 def classifiable_instances(session: Session, study_uid: str) -> list[Instance]:
     """The study's mammograms as received (crgate's own derived objects excluded)."""
@@ -89,6 +105,28 @@ def classifiable_instances(session: Session, study_uid: str) -> list[Instance]:
         .order_by(Instance.series_uid, Instance.instance_number, Instance.sop_instance_uid)
     )
     return list(session.scalars(query))
+
+
+def job_instances(session: Session, job: Job) -> list[Instance]:
+    """Exactly the instances job ``job`` was made for (the study's, for a job made before
+    the instance set was stored with it); InvalidInput if some are gone from the store."""
+    wanted = job.instance_uids
+    if wanted is None:
+        return classifiable_instances(session, job.study_uid)
+    found = list(
+        session.scalars(
+            select(Instance)
+            .where(Instance.sop_instance_uid.in_(wanted))
+            .order_by(Instance.series_uid, Instance.instance_number, Instance.sop_instance_uid)
+        )
+    )
+    missing = sorted(set(wanted) - {i.sop_instance_uid for i in found})
+    if missing:
+        raise InvalidInput(
+            f"{len(missing)} of the {len(wanted)} images this job was made for are no longer "
+            f"in the store (first: {missing[0]}); ask again to classify the study as it is now"
+        )
+    return found
 
 
 def prepare(
@@ -116,7 +154,7 @@ def prepare(
             )
         policy_id: int | None = None
         if cr is None:
-            resolved = resolve_study_policy(session, study_uid)
+            resolved = resolve_study_policy(session, study_uid, ctx.store)
             applied_cr, policy_id, source = float(resolved.cr), resolved.policy_id, resolved.source
             syntax = syntax or str(resolved.syntax)
         else:
@@ -137,7 +175,9 @@ def prepare(
     )
 
 
-def resolve_study_policy(session: Session, study_uid: str) -> Any:
+def resolve_study_policy(session: Session, study_uid: str, store: InstanceStore) -> Any:
+    """The policy for the study's mammograms: by body part and whether the patient is
+    pediatric (from the header of its first mammogram)."""
     from services.core.policies import resolve_policy
 
     series = session.scalars(
@@ -146,17 +186,57 @@ def resolve_study_policy(session: Session, study_uid: str) -> Any:
         )
     ).first()
     body_part = series.body_part_examined if series is not None else None
+    instances = classifiable_instances(session, study_uid)
+    pediatric = _study_pediatric(store, instances[0]) if instances else None
     return resolve_policy(
-        session, modality=CLASSIFIABLE_MODALITY, body_part=body_part, pediatric=None
+        session, modality=CLASSIFIABLE_MODALITY, body_part=body_part, pediatric=pediatric
     )
+
+
+def _study_pediatric(store: InstanceStore, instance: Instance) -> bool | None:
+    try:
+        header = pydicom.dcmread(store.absolute(instance.path), stop_before_pixels=True)
+    except (OSError, ValueError, EOFError, InvalidDicomError):
+        log.warning("instance %s: header unreadable; pediatric unknown", instance.sop_instance_uid)
+        return None
+    return is_pediatric(header)
+
+
+def is_pediatric(ds: Dataset) -> bool | None:
+    """Whether the patient was younger than PEDIATRIC_BELOW_YEARS at the study: from Patient's
+    Age ("012Y"), else from Patient's Birth Date and the Study Date; None when unknown."""
+    age = _age_years(str(ds.get("PatientAge") or ""))
+    if age is None:
+        age = _years_between(ds.get("PatientBirthDate"), ds.get("StudyDate"))
+    return None if age is None else age < PEDIATRIC_BELOW_YEARS
+
+
+def _age_years(text: str) -> float | None:
+    """Years in an AS value (nnnD, nnnW, nnnM or nnnY); None when it is not one."""
+    text = text.strip().upper()
+    if len(text) != 4 or not text[:3].isdigit() or text[3] not in _AGE_UNIT_YEARS:
+        return None
+    return int(text[:3]) * _AGE_UNIT_YEARS[text[3]]
+
+
+def _years_between(birth: object, study: object) -> float | None:
+    """Whole years from a DA birth date to a DA study date; None when either is unknown."""
+    try:
+        born = date(int(str(birth)[:4]), int(str(birth)[4:6]), int(str(birth)[6:8]))
+        seen = date(int(str(study)[:4]), int(str(study)[4:6]), int(str(study)[6:8]))
+    except ValueError:  # empty, partial or not a date
+        return None
+    years = seen.year - born.year - ((seen.month, seen.day) < (born.month, born.day))
+    return float(years) if years >= 0 else None
 
 
 def run_job(ctx: JobContext, job_id: str) -> str | None:
     """Run job ``job_id`` to the end; return its result id (None when it failed).
 
     Permanent problems (a CrgateError: bad study, undecodable image) fail the job with the
-    reason. Anything else propagates so that the caller (Celery) retries; the job stays
-    ``running`` until then and a stale-job sweep puts it back if its worker died.
+    reason. Anything else propagates so that the caller (Celery) retries (it gives a job
+    stopped by a transient error back to the queue first); a stale-job sweep puts a job back if
+    its worker died, and the claim fails it after ``jobs.MAX_ATTEMPTS`` such deaths.
     """
     job = jobs.claim(ctx.sessions, job_id, stale_after_s=ctx.settings.job_stale_seconds)
     if job is None:
@@ -213,9 +293,9 @@ def _classify(
 ) -> Result:
     started = time.perf_counter()
     with ctx.sessions() as session:
-        instances = classifiable_instances(session, study_uid)
         job = jobs.get_job(session, job_id)
         policy_source, requested_cr = job.policy_source, job.requested_cr
+        instances = job_instances(session, job)
     if not instances:
         raise InvalidInput(f"study {study_uid} has no image the model can read any more")
     datasets = [(i.sop_instance_uid, read_dataset(ctx.store.absolute(i.path))) for i in instances]
@@ -317,7 +397,9 @@ def _store_outputs(
     files: list[Path] = []
     for key, datasets in (("derived", derived), ("overlays", captures), ("report", [report])):
         for ds in datasets:
-            r = ctx.ingestor.ingest_dataset(ds, channel=Channel.WORKER, source=f"job:{job_id}")
+            r = ctx.outputs_ingestor.ingest_dataset(
+                ds, channel=Channel.WORKER, source=f"job:{job_id}"
+            )
             reference = _reference(r.series_uid, r.sop_instance_uid, r.sop_class_uid)
             if key == "report":
                 stored[key] = reference
@@ -351,7 +433,13 @@ def result_payload(
     timings_ms: dict[str, float],
 ) -> dict[str, Any]:
     """The JSON result: model, CRs, per breast and per image figures, outputs, timings."""
+    from services.core.dicom.results import instance_uid
+
     data = classification.as_dict()
+    for image in data["images"]:  # the derived copy as stored, not the transcode's own UID
+        image["output_sop_instance_uid"] = instance_uid(
+            job_id, "derived", image["input_sop_instance_uid"]
+        )
     return {
         "result_id": result_id,
         "job_id": job_id,

@@ -1,7 +1,12 @@
 """Job rows: create (idempotently), claim, heartbeat, progress, finish, and requeue the stale.
 
 A job's idempotency key is (study, CR, syntax, model sha256, the study's instance set): asking
-twice gives the same job; an instance arriving later makes a new key, hence a new result.
+twice gives the same job; an instance arriving later makes a new key, hence a new result. The
+instance set is stored with the job: the job classifies exactly those instances.
+
+``attempts`` counts the runs a worker took the job for and did not give back: a run stopped by
+a transient error (database, broker) is given back (:func:`release`) and retried; a run whose
+worker died is not, so a job that kills its worker every time stops after ``MAX_ATTEMPTS``.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -21,7 +26,12 @@ from services.core.contracts import JobStatus, JobTrigger
 from services.core.db.tables import Job, Result
 from services.core.errors import NotFound
 
-WORKER_NAME = f"{socket.gethostname()}:{os.getpid()}"
+MAX_ATTEMPTS = 5  # runs whose worker died (killed at the time limit) before the job fails
+
+
+def worker_name() -> str:
+    """This process as a job's worker: host and pid, read now (prefork children differ)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 @dataclass(frozen=True)
@@ -63,7 +73,9 @@ def submit(sessions: sessionmaker[Session], request: JobRequest) -> tuple[Job, b
             existing.status = JobStatus.QUEUED
             existing.reason = None
             existing.progress_done = 0
+            existing.attempts = 0
             existing.finished_at = None
+            existing.queued_at = now()
             return existing, True
     job = Job(
         id=str(uuid.uuid4()),
@@ -82,6 +94,8 @@ def submit(sessions: sessionmaker[Session], request: JobRequest) -> tuple[Job, b
         progress_total=len(request.instance_uids),
         attempts=0,
         requested_by=request.requested_by,
+        instance_uids=list(request.instance_uids),
+        queued_at=now(),
     )
     try:
         with sessions() as session, session.begin():
@@ -101,31 +115,61 @@ def get_job(session: Session, job_id: str) -> Job:
 
 
 def claim(sessions: sessionmaker[Session], job_id: str, *, stale_after_s: float) -> Job | None:
-    """Mark the job as running by this worker; None if it succeeded already or another live
-    worker runs it (its heartbeat is younger than ``stale_after_s``)."""
+    """Mark the job as running by this worker; None if it is finished, another live worker
+    runs it (its heartbeat is younger than ``stale_after_s``), or it used up its attempts (then
+    it is failed with the reason)."""
+    worker = worker_name()
     with sessions() as session, session.begin():
         job = session.get(Job, job_id, with_for_update=True)
         if job is None:
             raise NotFound(f"no job {job_id!r}")
-        if job.status == JobStatus.SUCCEEDED:
+        if job.status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
             return None
         beat = job.heartbeat_at
         if beat is not None and beat.tzinfo is None:  # SQLite gives naive datetimes
             beat = beat.replace(tzinfo=UTC)
         if (
             job.status == JobStatus.RUNNING
-            and job.worker != WORKER_NAME
+            and job.worker != worker
             and beat is not None
             and now() - beat < timedelta(seconds=stale_after_s)
         ):
+            return None
+        if job.attempts >= MAX_ATTEMPTS:
+            job.status = JobStatus.FAILED.value
+            job.reason = (
+                f"stopped after {job.attempts} attempts: the worker died or hit the time limit "
+                "each time (CRGATE_JOB_TIME_LIMIT); see the worker log, then ask again"
+            )
+            job.finished_at = now()
             return None
         job.status = JobStatus.RUNNING.value
         job.attempts += 1
         job.started_at = now()
         job.heartbeat_at = now()
-        job.worker = WORKER_NAME
+        job.worker = worker
         job.reason = None
         return job
+
+
+def release(sessions: sessionmaker[Session], job_id: str, *, reason: str) -> None:
+    """Give the job this worker runs back to the queue after a transient error, so that its
+    retry may run in any worker process; the run does not count as an attempt."""
+    with sessions() as session, session.begin():
+        session.execute(
+            update(Job)
+            .where(
+                Job.id == job_id,
+                Job.status == JobStatus.RUNNING.value,
+                Job.worker == worker_name(),
+            )
+            .values(
+                status=JobStatus.QUEUED.value,
+                attempts=Job.attempts - 1,
+                reason=reason[:2000],
+                queued_at=now(),
+            )
+        )
 
 
 def heartbeat(sessions: sessionmaker[Session], job_id: str, *, done: int | None = None) -> None:
@@ -162,16 +206,28 @@ def fail(sessions: sessionmaker[Session], job_id: str, *, reason: str) -> None:
 
 
 def stale_jobs(sessions: sessionmaker[Session], *, older_than_s: float) -> list[str]:
-    """Running jobs whose worker stopped beating (killed, machine lost): put back in the queue."""
+    """Jobs to send to the queue again: running jobs whose worker stopped beating (killed,
+    machine lost), put back in the queue, and jobs queued longer than ``older_than_s`` (their
+    message was lost, or sending it failed). A duplicate message is harmless: the claim skips
+    a job that is finished or that a live worker runs."""
     cutoff = now() - timedelta(seconds=older_than_s)
     with sessions() as session, session.begin():
-        rows = session.scalars(
+        dead = session.scalars(
             select(Job).where(Job.status == JobStatus.RUNNING.value, Job.heartbeat_at < cutoff)
         ).all()
-        for job in rows:
+        for job in dead:
             job.status = JobStatus.QUEUED.value
             job.reason = f"requeued: worker {job.worker} stopped responding"
-        return [job.id for job in rows]
+            job.queued_at = now()
+        waiting = session.scalars(
+            select(Job).where(
+                Job.status == JobStatus.QUEUED.value,
+                func.coalesce(Job.queued_at, Job.created_at) < cutoff,
+            )
+        ).all()
+        for job in waiting:
+            job.queued_at = now()  # sent again now; again after another older_than_s
+        return [job.id for job in [*dead, *waiting]]
 
 
 def results_of(session: Session, study_uid: str) -> list[Result]:

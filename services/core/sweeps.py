@@ -25,7 +25,7 @@ from services.core.contracts import JobStatus
 from services.core.db.tables import Instance, Study, Sweep
 from services.core.dicom.uids import validate_uid
 from services.core.errors import CrgateError, InvalidInput, NotFound
-from services.core.jobs import WORKER_NAME, now
+from services.core.jobs import now, worker_name
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def run_sweep_job(ctx: JobContext, sweep_id: str) -> dict[str, Any] | None:
             return dict(sweep.summary or {})
         sweep.status, sweep.attempts = JobStatus.RUNNING.value, sweep.attempts + 1
         sweep.started_at = sweep.heartbeat_at = now()
-        sweep.worker, sweep.reason = WORKER_NAME, None
+        sweep.worker, sweep.reason = worker_name(), None
         request = SweepRequest.model_validate(sweep.params)
     root = sweep_dir(ctx, sweep_id)
     try:

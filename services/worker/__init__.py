@@ -1,1 +1,1 @@
-"""crgate worker edge (built in a later issue)."""
+"""crgate worker: the Celery app (app.py) and its thin tasks (tasks.py) on the Redis broker."""

@@ -1,11 +1,13 @@
 """Thin tasks: each calls one core function. Registered by name (core/contracts.py).
 
-Transient errors (database or broker connection) retry with backoff; anything else, or a
-retry budget spent, or the soft time limit, fails the job with a reason a person can act on.
+Transient errors (database or broker connection) give the job back to the queue and retry with
+backoff, in whichever worker process takes the retry; anything else, or a retry budget spent, or
+the soft time limit, fails the job with a reason a person can act on.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -24,6 +26,8 @@ from services.core.contracts import (
 )
 from services.worker.app import celery_app, context
 
+log = logging.getLogger(__name__)
+
 TRANSIENT = (OperationalError, ConnectionError, TimeoutError)
 
 
@@ -33,13 +37,19 @@ class ClassifyTask(Task):  # type: ignore[misc]
     ) -> None:
         """The task gave up (retries spent, or an unexpected error): fail the job, with why."""
         job_id = args[0] if args else kwargs.get("job_id")
-        if job_id:
-            jobs.fail(
-                context().sessions,
-                job_id,
-                reason=f"internal error after {self.request.retries} retries "
-                f"({type(exc).__name__}: {exc}); see the worker log",
+        if not job_id:
+            return
+        what = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, TRANSIENT):
+            reason = (
+                f"gave up after {self.request.retries} retries ({what}); check that the "
+                "database and the broker are reachable, then ask again"
             )
+        else:
+            reason = (
+                f"internal error after {self.request.retries} retries ({what}); see the worker log"
+            )
+        jobs.fail(context().sessions, job_id, reason=reason)
 
 
 @celery_app.task(  # type: ignore[untyped-decorator]
@@ -65,11 +75,23 @@ def classify_study(job_id: str) -> str | None:
     except SoftTimeLimitExceeded:
         jobs.fail(ctx.sessions, job_id, reason=reason)
         return None
+    except TRANSIENT as exc:  # retried (autoretry_for): let any worker process take it
+        _release(ctx, job_id, exc)
+        raise
     if result is None and time.monotonic() - started >= limit:
         # the limit fired inside code that turned it into an error of its own (a codec's
         # broad except): the time limit is the reason a person can act on
         jobs.fail(ctx.sessions, job_id, reason=reason)
     return result
+
+
+def _release(ctx: Any, job_id: str, exc: BaseException) -> None:
+    try:
+        jobs.release(
+            ctx.sessions, job_id, reason=f"retrying after a transient error ({type(exc).__name__})"
+        )
+    except TRANSIENT:  # the database is the trouble: the stale-job sweep puts it back later
+        log.warning("job %s: not given back to the queue (database unreachable)", job_id)
 
 
 @celery_app.task(name=TASK_CR_SWEEP, acks_late=True)  # type: ignore[untyped-decorator]

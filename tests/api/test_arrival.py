@@ -4,13 +4,19 @@ quiet period, and a late instance making a new result (in-process queue, real cl
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from fastapi.testclient import TestClient
+from sqlalchemy import update
 
 from services.api.state import AppState
+from services.core import jobs
 from services.core.arrivals import ArrivalTracker
+from services.core.classify import prepare
+from services.core.contracts import JobTrigger
+from services.core.db.tables import Job
 from services.core.policies import PolicyKey, set_policy
 from tests.api.conftest import _ingest
 
@@ -94,3 +100,39 @@ def test_classify_without_cr_uses_the_policy(
     body = client.post(f"/studies/{study_uid}/classify", params={"wait": 120}).json()
     assert body["job"]["cr"] == 30 and body["job"]["requested_cr"] is None
     assert body["result"]["policy"].startswith("policy ")
+
+
+def test_sweep_sends_again_a_job_whose_message_was_lost(
+    client: TestClient, state: AppState, mg_study_files: list[Path]
+) -> None:
+    """Sending the task failed after the job was made (broker down): it would stay queued
+    forever; once queued longer than CRGATE_JOB_STALE_SECONDS the sweep sends it again."""
+    for path in mg_study_files:
+        study_uid = _ingest(state, path)
+    request = prepare(
+        state.job_context,
+        study_uid,
+        cr=25,
+        syntax=None,
+        model=None,
+        trigger=JobTrigger.API,
+        requested_by=None,
+    )
+    job, created = jobs.submit(state.sessions, request)  # and never enqueued
+    assert created
+    tracker = ArrivalTracker(state.job_context, state.queue)
+    tracker.sweep()  # queued only just now: left alone
+    time.sleep(0.5)
+    assert client.get(f"/jobs/{job.id}").json()["status"] == "queued"
+    stale = state.settings.job_stale_seconds + 1
+    with state.sessions() as session, session.begin():
+        session.execute(
+            update(Job)
+            .where(Job.id == job.id)
+            .values(queued_at=jobs.now() - timedelta(seconds=stale))
+        )
+    tracker.sweep()
+    (result,) = results_when(client, study_uid, 1)
+    assert result["job_id"] == job.id
+    view = client.get(f"/jobs/{job.id}").json()
+    assert view["status"] == "succeeded" and view["attempts"] == 1

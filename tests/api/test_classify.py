@@ -5,18 +5,27 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
+import pydicom
 import pytest
 from fastapi.testclient import TestClient
 from pydicom.data import get_testdata_file
-from sqlalchemy import select
+from pydicom.encaps import encapsulate
+from pydicom.uid import UID, JPEG2000Lossless
+from sqlalchemy import delete, select, update
 
 from services.api.state import AppState
+from services.core import jobs
 from services.core.auth import Role
-from services.core.db.tables import Instance
+from services.core.classify import prepare, run_job
+from services.core.contracts import JobTrigger
+from services.core.db.tables import Instance, Job, Result
+from services.core.dicom.uids import new_uid
 from services.core.ingest import Channel
-from services.core.phantom import PhantomConfig
+from services.core.phantom import PhantomConfig, generate_study
+from services.core.policies import PolicyKey, set_policy
 
 MG = PhantomConfig(width=416, height=512)
 
@@ -42,10 +51,23 @@ def test_classify_waits_for_the_result_and_stores_outputs(
     for breast in result["breasts"]:
         assert 0.0 <= breast["probability"] <= 1.0
         assert 0.0 <= breast["probability_original"] <= 1.0
+        assert breast["change"] == pytest.approx(
+            breast["probability"] - breast["probability_original"], abs=1e-9
+        )
+        assert breast["saliency_method"] == result["saliency_method"]
+    assert result["saliency_method"] in ("hirescam", "gradcam", "occlusion")
     assert len(result["images"]) == 4
     for image in result["images"]:
         assert image["achieved_cr"] == pytest.approx(25, rel=0.05)
         assert image["psnr_db"] > 30 and image["bytes_out"] < image["bytes_in"]
+        assert image["achieved_cr"] == pytest.approx(image["bytes_in"] / image["bytes_out"])
+        assert image["bytes_in"] == 416 * 512 * 2
+        assert 0.5 < image["ssim"] <= 1.0 and image["max_abs_error"] > 0
+    timings = result["timings_ms"]
+    assert set(timings) == {"classify", "outputs", "total"}
+    assert 0 < timings["classify"] <= timings["total"] and timings["outputs"] > 0
+    derived_uids = {r["sop_instance_uid"] for r in result["outputs"]["derived"]}
+    assert {i["output_sop_instance_uid"] for i in result["images"]} == derived_uids
     outputs = result["outputs"]
     assert len(outputs["derived"]) == 4 and len(outputs["overlays"]) == 4
     assert outputs["report"]["sop_class_uid"] == "1.2.840.10008.5.1.4.1.1.88.33"
@@ -73,9 +95,11 @@ def test_asking_twice_gives_the_same_job_without_recomputing(
 
 def test_without_wait_answers_202_with_a_status_url(client: TestClient, mg_study: str) -> None:
     response = client.post(f"/studies/{mg_study}/classify", params={"cr": 1})
-    assert response.status_code in (200, 202), response.text
+    assert response.status_code == 202, response.text
     job_id = response.json()["job"]["id"]
+    assert response.json()["job"]["status"] in ("queued", "running")
     assert response.json()["status_url"] == f"/jobs/{job_id}"
+    assert response.headers["location"] == f"/jobs/{job_id}"
     status = client.get(f"/jobs/{job_id}")
     assert status.status_code == 200 and status.json()["id"] == job_id
 
@@ -125,3 +149,149 @@ def test_viewer_cannot_start_a_job(
         headers={"Authorization": f"Bearer {make_key(Role.VIEWER)}"},
     )
     assert response.status_code == 403
+
+
+def worker_objects(state: AppState) -> set[str]:
+    with state.sessions() as session:
+        rows = session.scalars(select(Instance).where(Instance.channel == "worker")).all()
+    return {r.sop_instance_uid for r in rows}
+
+
+def test_a_retried_job_stores_one_set_of_outputs(
+    client: TestClient, state: AppState, mg_study: str
+) -> None:
+    """A worker died after storing the outputs, before the result: the retry (attempt 2)
+    stores the same objects again, and the SR names the result the retry made."""
+    first = client.post(f"/studies/{mg_study}/classify", params={"cr": 25, "wait": 120}).json()
+    job_id, outputs = first["job"]["id"], first["result"]["outputs"]
+    made = worker_objects(state)
+    assert len(made) == 9
+    with state.sessions() as session, session.begin():  # as the stale-job sweep finds it
+        session.execute(delete(Result).where(Result.job_id == job_id))
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(
+                status="running",
+                result_id=None,
+                finished_at=None,
+                worker="dead:1",
+                heartbeat_at=jobs.now() - timedelta(minutes=5),
+            )
+        )
+    result_id = run_job(state.job_context, job_id)
+    assert result_id is not None and result_id != first["result"]["result_id"]
+    view = client.get(f"/jobs/{job_id}").json()
+    assert view["status"] == "succeeded" and view["attempts"] == 2
+    assert worker_objects(state) == made
+    (result,) = client.get(f"/studies/{mg_study}/results").json()
+    assert result["result_id"] == result_id and result["outputs"] == outputs
+    report = outputs["report"]
+    path = state.store.relative_path(mg_study, report["series_uid"], report["sop_instance_uid"])
+    sr = pydicom.dcmread(state.store.absolute(path))
+    assert result_id in {str(item.get("TextValue", "")) for item in sr.ContentSequence}
+
+
+def test_a_job_classifies_exactly_the_instances_it_was_made_for(
+    state: AppState, mg_study: str, mg_study_files: list[Path], tmp_path: Path
+) -> None:
+    request = prepare(
+        state.job_context,
+        mg_study,
+        cr=25,
+        syntax=None,
+        model=None,
+        trigger=JobTrigger.API,
+        requested_by=None,
+    )
+    job, _ = jobs.submit(state.sessions, request)
+    late = pydicom.dcmread(mg_study_files[0])  # a fifth view arrives before the job runs
+    late.SOPInstanceUID = late.file_meta.MediaStorageSOPInstanceUID = UID(new_uid())
+    late.InstanceNumber = 5
+    late.save_as(tmp_path / "late.dcm", enforce_file_format=True)
+    assert ingest_path(state, tmp_path / "late.dcm") == mg_study
+    result_id = run_job(state.job_context, job.id)
+    assert result_id is not None
+    with state.sessions() as session:
+        row = session.get(Result, result_id)
+        assert row is not None
+        read = [image["input_sop_instance_uid"] for image in row.payload["images"]]
+    assert sorted(read) == sorted(request.instance_uids) and len(read) == 4
+    assert str(late.SOPInstanceUID) not in read
+
+
+def test_a_job_whose_images_left_the_store_fails_with_the_reason(
+    state: AppState, mg_study: str
+) -> None:
+    request = prepare(
+        state.job_context,
+        mg_study,
+        cr=25,
+        syntax=None,
+        model=None,
+        trigger=JobTrigger.API,
+        requested_by=None,
+    )
+    job, _ = jobs.submit(state.sessions, request)
+    gone = request.instance_uids[0]
+    with state.sessions() as session, session.begin():
+        session.execute(delete(Instance).where(Instance.sop_instance_uid == gone))
+    assert run_job(state.job_context, job.id) is None
+    with state.sessions() as session:
+        row = jobs.get_job(session, job.id)
+        assert row.status == "failed"
+        assert row.reason is not None and gone in row.reason and "ask again" in row.reason
+
+
+def test_a_corrupt_mammogram_fails_the_job_with_a_readable_reason(
+    client: TestClient, state: AppState, mg_study_files: list[Path], tmp_path: Path
+) -> None:
+    """A permanent failure: the job fails at once (no retry), with why, over the API."""
+    for index, path in enumerate(mg_study_files):
+        ds = pydicom.dcmread(path)
+        if index == 0:  # a JPEG 2000 image whose codestream is cut after the SIZ marker
+            corrupt_uid = str(ds.SOPInstanceUID)
+            ds.PixelData = encapsulate([b"\xff\x4f\xff\x51" + bytes(200)])
+            ds["PixelData"].VR = "OB"
+            ds["PixelData"].is_undefined_length = True
+            ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
+        ds.save_as(tmp_path / path.name, enforce_file_format=True)
+        study_uid = ingest_path(state, tmp_path / path.name)
+    response = client.post(f"/studies/{study_uid}/classify", params={"cr": 25, "wait": 120})
+    assert response.status_code == 202, response.text
+    job_id = response.json()["job"]["id"]
+    view = client.get(f"/jobs/{job_id}").json()
+    assert view["status"] == "failed" and view["attempts"] == 1 and view["result_id"] is None
+    assert view["reason"].startswith(f"{corrupt_uid}: cannot decode pixel data")
+    assert client.get(f"/studies/{study_uid}/results").json() == []
+    assert worker_objects(state) == set()
+
+
+def test_pediatric_policy_applies_to_a_pediatric_study(
+    state: AppState, mg_study: str, tmp_path: Path
+) -> None:
+    with state.sessions() as session, session.begin():
+        set_policy(session, PolicyKey.of("MG"), {"cr": 20}, actor="test")
+        set_policy(session, PolicyKey.of("MG", None, True), {"cr": 8}, actor="test")
+    study = generate_study(5, seed=11, config=PhantomConfig(width=128, height=160))
+    for view, ds in study.datasets.items():
+        ds.PatientAge = "012Y"
+        ds.save_as(tmp_path / f"{view}.dcm", enforce_file_format=True)
+        ingest_path(state, tmp_path / f"{view}.dcm")
+
+    def policy_of(study_uid: str) -> tuple[float, str]:
+        request = prepare(
+            state.job_context,
+            study_uid,
+            cr=None,
+            syntax=None,
+            model=None,
+            trigger=JobTrigger.API,
+            requested_by=None,
+        )
+        return request.cr, request.policy_source
+
+    cr, source = policy_of(study.study_uid)
+    assert cr == 8 and "pediatric" in source
+    cr, source = policy_of(mg_study)  # adults (40 to 76 years)
+    assert cr == 20 and "pediatric" not in source

@@ -114,7 +114,8 @@ def test_derived_series_is_one_new_series_of_new_instances(
         assert ds.SeriesNumber == 9001
         assert ds.SeriesDescription == "crgate JPEG 2000 CR 25"
         assert ds.ImageType[0] == "DERIVED"
-        assert ds.SOPInstanceUID == result.output_sop_instance_uid  # derive.py's, recorded
+        assert ds.SOPInstanceUID == results.instance_uid(JOB, "derived", source.SOPInstanceUID)
+        assert ds.SOPInstanceUID != result.output_sop_instance_uid  # not derive.py's random one
         assert ds.LossyImageCompression == "01"
         assert ds.LossyImageCompressionMethod == "ISO_15444_1"
         assert float(ds.LossyImageCompressionRatio) == pytest.approx(result.achieved_cr, abs=0.01)
@@ -166,6 +167,23 @@ def test_series_uids_are_stable_per_job_and_differ_by_role(
     sc = results.overlay_captures(classified, sources, overlays, job_id=JOB)[0]
     sr = report(classified, sources)
     assert len({first, sc.SeriesInstanceUID, sr.SeriesInstanceUID}) == 3
+
+
+def test_instance_uids_are_stable_per_job_and_differ_by_job_role_and_source(
+    classified: Classification, sources: dict[str, Dataset], overlays: dict[str, Image.Image]
+) -> None:
+    """A retried job makes the same objects (no second set); another job makes its own."""
+
+    def uids(job_id: str) -> list[str]:
+        derived = results.derived_series(classified, job_id=job_id)
+        captures = results.overlay_captures(classified, sources, overlays, job_id=job_id)
+        sr = report(classified, sources, job_id=job_id)
+        return [str(ds.SOPInstanceUID) for ds in [*derived, *captures, sr]]
+
+    first = uids(JOB)
+    assert uids(JOB) == first
+    assert len(set(first)) == 9 and not set(first) & set(sources)
+    assert not set(uids("another job")) & set(first)
 
 
 @pytest.mark.tools

@@ -181,6 +181,9 @@ class Job(Base):
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     worker: Mapped[str | None] = mapped_column(String(128))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # the SOP Instance UIDs the job classifies (None: a job made before they were stored)
+    instance_uids: Mapped[list[str] | None] = mapped_column(JSON)
+    queued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # last sent
 
 
 class Result(Base):

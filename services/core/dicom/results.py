@@ -6,8 +6,10 @@
 * :func:`findings_report`: a Comprehensive SR with the model, the compression and, per breast
   and per image, what the compression did to the AI and to the pixels.
 
-Every object gets a new SOP Instance UID, a Series Instance UID that is stable for the job
-(``stable_uid("crgate", "job", job_id, role)``: a retried job lands in the same series), the
+Every object gets UIDs of its own that are stable for the job: the Series Instance UID
+(``series_uid(job_id, role)``) and the SOP Instance UID (``instance_uid(job_id, role, source)``,
+``source`` the original's SOP Instance UID): a retried job stores the same objects again, not a
+second set. Other jobs (another CR, a later instance) get other UIDs. The objects carry the
 source study and patient modules, Manufacturer "crgate", Content Date/Time of the call and a
 file meta header, so ``ds.save_as(path, enforce_file_format=True)`` works.
 
@@ -80,7 +82,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from services.core.dicom.derive import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
-from services.core.dicom.uids import new_uid, stable_uid
+from services.core.dicom.uids import stable_uid
 from services.core.errors import InvalidInput
 from services.core.pipeline import BreastFinding, Classification, TranscodeResult
 
@@ -148,6 +150,12 @@ def series_uid(job_id: str, role: str) -> str:
     return stable_uid("crgate", "job", job_id, role)
 
 
+def instance_uid(job_id: str, role: str, source_uid: str = "") -> str:
+    """The SOP Instance UID of one result object: of ``role`` ("derived", "overlays",
+    "report"), made from original ``source_uid`` (none for the report), by job ``job_id``."""
+    return stable_uid("crgate", "job", job_id, role, "instance", source_uid)
+
+
 # ---------------------------------------------------------------------- derived images
 
 
@@ -156,9 +164,8 @@ def derived_series(
 ) -> list[Dataset]:
     """The JPEG 2000 copies as one new series of the study, each a new instance.
 
-    A lossy copy keeps the SOP Instance UID derive.py gave it (it is already new and is the
-    ``output_sop_instance_uid`` of its TranscodeResult); a lossless copy, which kept its
-    original's UID, gets a new one: it is stored beside the original.
+    Each copy gets the job's UID for it (:func:`instance_uid`), lossy or lossless: not the
+    random one derive.py gave a lossy copy, nor the original's that a lossless copy kept.
     """
     now = datetime.now()  # DICOM dates and times are local, as highdicom writes them
     uid = series_uid(job_id, "derived")
@@ -167,14 +174,14 @@ def derived_series(
         "crgate JPEG 2000 lossless" if lossless else f"crgate JPEG 2000 CR {classification.cr:g}"
     )
     return [
-        _derived(result, uid, series_number, index, description, now)
+        _derived(result, (uid, job_id), series_number, index, description, now)
         for index, result in enumerate(classification.images, start=1)
     ]
 
 
 def _derived(
     result: TranscodeResult,
-    uid: str,
+    series: tuple[str, str],
     series_number: int,
     instance_number: int,
     description: str,
@@ -182,9 +189,9 @@ def _derived(
 ) -> Dataset:
     output = _output_of(result)
     ds = copy.deepcopy(output)
+    uid, job_id = series
     source_uid = result.input_sop_instance_uid
-    if str(ds.SOPInstanceUID) == source_uid:
-        ds.SOPInstanceUID = new_uid()
+    ds.SOPInstanceUID = instance_uid(job_id, "derived", source_uid)
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     ds.InstanceCreationDate = _da(now)
     ds.InstanceCreationTime = _tm(now)
@@ -292,6 +299,7 @@ def overlay_captures(
                 overlay,
                 method=method,
                 series=(uid, series_number, len(captures) + 1),
+                sop_uid=instance_uid(job_id, "overlays", result.input_sop_instance_uid),
                 now=now,
             )
         )
@@ -306,6 +314,7 @@ def _capture(
     *,
     method: str,
     series: tuple[str, int, int],
+    sop_uid: str,
     now: datetime,
 ) -> Dataset:
     uid, series_number, instance_number = series
@@ -319,7 +328,7 @@ def _capture(
         coordinate_system="PATIENT",
         series_instance_uid=uid,
         series_number=series_number,
-        sop_instance_uid=new_uid(),
+        sop_instance_uid=sop_uid,
         instance_number=instance_number,
         manufacturer=MANUFACTURER,
         # replaced below by the source's own value, which highdicom's enum may not accept
@@ -436,7 +445,7 @@ def findings_report(
         content=root,
         series_instance_uid=series_uid(job_id, "report"),
         series_number=series_number,
-        sop_instance_uid=new_uid(),
+        sop_instance_uid=instance_uid(job_id, "report"),
         instance_number=1,
         manufacturer=MANUFACTURER,
         is_complete=True,

@@ -1,0 +1,137 @@
+"""Retries with backoff of the classify task, on the real Celery app run eagerly.
+
+Eager mode (``Task.apply``: the task body, autoretry, backoff and ``on_failure`` as a worker runs
+them, in this process) because a real worker process could not be handed a database that fails
+and comes back at a chosen moment; the failures themselves are real: a database server that
+refuses connections, a table locked past PostgreSQL's lock_timeout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery.signals import task_retry
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.engine import make_url
+
+from services.core import jobs
+from services.core.classify import JobContext, prepare
+from services.core.config import Settings
+from services.core.contracts import JobStatus, JobTrigger
+from services.core.db.engine import make_engine, migrate, session_factory
+from services.core.ingest import Channel, Ingestor
+from services.core.policies import ensure_default_policy
+from services.core.storage import InstanceStore
+from services.worker import app as worker_app
+from services.worker.tasks import classify_study
+from tests.conftest import free_port
+
+LOCK_TIMEOUT_MS = 200
+
+
+def job_engine(database_url: str) -> Engine:
+    """The worker's engine; on PostgreSQL a statement gives up on a lock after 200 ms."""
+    if database_url.startswith("sqlite"):
+        return make_engine(database_url)
+    return create_engine(
+        make_url(database_url),
+        connect_args={"options": f"-c lock_timeout={LOCK_TIMEOUT_MS}"},
+    )
+
+
+@pytest.fixture
+def ctx(database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[JobContext]:
+    """This process as a worker process: its JobContext (what worker_process_init makes)."""
+    settings = Settings(data_dir=tmp_path / "var", database_url=database_url, threads=1)
+    store = InstanceStore(settings.data_dir)
+    store.ensure()
+    engine = job_engine(database_url)
+    migrate(engine)
+    sessions = session_factory(engine)
+    with sessions.begin() as session:
+        ensure_default_policy(session, settings)
+    context = JobContext(
+        settings=settings, sessions=sessions, store=store, ingestor=Ingestor(store, sessions)
+    )
+    monkeypatch.setattr(worker_app, "_context", context)
+    yield context
+    engine.dispose()
+
+
+@pytest.fixture
+def job_id(ctx: JobContext, mg_study_files: list[Path]) -> str:
+    for path in mg_study_files:
+        staged = ctx.store.new_staging_path()
+        staged.write_bytes(path.read_bytes())
+        study_uid = ctx.ingestor.ingest_file(staged, channel=Channel.STOW).study_uid
+    request = prepare(
+        ctx, study_uid, cr=25, syntax=None, model=None, trigger=JobTrigger.API, requested_by=None
+    )
+    job, _ = jobs.submit(ctx.sessions, request)
+    return job.id
+
+
+@pytest.fixture
+def retries() -> Iterator[list[Any]]:
+    """The Retry of each retry the classify task scheduled, in order."""
+    seen: list[Any] = []
+
+    def record(sender: Any = None, reason: Any = None, **_: Any) -> None:
+        seen.append(reason)
+
+    task_retry.connect(record, sender=classify_study, weak=False)
+    yield seen
+    task_retry.disconnect(record, sender=classify_study)
+
+
+def test_database_outage_is_retried_with_backoff_then_the_job_succeeds(
+    ctx: JobContext, job_id: str, retries: list[Any]
+) -> None:
+    working = ctx.sessions.kw["bind"]
+    refusing = make_engine(f"postgresql://postgres@127.0.0.1:{free_port()}/gone")
+    ctx.sessions.configure(bind=refusing)  # the database server is down
+
+    def back_after_two(**_: Any) -> None:
+        if len(retries) == 2:
+            ctx.sessions.configure(bind=working)
+
+    task_retry.connect(back_after_two, sender=classify_study, weak=False)
+    try:
+        outcome = classify_study.apply(args=[job_id])
+    finally:
+        task_retry.disconnect(back_after_two, sender=classify_study)
+        ctx.sessions.configure(bind=working)
+        refusing.dispose()
+    assert outcome.successful(), outcome.traceback
+    assert [type(r.exc).__name__ for r in retries] == ["OperationalError"] * 2
+    for n, retry in enumerate(retries):  # exponential backoff with full jitter: 0..2**n s
+        assert 0 <= float(retry.when) <= 2**n
+    with ctx.sessions() as session:
+        job = jobs.get_job(session, job_id)
+        assert job.status == JobStatus.SUCCEEDED and job.result_id == outcome.result
+        assert job.attempts == 1  # the runs the outage stopped never took the job
+
+
+def test_spent_retries_fail_the_job_with_the_reason(
+    ctx: JobContext, job_id: str, retries: list[Any], database_url: str
+) -> None:
+    if database_url.startswith("sqlite"):
+        pytest.skip("needs a table lock that times out (PostgreSQL lock_timeout)")
+    engine = ctx.sessions.kw["bind"]
+    with engine.connect() as maintenance:  # the study's index rows stay locked throughout
+        maintenance.execute(text("LOCK TABLE instances IN ACCESS EXCLUSIVE MODE"))
+        outcome = classify_study.apply(args=[job_id])
+        maintenance.rollback()
+    assert outcome.failed()
+    assert len(retries) == classify_study.max_retries == 6
+    with ctx.sessions() as session:
+        job = jobs.get_job(session, job_id)
+        assert job.status == JobStatus.FAILED and job.finished_at is not None
+        assert job.reason is not None
+        assert job.reason.startswith("gave up after 6 retries (OperationalError")
+        assert "lock timeout" in job.reason
+        assert "check that the database and the broker are reachable" in job.reason
+        assert job.attempts == 0  # each run was given back to the queue for its retry
