@@ -47,6 +47,16 @@ AllowedAe = Annotated[
     ),
 ]
 
+MetricsPort = Annotated[
+    int | None,
+    typer.Option(
+        "--metrics-port",
+        min=0,
+        max=65535,
+        help="serve Prometheus /metrics on this HTTP port; 0 = off [env CRGATE_METRICS_PORT, 0]",
+    ),
+]
+
 
 def settings_from(**overrides: Any) -> Settings:
     """Settings from the environment, with the command line's options on top."""
@@ -103,9 +113,12 @@ def scp(
     dicom_port: DicomPort = None,
     ae_title: AeTitle = None,
     allowed_ae: AllowedAe = None,
+    metrics_port: MetricsPort = None,
 ) -> None:
     """Serve DICOM C-ECHO and C-STORE (a PACS pushes studies here)."""
     settings = _server_settings(data_dir, http_port, dicom_port, ae_title, allowed_ae)
+    if metrics_port is not None:
+        settings = settings.model_copy(update={"metrics_port": metrics_port})
     _run(settings, http=False, dicom=True)
 
 
@@ -139,7 +152,17 @@ def _run(settings: Settings, *, http: bool, dicom: bool) -> None:
         except OSError as exc:
             message = f"cannot listen on DICOM port {settings.dicom_port}: {exc.strerror}"
             raise _fail(message, 5) from None
+    metrics = None
     try:
+        if not http and settings.metrics_port:  # api and serve have /metrics on their HTTP port
+            from prometheus_client import start_http_server
+
+            try:
+                metrics, _ = start_http_server(settings.metrics_port, addr=settings.http_host)
+            except OSError as exc:
+                message = f"cannot listen on metrics port {settings.metrics_port}: {exc.strerror}"
+                raise _fail(message, 5) from None
+            log.info("Prometheus metrics on port %d (/metrics)", settings.metrics_port)
         if http:
             import uvicorn
 
@@ -161,6 +184,9 @@ def _run(settings: Settings, *, http: bool, dicom: bool) -> None:
             signal.signal(signal.SIGINT, lambda *_: stop.set())
             stop.wait()
     finally:
+        if metrics is not None:
+            metrics.shutdown()
+            metrics.server_close()
         if server is not None:
             server.shutdown()
         state.close()

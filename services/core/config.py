@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     http_port: int = Field(8080, ge=1, le=65535, description="HTTP port of `crgate api|serve`")
     http_host: str = Field("0.0.0.0", description="HTTP bind address")
     dicom_port: int = Field(11112, ge=1, le=65535, description="DICOM port of `crgate scp|serve`")
+    metrics_port: int = Field(
+        0, ge=0, le=65535, description="Prometheus /metrics port of `crgate scp`; 0 = off"
+    )
     ae_title: str = Field("CRGATE", min_length=1, max_length=16, description="our AE title")
     allowed_ae: str = Field(
         "", description="comma-separated calling AE titles accepted; empty accepts any caller"
