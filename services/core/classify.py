@@ -13,10 +13,12 @@ A retried job stores the same output objects again (UIDs stable per job), replac
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date
@@ -24,6 +26,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 import pydicom
 from PIL import Image
 from pydicom.dataset import Dataset
@@ -42,7 +46,7 @@ from services.core.errors import CrgateError, InvalidInput, InvalidParameter, No
 from services.core.inference.card import ModelCard, load_card
 from services.core.inference.runtime import Classifier, get_classifier
 from services.core.ingest import Channel, Ingestor
-from services.core.pipeline import Classification, classify_datasets
+from services.core.pipeline import Classification, TranscodeResult, classify_datasets
 from services.core.storage import InstanceStore
 
 log = logging.getLogger(__name__)
@@ -306,7 +310,9 @@ def _classify(
     classified_at = time.perf_counter()
     result_id = str(uuid.uuid4())
     sources = {str(ds.SOPInstanceUID): ds for _, ds in datasets}
-    overlays = _write_overlays(ctx.results_dir(result_id), classification, sources)
+    overlays = _write_overlays(
+        ctx.results_dir(result_id), classification, sources, ctx.settings.threads
+    )
     outputs = _store_outputs(
         ctx,
         classification,
@@ -339,20 +345,28 @@ def _classify(
 
 
 def _write_overlays(
-    folder: Path, classification: Classification, sources: dict[str, Dataset]
+    folder: Path, classification: Classification, sources: dict[str, Dataset], threads: int = 0
 ) -> dict[str, Image.Image]:
-    """A preview-sized saliency overlay PNG per classified image, named by SOP UID."""
+    """A preview-sized saliency overlay PNG per classified image, named by SOP UID.
+
+    The images are rendered in parallel threads (numpy, Pillow's resize and zlib release the
+    GIL): on 2 cores four 13.6 MP overlays take about half the time of one after the other.
+    """
     from services.core.inference.breasts import window_of
     from services.core.inference.overlay import render_preview, write_png
 
     (folder / "overlays").mkdir(parents=True, exist_ok=True)
-    images: dict[str, Image.Image] = {}
-    for image in classification.images:
-        uid = image.input_sop_instance_uid
-        saliency = classification.saliency.get(uid)
-        if saliency is None or image.decoded is None:
-            continue
-        ds = sources[uid]
+    todo = [
+        (image, saliency)
+        for image in classification.images
+        if image.decoded is not None
+        and (saliency := classification.saliency.get(image.input_sop_instance_uid)) is not None
+    ]
+
+    def render(item: tuple[TranscodeResult, npt.NDArray[np.float32]]) -> Image.Image:
+        image, saliency = item
+        assert image.decoded is not None
+        ds = sources[image.input_sop_instance_uid]
         preview = render_preview(
             image.decoded.reshape(image.decoded.shape[-2:]),
             saliency,
@@ -361,9 +375,13 @@ def _write_overlays(
             window=window_of(ds),
             max_side=OVERLAY_MAX_SIDE,
         )
-        write_png(folder / "overlays" / f"{uid}.png", preview)
-        images[uid] = preview
-    return images
+        write_png(folder / "overlays" / f"{image.input_sop_instance_uid}.png", preview)
+        return preview
+
+    workers = max(1, min(len(todo), threads or len(os.sched_getaffinity(0))))
+    with ThreadPoolExecutor(workers, thread_name_prefix="overlay") as pool:
+        previews = list(pool.map(render, todo))
+    return {image.input_sop_instance_uid: p for (image, _), p in zip(todo, previews, strict=True)}
 
 
 def _store_outputs(
