@@ -15,8 +15,9 @@ wall time of the storescu process(es). Median of the repeats after one warm-up; 
 Targets: crgate >= 1.2x dcmtk's throughput and >= 0.85x the bare SCP's.
 
 Then, unless skipped: STOW-RS with httpx against ``crgate api`` (the same 4 files, one request
-and 4 parallel requests), and the peak RSS (VmHWM) of ``crgate serve`` while 8 associations each
-push 4 such files (distinct UIDs) at once: target < 400 MB.
+and 4 parallel requests; "vs bare": its throughput / the bare pynetdicom SCP's measured above
+in the same run, with as many associations), and the peak RSS (VmHWM) of ``crgate serve``
+while 8 associations each push 4 such files (distinct UIDs) at once: target < 400 MB.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 CRGATE = Path(sys.executable).with_name("crgate")
 MB = 1e6
+BARE_SHAPE = {"1 request": "1 association", "4 requests": "4 associations"}  # STOW vs floor
 
 
 # -- receivers run as child processes of this script (``--serve KIND DIR PORT``) ----------------
@@ -413,11 +415,17 @@ def main() -> None:
     for (kind, shape), seconds in sorted(scp.items(), key=lambda kv: kv[0][1]):
         ratio = seconds / scp[("crgate SCP", shape)]
         print(f"{kind:<22} {shape:<16} {seconds:8.3f} {total / MB / seconds:8.1f} {ratio:9.2f}x")
+    if stow:
+        print(f"\n{'receiver':<22} {'requests':<16} {'seconds':>8} {'MB/s':>8} {'vs bare':>10}")
     for shape, seconds in stow.items():
-        print(f"{'crgate STOW-RS':<22} {shape:<16} {seconds:8.3f} {total / MB / seconds:8.1f}")
+        ratio = scp[("bare pynetdicom", BARE_SHAPE[shape])] / seconds
+        mbps = total / MB / seconds
+        print(f"{'crgate STOW-RS':<22} {shape:<16} {seconds:8.3f} {mbps:8.1f} {ratio:9.2f}x")
     print(
         "\n'crgate is': crgate SCP's throughput / the row's (targets >= 1.2x dcmtk, >= 0.85x bare)"
     )
+    if stow:
+        print("'vs bare': STOW-RS throughput / bare pynetdicom's, as many associations, this run")
     if rss is not None:
         before, peak, seconds, size = rss
         print(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import socket
 import time
@@ -148,6 +149,53 @@ def test_stores_every_part_and_answers_with_references(
         row = session.scalars(select(Instance)).first()
         assert row is not None and row.channel == "stow" and row.source == "testclient"
     assert stored_files(state)[0].read_bytes() in {p.read_bytes() for p in tiny_study_files}
+    assert_nothing_left(state)
+
+
+@SQLITE_ONLY
+def test_chunked_body_is_parsed_and_written_off_the_event_loop(
+    live_url: str,
+    admin_key: str,
+    state: AppState,
+    monkeypatch: pytest.MonkeyPatch,
+    tiny_study_files: list[Path],
+) -> None:
+    batches: list[int] = []  # chunks per batch handed to the worker thread
+    on_loop: list[bool] = []  # per write: was it on the event loop's thread?
+    feed, write = stow_routes._Stager.feed, stow_routes._write
+
+    def recording_feed(stager: Any, chunks: list[bytes]) -> None:
+        batches.append(len(chunks))
+        feed(stager, chunks)
+
+    def recording_write(part: Any, data: bytes) -> None:
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:  # a worker thread has no running loop
+            on_loop.append(False)
+        write(part, data)
+
+    monkeypatch.setattr(stow_routes._Stager, "feed", recording_feed)
+    monkeypatch.setattr(stow_routes, "_write", recording_write)
+    body = multipart(*(p.read_bytes() for p in tiny_study_files))
+    assert len(body) > 2 * 65536  # more than one socket read of the server
+
+    def chunks() -> Iterator[bytes]:  # chunked transfer encoding: no Content-Length
+        for i in range(0, len(body), 4096):
+            yield body[i : i + 4096]
+
+    response = httpx.post(
+        f"{live_url}/dicomweb/studies",
+        content=chunks(),
+        headers={"Authorization": f"Bearer {admin_key}", "Content-Type": STOW_TYPE},
+        timeout=30,
+    )
+    assert response.status_code == 200, response.text
+    assert len([b for b in batches if b]) > 1, batches
+    assert on_loop and not any(on_loop)
+    sent = {p.read_bytes() for p in tiny_study_files}
+    assert {f.read_bytes() for f in stored_files(state)} == sent
     assert_nothing_left(state)
 
 

@@ -1,8 +1,9 @@
 """STOW-RS (PS3.18 10.5): store instances posted as multipart/related; type="application/dicom".
 
 The body is streamed through an incremental multipart parser into staged files in
-``incoming/`` (no part is held in memory); once the closing boundary has arrived, each part goes
-through the one ingest path in a worker thread. One bad part fails alone.
+``incoming/``, in a worker thread off the event loop (no part is held in memory); once the
+closing boundary has arrived, each part goes through the one ingest path in a worker thread.
+One bad part fails alone.
 
 Answers: 200 all stored, 202 some failed, 409 none stored (each with a DICOM JSON store
 response); 400 unreadable request framing, 413 body over ``max_upload_bytes``, 415 not
@@ -11,6 +12,7 @@ multipart/related of application/dicom. A client that disconnects leaves nothing
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +55,7 @@ router = APIRouter(dependencies=[Depends(require(Role.OPERATOR))])
 
 DICOM = "application/dicom"
 MAX_PARTS = 10_000  # per request: each part is a staged file
+MAX_PENDING_BYTES = 1024**2  # body received while a batch is written, before the loop waits
 
 # Failure Reason (0008,1197) values, PS3.18 Table 10.5.3-2 / PS3.4 Annex B
 OUT_OF_RESOURCES = 0xA700
@@ -161,28 +164,72 @@ def _check_headers(request: Request, limit: int) -> str | Response:
 async def _receive(
     request: Request, boundary: str, store: InstanceStore, parts: list[_Part], limit: int
 ) -> None:
-    """Stream the body into staged files, one per part; raises InvalidInput on bad framing."""
-    parser = MultipartParser(boundary)
-    received = 0
-    current: _Part | None = None
-    async for chunk in request.stream():
-        received += len(chunk)
-        if received > limit:
-            raise _TooLarge(
-                f"the request body exceeds the limit of {limit} bytes (CRGATE_MAX_UPLOAD_BYTES)"
-            )
-        for event in parser.feed(chunk):
-            if isinstance(event, PartStart):
-                if len(parts) >= MAX_PARTS:
-                    raise _TooLarge(f"the request has more than {MAX_PARTS} parts")
-                current = _open_part(len(parts) + 1, event, store)
-                parts.append(current)
-            elif isinstance(event, PartData) and current is not None:
-                _write(current, event.data)
-            elif isinstance(event, PartEnd) and current is not None:
-                _close(current)
-                current = None
-    parser.close()
+    """Stream the body into staged files, one per part; raises InvalidInput on bad framing.
+
+    The event loop only receives and counts; parsing and writing run in a worker thread, one
+    batch of chunks at a time. Chunks that arrive while a batch is being written form the next
+    batch (at most MAX_PENDING_BYTES before the loop waits), so memory stays bounded.
+    """
+    stager = _Stager(boundary, store, parts)
+    received = pending = 0
+    batch: list[bytes] = []
+    writing: asyncio.Task[None] | None = None
+    try:
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > limit:
+                raise _TooLarge(
+                    f"the request body exceeds the limit of {limit} bytes (CRGATE_MAX_UPLOAD_BYTES)"
+                )
+            batch.append(chunk)
+            pending += len(chunk)
+            if writing is not None and (writing.done() or pending >= MAX_PENDING_BYTES):
+                done, writing = writing, None
+                await done  # raises the batch's error
+            if writing is None:
+                writing = asyncio.create_task(run_in_threadpool(stager.feed, batch))
+                batch, pending = [], 0
+        if writing is not None:
+            done, writing = writing, None
+            await done
+        await run_in_threadpool(stager.finish, batch)
+    except BaseException as exc:
+        if writing is not None:
+            await asyncio.wait({writing})  # its thread must not stage a file after _discard
+            error = None if writing.cancelled() else writing.exception()
+            if error is not None and isinstance(exc, ClientDisconnect | _TooLarge):
+                raise error from None  # earlier in the body: it wins, as in a serial parse
+        raise
+
+
+class _Stager:
+    """The multipart parser and the part being staged (used by one thread at a time)."""
+
+    def __init__(self, boundary: str, store: InstanceStore, parts: list[_Part]) -> None:
+        self.parser = MultipartParser(boundary)
+        self.store = store
+        self.parts = parts
+        self.current: _Part | None = None
+
+    def feed(self, chunks: list[bytes]) -> None:
+        """Parse ``chunks`` and write their parts' data to staged files."""
+        for chunk in chunks:
+            for event in self.parser.feed(chunk):
+                if isinstance(event, PartStart):
+                    if len(self.parts) >= MAX_PARTS:
+                        raise _TooLarge(f"the request has more than {MAX_PARTS} parts")
+                    self.current = _open_part(len(self.parts) + 1, event, self.store)
+                    self.parts.append(self.current)
+                elif isinstance(event, PartData) and self.current is not None:
+                    _write(self.current, event.data)
+                elif isinstance(event, PartEnd) and self.current is not None:
+                    _close(self.current)
+                    self.current = None
+
+    def finish(self, chunks: list[bytes]) -> None:
+        """Feed the last chunks; raises InvalidInput when the closing boundary is missing."""
+        self.feed(chunks)
+        self.parser.close()
 
 
 def _open_part(number: int, start: PartStart, store: InstanceStore) -> _Part:
