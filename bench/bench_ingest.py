@@ -206,6 +206,7 @@ def stored_files(out: Path) -> set[Path]:
         for p in out.rglob("*")
         if p.is_file()
         and "incoming" not in p.parts
+        and "locks" not in p.parts  # crgate's per-UID lock files
         and p.suffix not in (".db", ".key", ".db-wal", ".db-shm")
     }
 
