@@ -29,6 +29,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pydicom
@@ -196,12 +197,14 @@ def main() -> None:
         stack = Stack(root / "one", workers=1)
         try:
             stack.set_policy(args.cr)
-            latencies = []
+            latencies, pushes, parts = [], [], []
             for files in latency_sets:
                 uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
                 start = time.perf_counter()
                 stack.push(files).wait()
+                pushes.append(time.perf_counter() - start)
                 latencies.append(stack.wait_results([uid]) - start)
+                parts.append(job_breakdown(stack.http.get(f"/studies/{uid}/results").json()[0]))
             latency = statistics.median(latencies)
             batch = studies[args.repeats : args.repeats + args.studies]
             start = time.perf_counter()
@@ -238,6 +241,26 @@ def main() -> None:
     print(f"{'throughput, 1 worker (studies/h)':<34}{per_hour_1:>12.0f}")
     print(f"{'throughput, 2 workers (studies/h)':<34}{per_hour_2:>12.0f}")
     print(f"{'worker peak RSS (MB)':<34}{rss:>12.0f}")
+    print("where the latency goes (median over the latency runs, seconds):")
+    print(f"  {'storescu push (4 files, acknowledged)':<44}{statistics.median(pushes):>8.2f}")
+    for name in parts[0]:
+        print(f"  {name:<44}{statistics.median(p[name] for p in parts):>8.2f}")
+
+
+def job_breakdown(result: dict[str, Any]) -> dict[str, float]:
+    """The job's own timings from its result JSON: per-image stages summed over the study."""
+    images = result["images"]
+    timings = result["timings_ms"]
+    encode = sum(i["encode_ms"] for i in images) / 1000
+    metrics = sum(i["metrics_ms"] for i in images) / 1000  # output decode + PSNR/SSIM
+    classify = timings["classify"] / 1000
+    return {
+        "job: encodes at the CR": encode,
+        "job: decode outputs + PSNR/SSIM/max error": metrics,
+        "job: read, decode inputs, classify x2": classify - encode - metrics,
+        "job: overlays + 9 DICOM outputs (ingest)": timings["outputs"] / 1000,
+        "job: total": timings["total"] / 1000,
+    }
 
 
 if __name__ == "__main__":
