@@ -3,6 +3,7 @@ auto-classification at the MG policy, print the result and where the overlays ar
 
 from __future__ import annotations
 
+import secrets
 import tempfile
 import time
 from pathlib import Path
@@ -33,7 +34,9 @@ def demo(
         Path, typer.Option("--data-dir", help="the server's data directory (admin.key, results)")
     ] = Path("var"),
     size: Annotated[str, typer.Option(help="phantom size WxH")] = "3328x4096",
-    seed: Annotated[int, typer.Option(help="phantom seed")] = 1,
+    seed: Annotated[
+        int | None, typer.Option(help="phantom seed (default: a new one, so a new study)")
+    ] = None,
     timeout: Annotated[float, typer.Option(help="seconds to wait for the result")] = 300.0,
 ) -> None:
     """Push a phantom mammography study by C-STORE and show its auto-classification."""
@@ -52,6 +55,8 @@ def demo(
             raise _fail(f"crgate does not answer at {url} ({exc})") from None
         policy = _ensure_mg_auto_policy(client)
         width, height = parse_size(size)
+        if seed is None:  # the same seed gives the same UIDs: a study the server already has
+            seed = secrets.randbelow(10**9)
         with tempfile.TemporaryDirectory(prefix="crgate-demo-") as tmp:
             try:
                 write_studies(

@@ -102,3 +102,25 @@ def test_serve_stores_pushed_study_finds_it_and_stops_cleanly(
         secrets = {name, *words, str(ds.PatientID), str(ds.PatientBirthDate)}
         for secret in sorted(s for s in secrets if len(s) >= 4):
             assert secret not in log, f"the serve log contains patient data {secret!r}"
+
+
+@pytest.mark.slow
+def test_demo_pushes_a_study_and_prints_its_auto_classification(served: Served) -> None:
+    """What `make run` does after starting the server: `crgate demo` against it."""
+    command = [str(CRGATE), "demo", "--url", served.url, "--data-dir", str(served.data_dir)]
+    command += ["--dicom", f"CRGATE@127.0.0.1:{served.dicom_port}", "--size", "832x1024"]
+    command += ["--timeout", "300"]
+    env = {**os.environ, "COLUMNS": "200"}
+    runs = [subprocess.run(command, capture_output=True, text=True, env=env, timeout=400)]
+    runs.append(subprocess.run(command, capture_output=True, text=True, env=env, timeout=400))
+    studies = set()
+    for run in runs:
+        assert run.returncode == 0, run.stdout + run.stderr
+        text = run.stdout
+        assert "cnn3-phantom" in text and "P(malignant) at CR" in text
+        assert text.count("2.25.") >= 4  # the four images' SOP Instance UIDs
+        (pushed,) = [line for line in text.splitlines() if line.startswith("pushing 4 images")]
+        studies.add(pushed.split()[5])
+        overlays = [line.split()[1] for line in text.splitlines() if line.startswith("overlay: ")]
+        assert len(overlays) == 4 and all(Path(p).is_file() for p in overlays), text
+    assert len(studies) == 2, "a second demo must push (and classify) a new study"

@@ -115,11 +115,11 @@ def test_database_outage_is_retried_with_backoff_then_the_job_succeeds(
         assert job.attempts == 1  # the runs the outage stopped never took the job
 
 
+# PostgreSQL only: it needs a table lock that times out (lock_timeout); SQLite has none.
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 def test_spent_retries_fail_the_job_with_the_reason(
     ctx: JobContext, job_id: str, retries: list[Any], database_url: str
 ) -> None:
-    if database_url.startswith("sqlite"):
-        pytest.skip("needs a table lock that times out (PostgreSQL lock_timeout)")
     engine = ctx.sessions.kw["bind"]
     with engine.connect() as maintenance:  # the study's index rows stay locked throughout
         maintenance.execute(text("LOCK TABLE instances IN ACCESS EXCLUSIVE MODE"))
