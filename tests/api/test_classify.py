@@ -192,19 +192,29 @@ def test_a_retried_job_stores_one_set_of_outputs(
     assert result_id in {str(item.get("TextValue", "")) for item in sr.ContentSequence}
 
 
-def test_a_job_classifies_exactly_the_instances_it_was_made_for(
-    state: AppState, mg_study: str, mg_study_files: list[Path], tmp_path: Path
-) -> None:
-    request = prepare(
+def _request(state: AppState, study_uid: str, *, cr: float | None) -> jobs.JobRequest:
+    return prepare(
         state.job_context,
-        mg_study,
-        cr=25,
+        study_uid,
+        cr=cr,
         syntax=None,
         model=None,
         trigger=JobTrigger.API,
         requested_by=None,
     )
+
+
+def _submit(state: AppState, study_uid: str, *, cr: float) -> tuple[jobs.JobRequest, Job]:
+    """A classification job made as the API makes it, queued but not run."""
+    request = _request(state, study_uid, cr=cr)
     job, _ = jobs.submit(state.sessions, request)
+    return request, job
+
+
+def test_a_job_classifies_exactly_the_instances_it_was_made_for(
+    state: AppState, mg_study: str, mg_study_files: list[Path], tmp_path: Path
+) -> None:
+    request, job = _submit(state, mg_study, cr=25)
     late = pydicom.dcmread(mg_study_files[0])  # a fifth view arrives before the job runs
     late.SOPInstanceUID = late.file_meta.MediaStorageSOPInstanceUID = UID(new_uid())
     late.InstanceNumber = 5
@@ -223,16 +233,7 @@ def test_a_job_classifies_exactly_the_instances_it_was_made_for(
 def test_a_job_whose_images_left_the_store_fails_with_the_reason(
     state: AppState, mg_study: str
 ) -> None:
-    request = prepare(
-        state.job_context,
-        mg_study,
-        cr=25,
-        syntax=None,
-        model=None,
-        trigger=JobTrigger.API,
-        requested_by=None,
-    )
-    job, _ = jobs.submit(state.sessions, request)
+    request, job = _submit(state, mg_study, cr=25)
     gone = request.instance_uids[0]
     with state.sessions() as session, session.begin():
         session.execute(delete(Instance).where(Instance.sop_instance_uid == gone))
@@ -280,15 +281,7 @@ def test_pediatric_policy_applies_to_a_pediatric_study(
         ingest_path(state, tmp_path / f"{view}.dcm")
 
     def policy_of(study_uid: str) -> tuple[float, str]:
-        request = prepare(
-            state.job_context,
-            study_uid,
-            cr=None,
-            syntax=None,
-            model=None,
-            trigger=JobTrigger.API,
-            requested_by=None,
-        )
+        request = _request(state, study_uid, cr=None)
         return request.cr, request.policy_source
 
     cr, source = policy_of(study.study_uid)
