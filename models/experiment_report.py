@@ -1,8 +1,9 @@
 """Report of a training experiment (`crgate experiment`): results.json, one CSV per table, the
 plots as PNG and report.html, in ``<out>/<experiment>/``.
 
-- same-cr: ``table1.csv`` (AUROC and AUPRC with 95 % CI per architecture and CR) and
-  ``auroc_vs_cr.png`` (the study's Fig. 2 as AUROC against CR, one line per architecture);
+- same-cr: ``table1.csv`` (AUROC and AUPRC with 95 % CI per architecture and CR),
+  ``auroc_vs_cr.png`` (the study's Fig. 2 as AUROC against CR, one line per architecture) and
+  ``saliency.png`` (Fig. 3: M-CR1, M-CR100, M-CR5K, M-CR11K on one malignant case);
 - matrix: ``matrix_auroc.csv`` and ``matrix_auprc.csv`` (rows: models by training CR, columns:
   test CR) and ``matrix_auroc.png`` (the train x test heat map, Table 2);
 - augmentation: ``augmentation_auroc.csv``/``augmentation_auprc.csv`` (rows: models by training
@@ -37,10 +38,13 @@ def write_report(run: ExperimentRun) -> Path:
     folder = run.config.out_dir / run.experiment
     folder.mkdir(parents=True, exist_ok=True)
     data = as_dict(run)
-    _write(folder / "results.json", json.dumps(data, indent=1))
     if run.experiment == "same-cr":
         _table1(run.outcomes, folder / "table1.csv")
         _auroc_plot(run.outcomes, folder / "auroc_vs_cr.png")
+        if run.panel is not None:  # the study's Fig. 3
+            with atomic_output(folder / "saliency.png") as fh:
+                run.panel.save(fh, format="PNG")
+            data["saliency_panel"] = "saliency.png"
     else:
         name = run.experiment
         for metric in ("auroc", "auprc"):
@@ -49,6 +53,7 @@ def write_report(run: ExperimentRun) -> Path:
             _heat_map(run.outcomes, folder / "matrix_auroc.png")
         else:
             _augmentation_plot(run.outcomes, folder / "augmentation.png")
+    _write(folder / "results.json", json.dumps(data, indent=1))
     _write(folder / "report.html", render_html(data))
     return folder
 
@@ -242,11 +247,9 @@ def render_html(data: dict[str, Any]) -> str:
             f"<tr><th>{html.escape(m['label'])} ({html.escape(m['arch'])})</th>{cells}"
             f"<td>{m['epochs']}</td><td>{m['fit_seconds']:.0f}</td></tr>"
         )
-    images = "".join(
-        f'<p><img src="{name}" alt="{name}"></p>'
-        for name in FILES[data["experiment"]]
-        if name.endswith(".png")
-    )
+    pictures = [n for n in FILES[data["experiment"]] if n.endswith(".png")]
+    pictures += [data["saliency_panel"]] if data.get("saliency_panel") else []
+    images = "".join(f'<p><img src="{name}" alt="{name}"></p>' for name in pictures)
     settings = html.escape(json.dumps(data["settings"]))
     return (
         "<!doctype html><meta charset=utf-8>"

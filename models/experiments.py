@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
 from models.architectures import build
 from models.data import (
@@ -194,6 +195,7 @@ class ExperimentRun:
     outcomes: list[ModelOutcome]
     split: dict[str, int]
     seconds: float
+    panel: Image.Image | None = None  # same-cr: the study's Fig. 3 (models/experiment_panel.py)
 
 
 def run_experiment(
@@ -219,7 +221,32 @@ def run_experiment(
     if progress:
         progress(f"{experiment}: models ({planned[-1].spec.arch})", len(planned), len(planned))
     split = {"train": len(sets[0]), "validation": len(sets[1]), "test": len(sets[2])}
-    return ExperimentRun(experiment, config, outcomes, split, time.perf_counter() - started)
+    panel = None
+    if experiment == "same-cr":
+        if progress:
+            progress(f"{experiment}: saliency panel", 0, 1)
+        panel = _panel(outcomes, sets[2], cache, store, config)
+    return ExperimentRun(experiment, config, outcomes, split, time.perf_counter() - started, panel)
+
+
+def _panel(
+    outcomes: Sequence[ModelOutcome],
+    test_set: Sequence[BreastRecord],
+    cache: CompressedCache,
+    store: ModelStore,
+    config: ExperimentConfig,
+) -> Image.Image | None:
+    """Fig. 3 from the first architecture's single-CR models (see models/experiment_panel.py)."""
+    from models.experiment_panel import PANEL_CRS, same_cr_panel
+
+    arch = config.archs[0]
+    models = {}
+    for o in outcomes:
+        if o.spec.arch == arch and len(o.spec.train_crs) == 1 and o.spec.train_crs[0] in PANEL_CRS:
+            model = build(arch, cache.params.input_shape)
+            model.load_state_dict(torch.load(store.weights(o.spec), weights_only=True))
+            models[o.spec.train_crs[0]] = model
+    return same_cr_panel(models, test_set, cache, config.data_dir)
 
 
 def _fingerprint(

@@ -11,7 +11,9 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from models.experiments import ModelSpec, plan
@@ -77,6 +79,15 @@ def test_the_three_experiments_share_their_models(phantoms: Path, tmp_path: Path
     table = (tmp_path / "same-cr" / "table1.csv").read_text().splitlines()
     assert table[0].startswith("arch,model,cr,auroc") and len(table) == 4
     assert (tmp_path / "same-cr" / "auroc_vs_cr.png").read_bytes().startswith(PNG)
+    # Fig. 3: the original and M-CR1 (the only panel CR of this run) on one malignant case
+    assert same["saliency_panel"] == "saliency.png"
+    panel = Image.open(tmp_path / "same-cr" / "saliency.png")
+    assert panel.format == "PNG"
+    tile = (panel.width - 8) // 2  # two tiles of one width, 8 black columns between them
+    pixels = np.asarray(panel.convert("RGB"))
+    assert panel.width == 2 * tile + 8 and not pixels[:, tile : tile + 8].any()
+    assert pixels[:, :tile].any() and pixels[:, tile + 8 :].any()
+    assert 'src="saliency.png"' in (tmp_path / "same-cr" / "report.html").read_text()
 
     # the matrix reuses those three models and only adds the test CRs they lack
     matrix = run("matrix", phantoms, tmp_path)
