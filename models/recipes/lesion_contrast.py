@@ -11,8 +11,8 @@ encodes (models/data.py ``quick_encode``), decoded, and measured against the ori
 - lesion contrast kept: (mean inside the lesion radius - mean of the ring from 1.5 to 2.5
   radii) in the copy, divided by the same in the original (1 = intact, 0 = gone);
 - lesion detail kept: the Pearson correlation, inside 2.5 radii, of the copy's and the
-  original's high-pass (the image minus its 9x9 box blur): spicules and calcifications live
-  there; 1 = every fine structure kept.
+  original's high-pass (the image minus its box blur over 2.5 mm, whatever the pixel size):
+  spicules and calcifications live there; 1 = every fine structure kept.
 
 Printed as one table per folder (median over the views). docs/cr-study.md uses it to explain
 where the phantom experiments part from the seed study.
@@ -38,6 +38,7 @@ from services.core.dicom.pixels import load_pixels
 
 F64 = npt.NDArray[np.float64]
 STUDY_CRS = "1,15,20,25,50,100,500,1000,5000,10000,11000"
+DETAIL_MM = 2.5  # the high-pass keeps structures finer than this
 
 
 def lesion_views(data: Path, limit: int) -> list[tuple[Path, float, float, float]]:
@@ -64,11 +65,11 @@ def contrast(image: F64, cx: float, cy: float, r: float) -> float:
     return float(inside.mean() - ring.mean())
 
 
-def detail(original: F64, copy: F64, cx: float, cy: float, r: float) -> float:
+def detail(original: F64, copy: F64, cx: float, cy: float, r: float, box: int) -> float:
     yy, xx = np.ogrid[: original.shape[0], : original.shape[1]]
     near = np.hypot(xx - cx, yy - cy) <= 2.5 * r
-    a = (original - uniform_filter(original, 9))[near]
-    b = (copy - uniform_filter(copy, 9))[near]
+    a = (original - uniform_filter(original, box))[near]
+    b = (copy - uniform_filter(copy, box))[near]
     if a.std() == 0 or b.std() == 0:
         return 0.0
     return float(np.corrcoef(a, b)[0, 1])
@@ -80,6 +81,8 @@ def measure(file: Path, cx: float, cy: float, r: float, crs: list[float]) -> lis
     frame = pixels.frame_list()[0]
     original = frame.astype(np.float64)
     base = contrast(original, cx, cy, r)
+    spacing = float((ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing") or [0.1])[0])
+    box = max(3, round(DETAIL_MM / spacing) | 1)  # odd, covering DETAIL_MM
     rows = []
     for cr in crs:
         if cr == 1:
@@ -92,7 +95,7 @@ def measure(file: Path, cx: float, cy: float, r: float, crs: list[float]) -> lis
                 "cr": cr,
                 "bytes": size,
                 "contrast": contrast(copy, cx, cy, r) / base if base else float("nan"),
-                "detail": 1.0 if cr == 1 else detail(original, copy, cx, cy, r),
+                "detail": 1.0 if cr == 1 else detail(original, copy, cx, cy, r, box),
             }
         )
     return rows
