@@ -15,9 +15,9 @@ from rich.table import Table
 from rich.text import Text
 
 from services.core.codecs import OutputSyntax
-from services.core.codecs.jpeg2000 import validate_cr
 from services.core.config import get_settings
 from services.core.errors import CrgateError, InvalidParameter, OutputError
+from services.core.ratio import CompressionRatio, validate_cr
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -168,7 +168,7 @@ def _transcode_one(
     path: Path,
     output: Path | None,
     target_dir: Path,
-    cr: float,
+    cr: CompressionRatio,
     syntax: OutputSyntax,
     threads: int,
 ) -> dict[str, Any]:

@@ -34,16 +34,10 @@ def actor() -> str:
 
 
 def _sessions(data_dir: Path | None) -> sessionmaker[Session]:
-    """The index database (migrated), with the default policy in place."""
-    from services.core.db.engine import make_engine, migrate, session_factory
+    """The sessions of an existing data directory (DataDirMissing when there is none)."""
+    from services.runtime import open_index
 
-    settings = settings_from(data_dir=data_dir)
-    engine = make_engine(settings.effective_database_url)
-    migrate(engine)
-    sessions = session_factory(engine)
-    with sessions.begin() as session:
-        policies.ensure_default_policy(session, settings)
-    return sessions
+    return open_index(settings_from(data_dir=data_dir), create=False).sessions
 
 
 def _pediatric(value: str | None) -> str:

@@ -129,27 +129,28 @@ def serve(
     ae_title: AeTitle = None,
     allowed_ae: AllowedAe = None,
 ) -> None:
-    """Serve everything in one process: HTTP API and DICOM SCP on one ingest path."""
+    """Serve everything in one process: HTTP API and DICOM SCP on one ingest path (creates the
+    data directory when there is none, and says so)."""
     settings = _server_settings(data_dir, http_port, dicom_port, ae_title, allowed_ae)
-    _run(settings, http=True, dicom=True)
+    _run(settings, http=True, dicom=True, create=True)
 
 
-def _run(settings: Settings, *, http: bool, dicom: bool) -> None:
+def _run(settings: Settings, *, http: bool, dicom: bool, create: bool = False) -> None:
+    """Serve; ``create`` (serve only) makes a new data directory when there is none."""
     configure_logging(settings)
     log = logging.getLogger("crgate")
-    from services.api.state import build_state
+    from services.runtime import build_runtime, start_scp
 
     try:
-        state = build_state(settings)
+        state = build_runtime(settings, create=create)
     except CrgateError as exc:
         raise _fail(str(exc), exc.exit_code) from None
     server = None
     if dicom:
-        from services.scp.server import start_server
-
         try:
-            server = start_server(settings, state.ingestor)
+            server = start_scp(state)
         except OSError as exc:
+            state.close()
             message = f"cannot listen on DICOM port {settings.dicom_port}: {exc.strerror}"
             raise _fail(message, 5) from None
     metrics = None
@@ -207,16 +208,17 @@ def worker(
             "--beat/--no-beat", help="also run the periodic sweep (quiet studies, stale jobs)"
         ),
     ] = True,
+    queues: Annotated[
+        str,
+        typer.Option(
+            "--queues",
+            help="which jobs this worker runs: classify (and compress), sweep (CR safety "
+            "studies), or both, comma-separated",
+        ),
+    ] = "classify,sweep",
 ) -> None:
-    """Run Celery workers for classification jobs (needs CRGATE_BROKER_URL, e.g. Redis)."""
-    import os
-
-    if data_dir is not None:
-        os.environ["CRGATE_DATA_DIR"] = str(data_dir)
-    from services.core.config import get_settings
-
-    get_settings.cache_clear()
-    settings = get_settings()
+    """Run Celery workers for jobs (needs CRGATE_BROKER_URL, e.g. Redis)."""
+    settings = settings_from(data_dir=data_dir)
     configure_logging(settings)
     if not settings.broker_url:
         raise _fail(
@@ -224,60 +226,60 @@ def worker(
             " without one, `crgate serve` runs jobs in its own process",
             2,
         )
-    from services.core.contracts import QUEUE_CLASSIFY
-    from services.worker.app import celery_app
+    from services.core.contracts import QUEUE_CLASSIFY, QUEUE_SWEEP
+    from services.runtime.datadir import require_index
+    from services.worker.app import configure
 
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        require_index(settings)
+    except CrgateError as exc:
+        raise _fail(str(exc), exc.exit_code) from None
+    names = {"classify": QUEUE_CLASSIFY, "sweep": QUEUE_SWEEP}
+    wanted = [q.strip() for q in queues.split(",") if q.strip()]
+    unknown = sorted(set(wanted) - set(names))
+    if unknown or not wanted:
+        raise _fail(f"--queues: unknown queue(s) {', '.join(unknown)}; use classify, sweep", 2)
     argv = [
         "worker",
         f"--loglevel={settings.log_level.upper()}",
         f"--concurrency={concurrency}",
         "--pool=prefork",
-        f"--queues={QUEUE_CLASSIFY}",
+        f"--queues={','.join(names[q] for q in wanted)}",
         "--without-gossip",
         "--without-mingle",
     ]
     if beat:
         argv += ["--beat", f"--schedule={settings.data_dir / 'celerybeat-schedule'}"]
-    celery_app.worker_main(argv)
+    configure(settings).worker_main(argv)
 
 
 def migrate(data_dir: DataDir = None) -> None:
-    """Bring the index database to the newest schema (compose runs this once before start)."""
-    from services.core.db.engine import make_engine, session_factory
-    from services.core.db.engine import migrate as run_migrations
+    """Bring the index database to the newest schema, creating the data directory when there
+    is none (compose runs this once before start)."""
+    from services.runtime import open_index
 
     settings = settings_from(data_dir=data_dir)
     configure_logging(settings)
-    from services.core.auth import ensure_admin_key
-    from services.core.policies import ensure_default_policy
-
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
     try:
-        engine = make_engine(settings.effective_database_url)
-        run_migrations(engine)
-        sessions = session_factory(engine)
-        with sessions.begin() as session:
-            ensure_default_policy(session, settings)
-        key_file = ensure_admin_key(sessions, settings.data_dir)
+        index = open_index(settings, create=True)
     except CrgateError as exc:
         raise _fail(str(exc), exc.exit_code) from None
-    engine.dispose()
+    index.engine.dispose()
+    if index.created:
+        err.print(f"created a new crgate data directory in {settings.data_dir.resolve()}")
     err.print("database schema is up to date")
-    if key_file is not None:
-        err.print(f"created the first admin key in {key_file} (mode 0600)")
+    if index.key_file is not None:
+        err.print(f"created the first admin key in {index.key_file} (mode 0600)")
 
 
 keys_app = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
 
 
 def _key_sessions(data_dir: Path | None) -> Any:
-    from services.core.db.engine import make_engine, migrate, session_factory
+    """The sessions of an existing data directory (DataDirMissing when there is none)."""
+    from services.runtime import open_index
 
-    settings = settings_from(data_dir=data_dir)
-    engine = make_engine(settings.effective_database_url)
-    migrate(engine)
-    return session_factory(engine)
+    return open_index(settings_from(data_dir=data_dir), create=False).sessions
 
 
 @keys_app.command("create")

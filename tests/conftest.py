@@ -16,6 +16,7 @@ import pytest
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from services.core.contracts import Payload
 from services.core.db.engine import make_engine, migrate, session_factory
 from services.core.db.tables import Base
 from services.core.ingest import Ingestor
@@ -28,6 +29,17 @@ PG_ADMIN_URL = os.environ.get(
 BACKENDS = ("sqlite", "postgresql")
 TINY = PhantomConfig(width=128, height=160)
 MG = PhantomConfig(width=416, height=512)  # large enough for the classifier
+
+
+class HeldQueue:
+    """A job queue no worker takes from (a broker with every worker stopped): jobs asked for
+    stay queued, and the payloads sent are kept for the test to read."""
+
+    def __init__(self) -> None:
+        self.payloads: list[Payload] = []
+
+    def enqueue(self, payload: Payload) -> None:
+        self.payloads.append(payload)
 
 
 def free_port() -> int:

@@ -11,19 +11,19 @@ from starlette.routing import Match
 
 from services.api import problems
 from services.api.routes import classify, ops, policies, sweeps
-from services.api.state import AppState, build_state
 from services.core.config import Settings, get_settings
 from services.core.telemetry import HTTP_LATENCY
+from services.runtime import Runtime, build_runtime
 
 
-def create_app(settings: Settings | None = None, *, state: AppState | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, state: Runtime | None = None) -> FastAPI:
     """Build the app; ``state`` lets `crgate serve` share one ingest path with the SCP."""
     settings = settings or (state.settings if state else get_settings())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         owned = state is None
-        app.state.crgate = state if state is not None else build_state(settings)
+        app.state.crgate = state if state is not None else build_runtime(settings)
         yield
         if owned:
             app.state.crgate.close()

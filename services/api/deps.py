@@ -10,16 +10,16 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request
 from sqlalchemy.orm import Session
 
-from services.api.state import AppState
 from services.core.auth import Principal, Role, verify_key
+from services.runtime import Runtime
 
 
-def get_state(request: Request) -> AppState:
-    state: AppState = request.app.state.crgate
+def get_state(request: Request) -> Runtime:
+    state: Runtime = request.app.state.crgate
     return state
 
 
-StateDep = Annotated[AppState, Depends(get_state)]
+StateDep = Annotated[Runtime, Depends(get_state)]
 
 
 def get_session(state: StateDep) -> Iterator[Session]:

@@ -18,6 +18,7 @@ from services.core.errors import (
     InvalidParameter,
     NotFound,
     OutputError,
+    Unprocessable,
     UnsupportedSyntax,
 )
 
@@ -32,13 +33,18 @@ def problem(status: int, title: str, detail: str, **extra: Any) -> JSONResponse:
 
 
 def status_of(exc: CrgateError) -> int:
+    """The one mapping of core errors to HTTP statuses (routes never re-map them).
+
+    400: the request cannot be read (malformed file, query or UID); 422: it can be read but a
+    value is out of range, or the data cannot serve it (InvalidParameter, Unprocessable, codec).
+    """
     if isinstance(exc, NotFound):
         return 404
     if isinstance(exc, Conflict):
         return 409
     if isinstance(exc, UnsupportedSyntax):
         return 406
-    if isinstance(exc, InvalidParameter | CodecError):
+    if isinstance(exc, InvalidParameter | Unprocessable | CodecError):
         return 422
     if isinstance(exc, InvalidInput):
         return 400

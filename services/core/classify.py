@@ -37,16 +37,22 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from services.core import jobs
 from services.core.codecs import OutputSyntax
-from services.core.codecs.jpeg2000 import validate_cr
 from services.core.config import DuplicatePolicy, Settings
-from services.core.contracts import JobStatus, JobTrigger
+from services.core.contracts import ClassifyPayload, JobQueue, JobStatus, JobTrigger
 from services.core.db.tables import Instance, Job, Result, Series, Study
 from services.core.dicom.io import atomic_output, read_dataset
-from services.core.errors import CrgateError, InvalidInput, InvalidParameter, NotFound
+from services.core.errors import (
+    CrgateError,
+    InvalidInput,
+    InvalidParameter,
+    NotFound,
+    Unprocessable,
+)
 from services.core.inference.card import ModelCard, load_card
 from services.core.inference.runtime import Classifier, get_classifier
 from services.core.ingest import Channel, Ingestor
 from services.core.pipeline import Classification, TranscodeResult, classify_datasets
+from services.core.ratio import CompressionRatio
 from services.core.storage import InstanceStore
 
 log = logging.getLogger(__name__)
@@ -133,11 +139,51 @@ def job_instances(session: Session, job: Job) -> list[Instance]:
     return found
 
 
+def request(
+    ctx: JobContext,
+    queue: JobQueue,
+    study_uid: str,
+    *,
+    cr: CompressionRatio | None,
+    syntax: str | None,
+    model: str | None,
+    trigger: JobTrigger,
+    requested_by: str | None,
+) -> tuple[Job, bool]:
+    """Ask for a classification: the one way a route, the arrival tracker or a test makes a job.
+
+    Checks the study and resolves the CR (:func:`prepare`), records the job (the same request
+    twice gives the same job) and hands a new one to the queue. A queue that cannot take it
+    (broker down) leaves the job recorded as queued: the housekeeping pass sends it again.
+    Returns the job and whether it is new.
+    """
+    job_request = prepare(
+        ctx,
+        study_uid,
+        cr=cr,
+        syntax=syntax,
+        model=model,
+        trigger=trigger,
+        requested_by=requested_by,
+    )
+    job, created = jobs.submit(ctx.sessions, job_request)
+    if created:
+        try:
+            queue.enqueue(ClassifyPayload(job_id=job.id))
+        except (ConnectionError, OSError) as exc:
+            log.warning(
+                "job %s recorded but not sent (%s): the housekeeping pass sends it again",
+                job.id,
+                type(exc).__name__,
+            )
+    return job, created
+
+
 def prepare(
     ctx: JobContext,
     study_uid: str,
     *,
-    cr: float | None,
+    cr: CompressionRatio | None,
     syntax: str | None,
     model: str | None,
     trigger: JobTrigger,
@@ -152,7 +198,7 @@ def prepare(
             raise NotFound(f"no study {study_uid} in the store")
         instances = classifiable_instances(session, study_uid)
         if not instances:
-            raise InvalidInput(
+            raise Unprocessable(
                 f"study {study_uid} has no image the model {model} can read "
                 f"(it reads {CLASSIFIABLE_MODALITY} images)"
             )
@@ -162,7 +208,7 @@ def prepare(
             applied_cr, policy_id, source = float(resolved.cr), resolved.policy_id, resolved.source
             syntax = syntax or str(resolved.syntax)
         else:
-            applied_cr, source = validate_cr(cr), "requested"
+            applied_cr, source = cr, "requested"
     out_syntax = OutputSyntax.for_cr(applied_cr, syntax)
     return jobs.JobRequest(
         study_uid=study_uid,
@@ -249,7 +295,15 @@ def run_job(ctx: JobContext, job_id: str) -> str | None:
     log.info("job %s: study %s at CR %g (attempt %d)", job.id, job.study_uid, job.cr, job.attempts)
     try:
         with _beating(ctx.sessions, job_id) as progress:
-            result = _classify(ctx, job_id, job.study_uid, job.cr, job.syntax, job.model, progress)
+            result = _classify(
+                ctx,
+                job_id,
+                job.study_uid,
+                CompressionRatio(job.cr),
+                job.syntax,
+                job.model,
+                progress,
+            )
     except CrgateError as exc:
         jobs.fail(ctx.sessions, job_id, reason=str(exc))
         log.warning("job %s failed: %s", job_id, exc)
@@ -290,7 +344,7 @@ def _classify(
     ctx: JobContext,
     job_id: str,
     study_uid: str,
-    cr: float,
+    cr: CompressionRatio,
     syntax: str,
     model: str,
     progress: Callable[[int, int], None],

@@ -1,6 +1,6 @@
 """The wire between the API/SCP and the workers: task names, queues, payloads (IDs only).
 
-Producers send tasks by name (services/queue.py) and never import task code; the worker
+Producers send tasks by name (services/runtime/queue.py) and never import task code; the worker
 (services/worker) registers these names.
 """
 
@@ -15,6 +15,7 @@ TASK_CLASSIFY: Final = "crgate.classify_study"
 TASK_SWEEP_ARRIVALS: Final = "crgate.sweep_arrivals"
 TASK_CR_SWEEP: Final = "crgate.cr_sweep"
 QUEUE_CLASSIFY: Final = "crgate.classify"
+QUEUE_SWEEP: Final = "crgate.sweep"  # CR safety studies: long, apart from classifications
 
 
 class JobStatus(StrEnum):

@@ -6,6 +6,7 @@ CrgateError                  base: a message a person can act on
  |    +-- NoPixelData        a DICOM file without an image
  |    +-- InvalidParameter   a parameter out of range (CR <= 0, NaN, unknown syntax)
  |    +-- InvalidUID         a UID that is not a valid DICOM UID
+ |    +-- Unprocessable      a well-formed request these data cannot serve (no image to read)
  +-- CodecError              encoding or decoding failed
  |    +-- UnsupportedSyntax  no installed decoder handles the transfer syntax
  |    +-- CodecUnavailable   a required codec library is missing (names the package)
@@ -40,6 +41,10 @@ class InvalidParameter(InvalidInput):
 
 
 class InvalidUID(InvalidInput):
+    pass
+
+
+class Unprocessable(InvalidInput):
     pass
 
 

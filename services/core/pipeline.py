@@ -16,11 +16,12 @@ from pydicom.uid import UID
 
 from services.core import metrics
 from services.core.codecs import OutputSyntax
-from services.core.codecs.jpeg2000 import encode_image, validate_cr
+from services.core.codecs.jpeg2000 import encode_image
 from services.core.codecs.openjpeg import decode_codestream
 from services.core.dicom.derive import build_output
 from services.core.dicom.io import read_dataset, write_dataset
 from services.core.dicom.pixels import ImagePixels, load_pixels
+from services.core.ratio import CompressionRatio
 
 if TYPE_CHECKING:  # onnxruntime loads only when something is classified
     from services.core.inference.runtime import Classifier
@@ -64,7 +65,7 @@ class TranscodeResult:
 def transcode_dataset(
     ds: Dataset,
     *,
-    cr: float,
+    cr: CompressionRatio,
     syntax: OutputSyntax | str | None = None,
     threads: int = 0,
     source: str = "<dataset>",
@@ -75,7 +76,6 @@ def transcode_dataset(
     pixels a reader of the output file gets.
     """
     started = time.perf_counter()
-    cr = validate_cr(cr)
     out_syntax = OutputSyntax.for_cr(cr, syntax)
     pixels = load_pixels(ds, source)
     decoded_at = time.perf_counter()
@@ -143,7 +143,7 @@ def transcode_file(
     path: Path,
     out_path: Path,
     *,
-    cr: float,
+    cr: CompressionRatio,
     syntax: OutputSyntax | str | None = None,
     threads: int = 0,
 ) -> TranscodeResult:
@@ -198,7 +198,7 @@ def classify_datasets(
     datasets: list[tuple[str, Dataset]],
     classifier: Classifier,
     *,
-    cr: float,
+    cr: CompressionRatio,
     syntax: OutputSyntax | str | None = None,
     threads: int = 0,
     on_image: Callable[[int, int], None] | None = None,

@@ -29,10 +29,10 @@ from sqlalchemy.orm import Session
 
 from services.core import audit
 from services.core.codecs import OutputSyntax
-from services.core.codecs.jpeg2000 import validate_cr
 from services.core.config import Settings
 from services.core.db.tables import Policy
 from services.core.errors import Conflict, InvalidParameter, NotFound
+from services.core.ratio import validate_cr
 
 ANY = "*"
 ENTITY = "policy"  # the audit log's entity for these rows

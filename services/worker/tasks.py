@@ -18,6 +18,7 @@ from sqlalchemy.exc import OperationalError
 from services.core import jobs
 from services.core.contracts import (
     QUEUE_CLASSIFY,
+    QUEUE_SWEEP,
     TASK_CLASSIFY,
     TASK_CR_SWEEP,
     TASK_SWEEP_ARRIVALS,
@@ -116,4 +117,4 @@ class _Requeue:
         if isinstance(payload, ClassifyPayload):
             celery_app.send_task(TASK_CLASSIFY, args=[payload.job_id], queue=QUEUE_CLASSIFY)
         else:
-            celery_app.send_task(TASK_CR_SWEEP, args=[payload.sweep_id], queue=QUEUE_CLASSIFY)
+            celery_app.send_task(TASK_CR_SWEEP, args=[payload.sweep_id], queue=QUEUE_SWEEP)

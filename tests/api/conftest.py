@@ -18,10 +18,10 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from services.api.app import create_app
-from services.api.state import AppState, build_state
 from services.core.auth import Role, create_key
 from services.core.config import Settings
 from services.core.ingest import Channel
+from services.runtime import Runtime, build_runtime
 from tests.conftest import free_port
 
 
@@ -31,19 +31,19 @@ def settings(tmp_path: Path, database_url: str) -> Settings:
 
 
 @pytest.fixture
-def state(settings: Settings) -> Iterator[AppState]:
-    state = build_state(settings)
+def state(settings: Settings) -> Iterator[Runtime]:
+    state = build_runtime(settings, create=True)
     yield state
     state.close()
 
 
 @pytest.fixture
-def app(state: AppState) -> FastAPI:
+def app(state: Runtime) -> FastAPI:
     return create_app(state=state)
 
 
 @pytest.fixture
-def make_key(state: AppState) -> Callable[[Role], str]:
+def make_key(state: Runtime) -> Callable[[Role], str]:
     def make(role: Role, name: str = "test") -> str:
         with state.sessions() as session, session.begin():
             _row, token = create_key(session, name=f"{name}-{role.value}", role=role)
@@ -53,7 +53,7 @@ def make_key(state: AppState) -> Callable[[Role], str]:
 
 
 @pytest.fixture
-def admin_key(state: AppState) -> str:
+def admin_key(state: Runtime) -> str:
     return (state.settings.data_dir / "admin.key").read_text().strip()
 
 
@@ -89,13 +89,13 @@ def live_url(app: FastAPI) -> Iterator[str]:
 
 
 @pytest.fixture
-def mg_study(state: AppState, mg_study_files: list[Path]) -> str:
+def mg_study(state: Runtime, mg_study_files: list[Path]) -> str:
     uids = {_ingest(state, p) for p in mg_study_files}
     (uid,) = uids
     return uid
 
 
-def _ingest(state: AppState, path: Path) -> str:
+def _ingest(state: Runtime, path: Path) -> str:
     staged = state.store.new_staging_path()
     shutil.copyfile(path, staged)
     return state.ingestor.ingest_file(staged, channel=Channel.STOW).study_uid

@@ -11,8 +11,8 @@ from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 
 from services.api.deps import Access
-from services.api.state import AppState
 from services.core.auth import Role, revoke_key
+from services.runtime import Runtime
 
 UID = "1.2.826.0.1.3680043.8.498.1"
 
@@ -57,7 +57,7 @@ def _protected(app: FastAPI) -> list[tuple[str, str, Role]]:
 
 
 def test_protected_routes_refuse_missing_malformed_unknown_and_revoked_keys(
-    app: FastAPI, anon_client: TestClient, make_key: Callable[..., str], state: AppState
+    app: FastAPI, anon_client: TestClient, make_key: Callable[..., str], state: Runtime
 ) -> None:
     revoked = make_key(Role.ADMIN, "revoked")
     with state.sessions() as session, session.begin():
@@ -117,7 +117,7 @@ def test_a_key_of_enough_role_passes(
     assert response.status_code in (200, 204), response.text
 
 
-def test_first_start_writes_admin_key_file_0600(state: AppState) -> None:
+def test_first_start_writes_admin_key_file_0600(state: Runtime) -> None:
     key_file = state.settings.data_dir / "admin.key"
     assert key_file.stat().st_mode & 0o777 == 0o600
     assert key_file.read_text().startswith("crg_")

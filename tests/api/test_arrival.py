@@ -11,17 +11,17 @@ from typing import Any
 from fastapi.testclient import TestClient
 from sqlalchemy import update
 
-from services.api.state import AppState
-from services.core import jobs
+from services.core import classify, jobs
 from services.core.arrivals import ArrivalTracker
-from services.core.classify import prepare
-from services.core.contracts import JobTrigger
+from services.core.contracts import JobTrigger, Payload
 from services.core.db.tables import Job
 from services.core.policies import PolicyKey, set_policy
+from services.core.ratio import CompressionRatio
+from services.runtime import Runtime
 from tests.api.conftest import _ingest
 
 
-def mg_policy(state: AppState, **changes: Any) -> None:
+def mg_policy(state: Runtime, **changes: Any) -> None:
     with state.sessions() as session, session.begin():
         set_policy(session, PolicyKey.of("MG"), changes, actor="test")  # type: ignore[arg-type]
 
@@ -37,7 +37,7 @@ def results_when(client: TestClient, study_uid: str, count: int, timeout: float 
 
 
 def test_expected_count_reached_classifies_at_the_policy_cr(
-    client: TestClient, state: AppState, mg_study_files: list[Path]
+    client: TestClient, state: Runtime, mg_study_files: list[Path]
 ) -> None:
     mg_policy(state, cr=20, auto_classify=True, expected_instances=4, quiet_seconds=3600)
     for path in mg_study_files[:3]:
@@ -52,7 +52,7 @@ def test_expected_count_reached_classifies_at_the_policy_cr(
 
 
 def test_quiet_period_makes_a_study_ready(
-    client: TestClient, state: AppState, mg_study_files: list[Path]
+    client: TestClient, state: Runtime, mg_study_files: list[Path]
 ) -> None:
     mg_policy(state, cr=15, auto_classify=True, expected_instances=None, quiet_seconds=1)
     for path in mg_study_files:
@@ -67,7 +67,7 @@ def test_quiet_period_makes_a_study_ready(
 
 
 def test_late_instance_makes_a_new_result_and_keeps_the_old(
-    client: TestClient, state: AppState, mg_study_files: list[Path]
+    client: TestClient, state: Runtime, mg_study_files: list[Path]
 ) -> None:
     mg_policy(state, cr=25, auto_classify=True, expected_instances=3, quiet_seconds=3600)
     for path in mg_study_files[:3]:
@@ -81,7 +81,7 @@ def test_late_instance_makes_a_new_result_and_keeps_the_old(
 
 
 def test_no_auto_classify_means_no_job(
-    client: TestClient, state: AppState, mg_study_files: list[Path]
+    client: TestClient, state: Runtime, mg_study_files: list[Path]
 ) -> None:
     mg_policy(state, cr=25, auto_classify=False, expected_instances=4)
     for path in mg_study_files:
@@ -92,7 +92,7 @@ def test_no_auto_classify_means_no_job(
 
 
 def test_classify_without_cr_uses_the_policy(
-    client: TestClient, state: AppState, mg_study_files: list[Path]
+    client: TestClient, state: Runtime, mg_study_files: list[Path]
 ) -> None:
     mg_policy(state, cr=30, auto_classify=False)
     for path in mg_study_files:
@@ -102,23 +102,30 @@ def test_classify_without_cr_uses_the_policy(
     assert body["result"]["policy"].startswith("policy ")
 
 
+class BrokerDown:
+    """The producer side of a queue whose broker refuses connections."""
+
+    def enqueue(self, payload: Payload) -> None:
+        raise ConnectionError("the broker did not take the task: connection refused")
+
+
 def test_sweep_sends_again_a_job_whose_message_was_lost(
-    client: TestClient, state: AppState, mg_study_files: list[Path]
+    client: TestClient, state: Runtime, mg_study_files: list[Path]
 ) -> None:
     """Sending the task failed after the job was made (broker down): it would stay queued
     forever; once queued longer than CRGATE_JOB_STALE_SECONDS the sweep sends it again."""
     for path in mg_study_files:
         study_uid = _ingest(state, path)
-    request = prepare(
+    job, created = classify.request(  # the broker is down: the job is recorded, not sent
         state.job_context,
+        BrokerDown(),
         study_uid,
-        cr=25,
+        cr=CompressionRatio(25),
         syntax=None,
         model=None,
         trigger=JobTrigger.API,
         requested_by=None,
     )
-    job, created = jobs.submit(state.sessions, request)  # and never enqueued
     assert created
     tracker = ArrivalTracker(state.job_context, state.queue)
     tracker.sweep()  # queued only just now: left alone

@@ -16,8 +16,7 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import UID, JPEG2000Lossless
 from sqlalchemy import delete, select, update
 
-from services.api.state import AppState
-from services.core import jobs
+from services.core import classify, jobs
 from services.core.auth import Role
 from services.core.classify import prepare, run_job
 from services.core.contracts import JobTrigger
@@ -26,18 +25,21 @@ from services.core.dicom.uids import new_uid
 from services.core.ingest import Channel
 from services.core.phantom import PhantomConfig, generate_study
 from services.core.policies import PolicyKey, set_policy
+from services.core.ratio import CompressionRatio
+from services.runtime import Runtime
+from tests.conftest import HeldQueue
 
 MG = PhantomConfig(width=416, height=512)
 
 
-def ingest_path(state: AppState, path: Path) -> str:
+def ingest_path(state: Runtime, path: Path) -> str:
     staged = state.store.new_staging_path()
     shutil.copyfile(path, staged)
     return state.ingestor.ingest_file(staged, channel=Channel.STOW).study_uid
 
 
 def test_classify_waits_for_the_result_and_stores_outputs(
-    client: TestClient, state: AppState, mg_study: str
+    client: TestClient, state: Runtime, mg_study: str
 ) -> None:
     response = client.post(f"/studies/{mg_study}/classify", params={"cr": 25, "wait": 120})
     assert response.status_code == 200, response.text
@@ -122,7 +124,7 @@ def test_bad_study_uid_is_refused(client: TestClient) -> None:
     assert response.status_code == 422
 
 
-def test_study_without_mammograms_is_422(client: TestClient, state: AppState) -> None:
+def test_study_without_mammograms_is_422(client: TestClient, state: Runtime) -> None:
     uid = ingest_path(state, Path(str(get_testdata_file("CT_small.dcm"))))
     response = client.post(f"/studies/{uid}/classify", params={"cr": 25})
     assert response.status_code == 422
@@ -151,14 +153,14 @@ def test_viewer_cannot_start_a_job(
     assert response.status_code == 403
 
 
-def worker_objects(state: AppState) -> set[str]:
+def worker_objects(state: Runtime) -> set[str]:
     with state.sessions() as session:
         rows = session.scalars(select(Instance).where(Instance.channel == "worker")).all()
     return {r.sop_instance_uid for r in rows}
 
 
 def test_a_retried_job_stores_one_set_of_outputs(
-    client: TestClient, state: AppState, mg_study: str
+    client: TestClient, state: Runtime, mg_study: str
 ) -> None:
     """A worker died after storing the outputs, before the result: the retry (attempt 2)
     stores the same objects again, and the SR names the result the retry made."""
@@ -192,29 +194,27 @@ def test_a_retried_job_stores_one_set_of_outputs(
     assert result_id in {str(item.get("TextValue", "")) for item in sr.ContentSequence}
 
 
-def _request(state: AppState, study_uid: str, *, cr: float | None) -> jobs.JobRequest:
-    return prepare(
+def _submit(state: Runtime, study_uid: str, *, cr: float) -> tuple[list[str], Job]:
+    """A classification job asked for as the API asks, queued but not run; and the instances
+    it was made for."""
+    job, _ = classify.request(
         state.job_context,
+        HeldQueue(),
         study_uid,
-        cr=cr,
+        cr=CompressionRatio(cr),
         syntax=None,
         model=None,
         trigger=JobTrigger.API,
         requested_by=None,
     )
-
-
-def _submit(state: AppState, study_uid: str, *, cr: float) -> tuple[jobs.JobRequest, Job]:
-    """A classification job made as the API makes it, queued but not run."""
-    request = _request(state, study_uid, cr=cr)
-    job, _ = jobs.submit(state.sessions, request)
-    return request, job
+    assert job.instance_uids is not None
+    return list(job.instance_uids), job
 
 
 def test_a_job_classifies_exactly_the_instances_it_was_made_for(
-    state: AppState, mg_study: str, mg_study_files: list[Path], tmp_path: Path
+    state: Runtime, mg_study: str, mg_study_files: list[Path], tmp_path: Path
 ) -> None:
-    request, job = _submit(state, mg_study, cr=25)
+    instance_uids, job = _submit(state, mg_study, cr=25)
     late = pydicom.dcmread(mg_study_files[0])  # a fifth view arrives before the job runs
     late.SOPInstanceUID = late.file_meta.MediaStorageSOPInstanceUID = UID(new_uid())
     late.InstanceNumber = 5
@@ -226,15 +226,15 @@ def test_a_job_classifies_exactly_the_instances_it_was_made_for(
         row = session.get(Result, result_id)
         assert row is not None
         read = [image["input_sop_instance_uid"] for image in row.payload["images"]]
-    assert sorted(read) == sorted(request.instance_uids) and len(read) == 4
+    assert sorted(read) == sorted(instance_uids) and len(read) == 4
     assert str(late.SOPInstanceUID) not in read
 
 
 def test_a_job_whose_images_left_the_store_fails_with_the_reason(
-    state: AppState, mg_study: str
+    state: Runtime, mg_study: str
 ) -> None:
-    request, job = _submit(state, mg_study, cr=25)
-    gone = request.instance_uids[0]
+    instance_uids, job = _submit(state, mg_study, cr=25)
+    gone = instance_uids[0]
     with state.sessions() as session, session.begin():
         session.execute(delete(Instance).where(Instance.sop_instance_uid == gone))
     assert run_job(state.job_context, job.id) is None
@@ -245,7 +245,7 @@ def test_a_job_whose_images_left_the_store_fails_with_the_reason(
 
 
 def test_a_corrupt_mammogram_fails_the_job_with_a_readable_reason(
-    client: TestClient, state: AppState, mg_study_files: list[Path], tmp_path: Path
+    client: TestClient, state: Runtime, mg_study_files: list[Path], tmp_path: Path
 ) -> None:
     """A permanent failure: the job fails at once (no retry), with why, over the API."""
     for index, path in enumerate(mg_study_files):
@@ -269,7 +269,7 @@ def test_a_corrupt_mammogram_fails_the_job_with_a_readable_reason(
 
 
 def test_pediatric_policy_applies_to_a_pediatric_study(
-    state: AppState, mg_study: str, tmp_path: Path
+    state: Runtime, mg_study: str, tmp_path: Path
 ) -> None:
     with state.sessions() as session, session.begin():
         set_policy(session, PolicyKey.of("MG"), {"cr": 20}, actor="test")
@@ -281,7 +281,15 @@ def test_pediatric_policy_applies_to_a_pediatric_study(
         ingest_path(state, tmp_path / f"{view}.dcm")
 
     def policy_of(study_uid: str) -> tuple[float, str]:
-        request = _request(state, study_uid, cr=None)
+        request = prepare(
+            state.job_context,
+            study_uid,
+            cr=None,
+            syntax=None,
+            model=None,
+            trigger=JobTrigger.API,
+            requested_by=None,
+        )
         return request.cr, request.policy_source
 
     cr, source = policy_of(study.study_uid)

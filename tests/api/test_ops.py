@@ -10,10 +10,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from services.api.app import create_app
-from services.api.state import AppState, build_state
 from services.core.config import Settings
 from services.core.errors import NotDicom
 from services.core.ingest import Channel
+from services.runtime import Runtime, build_runtime
 
 
 def metric(text: str, name: str, **labels: str) -> float:
@@ -27,7 +27,7 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 
 def test_metrics_count_ingests_by_channel_and_failures_by_reason(
-    client: TestClient, state: AppState, tiny_study_files: list[Path]
+    client: TestClient, state: Runtime, tiny_study_files: list[Path]
 ) -> None:
     before = client.get("/metrics").text
     try:
@@ -65,7 +65,7 @@ def test_readyz_reports_an_unreachable_broker(tmp_path: Path) -> None:
         database_url=f"sqlite:///{tmp_path / 'i.db'}",
         broker_url="redis://127.0.0.1:1/0",
     )
-    state = build_state(settings)
+    state = build_runtime(settings, create=True)
     try:
         with TestClient(create_app(state=state)) as c:
             response = c.get("/readyz")
@@ -83,7 +83,7 @@ def test_anonymous_read_is_off_by_default_and_opens_only_reads(tmp_path: Path) -
             database_url=f"sqlite:///{tmp_path / f'i-{enabled}.db'}",
             anonymous_read=enabled,
         )
-        state = build_state(settings)
+        state = build_runtime(settings, create=True)
         try:
             with TestClient(create_app(state=state)) as c:
                 qido = c.get("/dicomweb/studies")

@@ -13,10 +13,10 @@ import requests
 from dicomweb_client.api import DICOMwebClient
 from fastapi.testclient import TestClient
 
-from services.api.state import AppState
 from services.core.db import qido as qido_core
 from services.core.dicom.uids import new_uid
 from services.core.ingest import Channel
+from services.runtime import Runtime
 from tests.api.test_stow import SQLITE_ONLY, new_study, variant
 
 MG_CLASS = "1.2.840.10008.5.1.4.1.1.1.2"
@@ -57,7 +57,7 @@ class Studies:
 
 
 @pytest.fixture
-def studies(state: AppState, tiny_study_files: list[Path]) -> Studies:
+def studies(state: Runtime, tiny_study_files: list[Path]) -> Studies:
     ingest = state.ingestor.ingest_dataset
     for path in tiny_study_files:
         ingest(pydicom.dcmread(path), channel=Channel.CLI)
@@ -374,7 +374,7 @@ def test_xml_only_accept_is_406(client: TestClient) -> None:
 
 
 def test_dicomweb_client_stores_then_searches(
-    live_url: str, admin_key: str, state: AppState, tiny_study_files: list[Path]
+    live_url: str, admin_key: str, state: Runtime, tiny_study_files: list[Path]
 ) -> None:
     client = DICOMwebClient(
         url=f"{live_url}/dicomweb", headers={"Authorization": f"Bearer {admin_key}"}

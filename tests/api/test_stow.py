@@ -20,10 +20,10 @@ from pydicom.dataset import Dataset
 from sqlalchemy import func, select
 
 from services.api.dicomweb import stow as stow_routes
-from services.api.state import AppState
 from services.core.db.tables import Instance
 from services.core.dicom.multipart import iter_multipart
 from services.core.dicom.uids import new_uid
+from services.runtime import Runtime
 
 BOUNDARY = "crgate-test-boundary"
 STOW_TYPE = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
@@ -89,11 +89,11 @@ def stow(
     return client.post(path, content=multipart(*parts), headers={"Content-Type": STOW_TYPE})
 
 
-def stored_files(state: AppState) -> list[Path]:
+def stored_files(state: Runtime) -> list[Path]:
     return sorted(p for p in state.store.instances.rglob("*") if p.is_file())
 
 
-def instance_rows(state: AppState) -> int:
+def instance_rows(state: Runtime) -> int:
     with state.sessions() as session:
         return int(session.scalar(select(func.count()).select_from(Instance)) or 0)
 
@@ -112,7 +112,7 @@ def value(item: dict[str, Any], tag: str) -> Any:
     return item[tag]["Value"][0]
 
 
-def assert_nothing_left(state: AppState) -> None:
+def assert_nothing_left(state: Runtime) -> None:
     assert state.store.leftover_staging() == []
 
 
@@ -128,7 +128,7 @@ def wait_for(condition: Callable[[], object], what: str, timeout: float = 15.0) 
 
 
 def test_stores_every_part_and_answers_with_references(
-    client: TestClient, state: AppState, tiny_study_files: list[Path]
+    client: TestClient, state: Runtime, tiny_study_files: list[Path]
 ) -> None:
     response = stow(client, *(p.read_bytes() for p in tiny_study_files))
     assert response.status_code == 200, response.text
@@ -156,7 +156,7 @@ def test_stores_every_part_and_answers_with_references(
 def test_chunked_body_is_parsed_and_written_off_the_event_loop(
     live_url: str,
     admin_key: str,
-    state: AppState,
+    state: Runtime,
     monkeypatch: pytest.MonkeyPatch,
     tiny_study_files: list[Path],
 ) -> None:
@@ -200,7 +200,7 @@ def test_chunked_body_is_parsed_and_written_off_the_event_loop(
 
 
 def test_store_into_named_study(
-    client: TestClient, state: AppState, tiny_study_files: list[Path]
+    client: TestClient, state: Runtime, tiny_study_files: list[Path]
 ) -> None:
     study = str(pydicom.dcmread(tiny_study_files[0]).StudyInstanceUID)
     response = stow(client, tiny_study_files[0].read_bytes(), path=f"/dicomweb/studies/{study}")
@@ -209,7 +209,7 @@ def test_store_into_named_study(
 
 
 def test_part_of_another_study_than_the_path_names_fails(
-    client: TestClient, state: AppState, tiny_study_files: list[Path]
+    client: TestClient, state: Runtime, tiny_study_files: list[Path]
 ) -> None:
     other = new_uid()
     response = stow(
@@ -228,7 +228,7 @@ def test_part_of_another_study_than_the_path_names_fails(
 
 
 def test_duplicate_same_bytes_is_success_twice_and_altered_bytes_fail(
-    client: TestClient, state: AppState, tiny_study_files: list[Path]
+    client: TestClient, state: Runtime, tiny_study_files: list[Path]
 ) -> None:
     original = tiny_study_files[0].read_bytes()
     for _ in range(2):
@@ -261,7 +261,7 @@ def test_duplicate_same_bytes_is_success_twice_and_altered_bytes_fail(
 
 @SQLITE_ONLY
 def test_non_dicom_part_fails_alone(
-    client: TestClient, state: AppState, tiny_study_files: list[Path]
+    client: TestClient, state: Runtime, tiny_study_files: list[Path]
 ) -> None:
     response = stow(client, tiny_study_files[0].read_bytes(), b"this is not DICOM" * 100)
     assert response.status_code == 202, response.text
@@ -278,7 +278,7 @@ def test_non_dicom_part_fails_alone(
 
 @SQLITE_ONLY
 def test_part_of_another_media_type_fails_alone(
-    client: TestClient, state: AppState, tiny_study_files: list[Path]
+    client: TestClient, state: Runtime, tiny_study_files: list[Path]
 ) -> None:
     response = stow(
         client,
@@ -294,7 +294,7 @@ def test_part_of_another_media_type_fails_alone(
 
 @SQLITE_ONLY
 def test_part_declaring_another_transfer_syntax_fails(
-    client: TestClient, state: AppState, tiny_study_files: list[Path]
+    client: TestClient, state: Runtime, tiny_study_files: list[Path]
 ) -> None:
     data = tiny_study_files[0].read_bytes()  # Explicit VR Little Endian
     declared = "application/dicom; transfer-syntax=1.2.840.10008.1.2.4.90"
@@ -312,7 +312,7 @@ def test_part_declaring_another_transfer_syntax_fails(
 @SQLITE_ONLY
 def test_too_many_parts_is_413(
     client: TestClient,
-    state: AppState,
+    state: Runtime,
     monkeypatch: pytest.MonkeyPatch,
     tiny_study_files: list[Path],
 ) -> None:
@@ -326,7 +326,7 @@ def test_too_many_parts_is_413(
 
 @SQLITE_ONLY
 def test_truncated_part_fails(
-    client: TestClient, state: AppState, tiny_study_files: list[Path]
+    client: TestClient, state: Runtime, tiny_study_files: list[Path]
 ) -> None:
     data = tiny_study_files[0].read_bytes()
     response = stow(client, data[: len(data) // 2])
@@ -340,7 +340,7 @@ def test_truncated_part_fails(
 
 @SQLITE_ONLY
 def test_part_without_required_uids_fails(
-    client: TestClient, state: AppState, tiny_study_files: list[Path]
+    client: TestClient, state: Runtime, tiny_study_files: list[Path]
 ) -> None:
     ds = variant(tiny_study_files[0], SeriesInstanceUID=None)
     response = stow(client, encode(ds))
@@ -354,7 +354,7 @@ def test_part_without_required_uids_fails(
 
 @SQLITE_ONLY
 def test_path_traversal_uid_is_refused_and_writes_nothing_outside(
-    client: TestClient, state: AppState, tiny_study_files: list[Path], tmp_path: Path
+    client: TestClient, state: Runtime, tiny_study_files: list[Path], tmp_path: Path
 ) -> None:
     evil = "../../../../../../outside"
     ds = variant(tiny_study_files[0], SOPInstanceUID=evil)
@@ -394,7 +394,7 @@ def test_invalid_study_uid_in_path_is_400(client: TestClient, tiny_study_files: 
     ],
 )
 def test_wrong_content_type_is_415(
-    client: TestClient, state: AppState, tiny_study_files: list[Path], content_type: str
+    client: TestClient, state: Runtime, tiny_study_files: list[Path], content_type: str
 ) -> None:
     response = client.post(
         "/dicomweb/studies",
@@ -420,7 +420,7 @@ def test_wrong_content_type_is_415(
 )
 def test_malformed_or_mismatched_boundary_is_400(
     client: TestClient,
-    state: AppState,
+    state: Runtime,
     tiny_study_files: list[Path],
     content_type: str,
     body_boundary: str,
@@ -438,7 +438,7 @@ def test_malformed_or_mismatched_boundary_is_400(
 
 @SQLITE_ONLY
 def test_body_without_closing_boundary_is_400_and_stores_nothing(
-    client: TestClient, state: AppState, tiny_study_files: list[Path]
+    client: TestClient, state: Runtime, tiny_study_files: list[Path]
 ) -> None:
     body = multipart(*(p.read_bytes() for p in tiny_study_files[:2]))
     body = body[: -len(f"--{BOUNDARY}--\r\n")]
@@ -462,7 +462,7 @@ def test_body_with_no_parts_is_400(client: TestClient) -> None:
 
 @SQLITE_ONLY
 def test_oversized_body_by_content_length_is_413(
-    client: TestClient, state: AppState, tiny_study_files: list[Path]
+    client: TestClient, state: Runtime, tiny_study_files: list[Path]
 ) -> None:
     state.settings.max_upload_bytes = 50_000
     body = multipart(*(p.read_bytes() for p in tiny_study_files))
@@ -476,7 +476,7 @@ def test_oversized_body_by_content_length_is_413(
 
 @SQLITE_ONLY
 def test_oversized_chunked_body_is_413_while_streaming(
-    client: TestClient, state: AppState, tiny_study_files: list[Path]
+    client: TestClient, state: Runtime, tiny_study_files: list[Path]
 ) -> None:
     state.settings.max_upload_bytes = 50_000
     body = multipart(*(p.read_bytes() for p in tiny_study_files))
@@ -494,7 +494,7 @@ def test_oversized_chunked_body_is_413_while_streaming(
 
 
 def test_client_disconnecting_mid_body_leaves_nothing_and_server_keeps_serving(
-    live_url: str, admin_key: str, state: AppState, tiny_study_files: list[Path]
+    live_url: str, admin_key: str, state: Runtime, tiny_study_files: list[Path]
 ) -> None:
     auth = {"Authorization": f"Bearer {admin_key}"}
     body = multipart(*(p.read_bytes() for p in tiny_study_files))

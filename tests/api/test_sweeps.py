@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from services.api.state import AppState
 from services.core.auth import Role
 from services.core.ingest import Channel
 from services.core.phantom import PhantomConfig, generate_study
+from services.runtime import Runtime
 
 SIZE = PhantomConfig(width=416, height=512)
 
@@ -38,7 +38,7 @@ def labelled_studies(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Pat
     return files, rows
 
 
-def store(state: AppState, files: list[Path]) -> None:
+def store(state: Runtime, files: list[Path]) -> None:
     for path in files:
         staged = state.store.new_staging_path()
         shutil.copyfile(path, staged)
@@ -58,7 +58,7 @@ def body(rows: list[dict[str, Any]], **changes: Any) -> dict[str, Any]:
 
 def test_sweep_runs_as_a_job_and_serves_its_report(
     client: TestClient,
-    state: AppState,
+    state: Runtime,
     labelled_studies: tuple[list[Path], list[dict]],  # type: ignore[type-arg]
 ) -> None:
     files, rows = labelled_studies
@@ -88,7 +88,7 @@ def test_sweep_runs_as_a_job_and_serves_its_report(
 
 def test_bad_sweep_requests(
     client: TestClient,
-    state: AppState,
+    state: Runtime,
     labelled_studies: tuple[list[Path], list[dict]],  # type: ignore[type-arg]
 ) -> None:
     files, rows = labelled_studies

@@ -24,16 +24,16 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import get_frame
 from pydicom.uid import JPEG2000, ExplicitVRLittleEndian, JPEG2000Lossless
 
-from services.api.state import AppState
 from services.core.codecs.openjpeg import decode_codestream
 from services.core.ingest import Channel
+from services.runtime import Runtime
 from tests.dicomtools import gdcm_decode
 
 EVRLE = str(ExplicitVRLittleEndian)
 DICOM_TS = 'multipart/related; type="application/dicom"; transfer-syntax={}'
 
 
-def ingest(state: AppState, path: Path) -> Dataset:
+def ingest(state: Runtime, path: Path) -> Dataset:
     staged = state.store.new_staging_path()
     shutil.copyfile(path, staged)
     state.ingestor.ingest_file(staged, channel=Channel.CLI)
@@ -47,7 +47,7 @@ def pydicom_file(name: str) -> Path:
 
 
 @pytest.fixture
-def study(state: AppState, tiny_study_files: list[Path]) -> dict[str, Dataset]:
+def study(state: Runtime, tiny_study_files: list[Path]) -> dict[str, Dataset]:
     """The tiny phantom study, stored; SOP Instance UID -> original dataset."""
     datasets = [ingest(state, p) for p in tiny_study_files]
     return {str(ds.SOPInstanceUID): ds for ds in datasets}
@@ -204,7 +204,7 @@ def test_jpeg2000_transfer_syntaxes_are_lossless_and_gdcm_decodes_them(
 
 
 def test_stored_jpeg2000_instance_as_stored_and_decompressed(
-    state: AppState, client: TestClient, live_url: str, admin_key: str
+    state: Runtime, client: TestClient, live_url: str, admin_key: str
 ) -> None:
     path = pydicom_file("JPEG2000.dcm")
     original = ingest(state, path)
@@ -234,7 +234,7 @@ def test_stored_jpeg2000_instance_as_stored_and_decompressed(
     assert raw == original.pixel_array.astype("<i2").tobytes()
 
 
-def test_multiframe_instance_frames(state: AppState, client: TestClient) -> None:
+def test_multiframe_instance_frames(state: Runtime, client: TestClient) -> None:
     original = ingest(state, pydicom_file("SC_rgb_rle_2frame.dcm"))
     response = client.get(url(original, "/frames/2,1"))
     assert response.status_code == 200, response.text
@@ -321,7 +321,7 @@ def test_unknown_uids_are_404_and_malformed_ones_400(
 
 
 def test_missing_file_is_404_and_logged(
-    study: dict[str, Dataset], state: AppState, client: TestClient, caplog: pytest.LogCaptureFixture
+    study: dict[str, Dataset], state: Runtime, client: TestClient, caplog: pytest.LogCaptureFixture
 ) -> None:
     ds = first(study)
     path = state.store.absolute(
@@ -375,7 +375,7 @@ def test_frame_numbers_out_of_range_or_malformed(
 
 
 def test_rendered_window_and_monochrome1(
-    state: AppState, study: dict[str, Dataset], client: TestClient, tmp_path: Path
+    state: Runtime, study: dict[str, Dataset], client: TestClient, tmp_path: Path
 ) -> None:
     ds = first(study)
     c, w = float(ds.WindowCenter) + 100, float(ds.WindowWidth) / 2

@@ -27,7 +27,14 @@ runner = CliRunner()
 
 @pytest.fixture
 def crgate(tmp_path: Path, database_url: str) -> CliRunnerCall:
-    return CliRunnerCall(tmp_path / "var", database_url)
+    call = CliRunnerCall(tmp_path / "var", database_url)
+    made = runner.invoke(
+        app,
+        ["migrate", "--data-dir", str(call.data_dir)],
+        env={"CRGATE_DATABASE_URL": database_url},
+    )
+    assert made.exit_code == 0, made.output
+    return call
 
 
 class CliRunnerCall:
@@ -169,12 +176,14 @@ def test_delete(crgate: CliRunnerCall) -> None:
 
 def test_console_script_has_the_policy_commands(tmp_path: Path) -> None:
     assert CRGATE.exists(), f"{CRGATE} is missing: pip install -e . into the venv"
-    done = subprocess.run(
-        [str(CRGATE), "policy", "preset", "DRG", "--data-dir", str(tmp_path / "var")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={"PATH": str(CRGATE.parent), "HOME": str(tmp_path), "USER": "tester"},
-    )
-    assert done.returncode == 0, done.stderr
+    env = {"PATH": str(CRGATE.parent), "HOME": str(tmp_path), "USER": "tester"}
+    for command in (["migrate"], ["policy", "preset", "DRG"]):
+        done = subprocess.run(
+            [str(CRGATE), *command, "--data-dir", str(tmp_path / "var")],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+        )
+        assert done.returncode == 0, done.stderr
     assert "preset DRG:" in done.stderr and "created" in done.stderr

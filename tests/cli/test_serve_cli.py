@@ -47,8 +47,58 @@ def verify(data_dir: Path, token: str) -> Role | None:
         engine.dispose()
 
 
+def test_migrate_creates_a_data_directory_and_says_so(tmp_path: Path) -> None:
+    data_dir = tmp_path / "var"
+    made = invoke("migrate", "--data-dir", str(data_dir))
+    assert made.exit_code == 0, made.output
+    assert f"created a new crgate data directory in {data_dir}" in made.stderr
+    assert (data_dir / "crgate.db").is_file() and (
+        data_dir / "admin.key"
+    ).stat().st_mode & 0o777 == 0o600
+    again = invoke("migrate", "--data-dir", str(data_dir))
+    assert again.exit_code == 0 and "created" not in again.stderr
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("keys", "create", "--role", "operator", "--name", "ci"),
+        ("keys", "list"),
+        ("keys", "revoke", "1"),
+        ("policy", "list"),
+        ("policy", "preset", "DRG"),
+    ],
+)
+def test_a_command_in_the_wrong_folder_stops_and_creates_nothing(
+    tmp_path: Path, command: tuple[str, ...]
+) -> None:
+    """Before: `crgate keys create` in the wrong folder made an empty database there and
+    printed "created key 1" for a key that worked nowhere."""
+    wrong = tmp_path / "not-a-data-dir"
+    result = invoke(*command, "--data-dir", str(wrong))
+    assert result.exit_code == 2, result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: no crgate data directory at {wrong}")
+    assert "crgate migrate" in line
+    assert not wrong.exists() or not any(wrong.iterdir())
+    assert "created key" not in result.output
+
+
+@pytest.mark.parametrize("command", ["api", "scp", "worker"])
+def test_servers_other_than_serve_need_an_existing_data_directory(
+    tmp_path: Path, command: str
+) -> None:
+    env = {**ENV, "CRGATE_BROKER_URL": "redis://127.0.0.1:6379/15"}
+    wrong = tmp_path / "nothing-here"
+    result = runner.invoke(app, [command, "--data-dir", str(wrong)], env=env)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(f"error: no crgate data directory at {wrong}")
+    assert not (wrong / "crgate.db").exists()
+
+
 def test_keys_create_list_revoke(tmp_path: Path) -> None:
     data_dir = str(tmp_path / "var")
+    assert invoke("migrate", "--data-dir", data_dir).exit_code == 0
     created = invoke("keys", "create", "--role", "operator", "--name", "ci", "--data-dir", data_dir)
     assert created.exit_code == 0, created.output
     (token,) = created.stdout.split()  # stdout holds the key alone, once
@@ -73,6 +123,7 @@ def test_keys_create_list_revoke(tmp_path: Path) -> None:
 
 
 def test_revoking_an_unknown_key_fails(tmp_path: Path) -> None:
+    assert invoke("migrate", "--data-dir", str(tmp_path / "var")).exit_code == 0
     result = invoke("keys", "revoke", "nosuchkey", "--data-dir", str(tmp_path / "var"))
     assert result.exit_code != 0
     assert result.stderr.startswith("error: no API key")

@@ -12,7 +12,7 @@ import pytest
 from glymur.lib import openjp2
 
 from services.core.codecs import OutputSyntax
-from services.core.codecs.jpeg2000 import CR_TOLERANCE, PixelLayout, encode_image, validate_cr
+from services.core.codecs.jpeg2000 import CR_TOLERANCE, PixelLayout, encode_image
 from services.core.codecs.openjpeg import (
     EncodeParams,
     decode_codestream,
@@ -23,6 +23,7 @@ from services.core.codecs.openjpeg import (
 from services.core.dicom.pixels import load_pixels
 from services.core.errors import CodecError, CodecUnavailable, InvalidParameter
 from services.core.phantom import PhantomConfig, generate_study
+from services.core.ratio import validate_cr
 
 TEST_FILES = Path(pydicom.data.__file__).parent / "test_files"
 

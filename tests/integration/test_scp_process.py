@@ -35,6 +35,10 @@ def test_scp_process_serves_its_dimse_metrics(tmp_path: Path, tiny_study_files: 
     data_dir, log = tmp_path / "var", tmp_path / "scp.log"
     dicom_port, metrics_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CRGATE_")}
+    made = subprocess.run(  # as compose does: migrate once, then the services
+        [str(CRGATE), "migrate", "--data-dir", str(data_dir)], env=env, capture_output=True
+    )
+    assert made.returncode == 0, made.stderr
     command = [str(CRGATE), "scp", "--data-dir", str(data_dir), "--dicom-port", str(dicom_port)]
     command += ["--metrics-port", str(metrics_port)]
     with log.open("wb") as fh:

@@ -17,17 +17,17 @@ from celery.signals import task_retry
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 
-from services.core import jobs
-from services.core.classify import JobContext, prepare
+from services.core import classify, jobs
+from services.core.classify import JobContext
 from services.core.config import Settings
 from services.core.contracts import JobStatus, JobTrigger
-from services.core.db.engine import make_engine, migrate, session_factory
-from services.core.ingest import Channel, Ingestor
-from services.core.policies import ensure_default_policy
-from services.core.storage import InstanceStore
+from services.core.db.engine import make_engine
+from services.core.ingest import Channel
+from services.core.ratio import CompressionRatio
+from services.runtime import build_job_context
 from services.worker import app as worker_app
 from services.worker.tasks import classify_study
-from tests.conftest import free_port
+from tests.conftest import HeldQueue, free_port
 
 LOCK_TIMEOUT_MS = 200
 
@@ -46,16 +46,8 @@ def job_engine(database_url: str) -> Engine:
 def ctx(database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[JobContext]:
     """This process as a worker process: its JobContext (what worker_process_init makes)."""
     settings = Settings(data_dir=tmp_path / "var", database_url=database_url, threads=1)
-    store = InstanceStore(settings.data_dir)
-    store.ensure()
     engine = job_engine(database_url)
-    migrate(engine)
-    sessions = session_factory(engine)
-    with sessions.begin() as session:
-        ensure_default_policy(session, settings)
-    context = JobContext(
-        settings=settings, sessions=sessions, store=store, ingestor=Ingestor(store, sessions)
-    )
+    context = build_job_context(settings, create=True, engine=engine)
     monkeypatch.setattr(worker_app, "_context", context)
     yield context
     engine.dispose()
@@ -67,10 +59,16 @@ def job_id(ctx: JobContext, mg_study_files: list[Path]) -> str:
         staged = ctx.store.new_staging_path()
         staged.write_bytes(path.read_bytes())
         study_uid = ctx.ingestor.ingest_file(staged, channel=Channel.STOW).study_uid
-    request = prepare(
-        ctx, study_uid, cr=25, syntax=None, model=None, trigger=JobTrigger.API, requested_by=None
+    job, _ = classify.request(
+        ctx,
+        HeldQueue(),
+        study_uid,
+        cr=CompressionRatio(25),
+        syntax=None,
+        model=None,
+        trigger=JobTrigger.API,
+        requested_by=None,
     )
-    job, _ = jobs.submit(ctx.sessions, request)
     return job.id
 
 

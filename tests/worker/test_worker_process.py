@@ -17,10 +17,10 @@ import redis
 from fastapi.testclient import TestClient
 
 from services.api.app import create_app
-from services.api.state import AppState, build_state
 from services.core.config import Settings
 from services.core.ingest import Channel
 from services.core.phantom import PhantomConfig, generate_study
+from services.runtime import Runtime, build_runtime
 
 REDIS_DB = 11  # a database of its own on the local Redis; flushed before each test
 CRGATE = Path(sys.executable).parent / "crgate"
@@ -49,13 +49,13 @@ def worker_env(tmp_path: Path, database_url: str, broker_url: str) -> dict[str, 
 
 
 @pytest.fixture
-def producer(worker_env: dict[str, str]) -> Iterator[tuple[AppState, TestClient, str]]:
+def producer(worker_env: dict[str, str]) -> Iterator[tuple[Runtime, TestClient, str]]:
     settings = Settings(
         data_dir=Path(worker_env["CRGATE_DATA_DIR"]),
         database_url=worker_env["CRGATE_DATABASE_URL"],
         broker_url=worker_env["CRGATE_BROKER_URL"],
     )
-    state = build_state(settings)
+    state = build_runtime(settings, create=True)
     key = (settings.data_dir / "admin.key").read_text().strip()
     with TestClient(create_app(state=state), headers={"Authorization": f"Bearer {key}"}) as c:
         yield state, c, key
@@ -82,7 +82,7 @@ def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
             proc.wait(10)
 
 
-def ingest_study(state: AppState, tmp_path: Path, size: tuple[int, int]) -> str:
+def ingest_study(state: Runtime, tmp_path: Path, size: tuple[int, int]) -> str:
     study = generate_study(2, seed=77, config=PhantomConfig(width=size[0], height=size[1]))
     for view, ds in study.datasets.items():
         path = tmp_path / f"{view}.dcm"
@@ -105,7 +105,7 @@ def wait_job(client: TestClient, job_id: str, states: set[str], timeout: float) 
 
 @pytest.mark.slow
 def test_worker_process_runs_a_job(
-    producer: tuple[AppState, TestClient, str], worker_env: dict[str, str], tmp_path: Path
+    producer: tuple[Runtime, TestClient, str], worker_env: dict[str, str], tmp_path: Path
 ) -> None:
     state, client, _ = producer
     study_uid = ingest_study(state, tmp_path, (416, 512))
@@ -123,7 +123,7 @@ def test_worker_process_runs_a_job(
 
 @pytest.mark.slow
 def test_sigkilled_worker_loses_nothing(
-    producer: tuple[AppState, TestClient, str], worker_env: dict[str, str], tmp_path: Path
+    producer: tuple[Runtime, TestClient, str], worker_env: dict[str, str], tmp_path: Path
 ) -> None:
     state, client, _ = producer
     study_uid = ingest_study(state, tmp_path, (1248, 1536))  # big enough to be caught running
@@ -152,7 +152,7 @@ def test_sigkilled_worker_loses_nothing(
 
 @pytest.mark.slow
 def test_job_over_the_soft_time_limit_fails_with_the_reason(
-    producer: tuple[AppState, TestClient, str], worker_env: dict[str, str], tmp_path: Path
+    producer: tuple[Runtime, TestClient, str], worker_env: dict[str, str], tmp_path: Path
 ) -> None:
     state, client, _ = producer
     study_uid = ingest_study(state, tmp_path, (1248, 1536))

@@ -20,7 +20,6 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from services.api.deps import READ_DICOMWEB, StateDep
 from services.api.problems import problem
-from services.api.state import AppState
 from services.core import retrieve
 from services.core.dicom.dicomjson import to_dicom_json
 from services.core.errors import NotFound
@@ -33,6 +32,7 @@ from services.core.retrieve import (
     NotAcceptable,
     StoredInstance,
 )
+from services.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -93,14 +93,14 @@ def _offers(endpoint: Callable[P, Awaitable[Response]]) -> Callable[P, Awaitable
 
 
 async def _find(
-    state: AppState, study: str, series: str | None = None, sop: str | None = None
+    state: Runtime, study: str, series: str | None = None, sop: str | None = None
 ) -> list[StoredInstance]:
     return await run_in_threadpool(
         retrieve.find_instances, state.sessions, state.store, study=study, series=series, sop=sop
     )
 
 
-async def _one(state: AppState, study: str, series: str, sop: str) -> StoredInstance:
+async def _one(state: Runtime, study: str, series: str, sop: str) -> StoredInstance:
     (instance,) = await _find(state, study, series, sop)
     return instance
 
@@ -136,7 +136,7 @@ def _logged(chunks: Iterator[bytes], what: str) -> Iterator[bytes]:
 
 
 async def _instances_response(
-    request: Request, state: AppState, study: str, series: str | None = None, sop: str | None = None
+    request: Request, state: Runtime, study: str, series: str | None = None, sop: str | None = None
 ) -> Response:
     instances = await _find(state, study, series, sop)
     target = retrieve.negotiate_instances(
@@ -186,7 +186,7 @@ def _instance_json(instance: StoredInstance, base: str) -> dict[str, Any]:
 
 
 async def _metadata_response(
-    request: Request, state: AppState, study: str, series: str | None = None, sop: str | None = None
+    request: Request, state: Runtime, study: str, series: str | None = None, sop: str | None = None
 ) -> Response:
     retrieve.negotiate_metadata(_accept(request))
     instances = await _find(state, study, series, sop)
@@ -276,7 +276,7 @@ async def retrieve_bulkdata(
 
 async def _rendered(
     request: Request,
-    state: AppState,
+    state: Runtime,
     instances: list[StoredInstance] | None,
     ids: tuple[str, str | None, str | None],
     frames: str | None,
@@ -344,7 +344,7 @@ async def frame_rendered(
 
 async def _thumbnail(
     request: Request,
-    state: AppState,
+    state: Runtime,
     ids: tuple[str, str | None, str | None],
     frames: str | None,
     viewport: str | None,

@@ -6,18 +6,19 @@ import asyncio
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from services.api.deps import SessionDep, StateDep, require
-from services.core import jobs
+from services.core import classify, jobs
 from services.core.auth import Principal, Role
-from services.core.classify import job_view, prepare
-from services.core.contracts import ClassifyPayload, JobTrigger
+from services.core.classify import job_view
+from services.core.contracts import JobTrigger
 from services.core.db.tables import Result
 from services.core.dicom.uids import validate_uid
-from services.core.errors import InvalidInput, InvalidParameter, InvalidUID, NotFound
+from services.core.errors import NotFound
+from services.core.ratio import CompressionRatio
 
 router = APIRouter(tags=["classification"])
 
@@ -32,7 +33,7 @@ MAX_WAIT_S = 300.0
     summary="Classify a study at a compression ratio (the site's policy when cr is omitted)",
     dependencies=[Depends(require(Role.OPERATOR))],
 )
-async def classify_study(
+async def post_classify(
     request: Request,
     state: StateDep,
     study_uid: StudyUID,
@@ -48,25 +49,18 @@ async def classify_study(
     ] = 0,
 ) -> JSONResponse:
     principal: Principal | None = getattr(request.state, "principal", None)
-    try:
-        validate_uid(study_uid, "Study Instance UID")
-        job_request = await run_in_threadpool(
-            prepare,
-            state.job_context,
-            study_uid,
-            cr=cr,
-            syntax=syntax,
-            model=model,
-            trigger=JobTrigger.API,
-            requested_by=principal.name if principal else None,
-        )
-    except (InvalidUID, NotFound):
-        raise
-    except (InvalidParameter, InvalidInput) as exc:
-        raise HTTPException(status_code=422, detail=str(exc)) from None
-    job, created = await run_in_threadpool(jobs.submit, state.sessions, job_request)
-    if created:
-        await run_in_threadpool(state.queue.enqueue, ClassifyPayload(job_id=job.id))
+    validate_uid(study_uid, "Study Instance UID")
+    job, _created = await run_in_threadpool(
+        classify.request,
+        state.job_context,
+        state.queue,
+        study_uid,
+        cr=None if cr is None else CompressionRatio(cr),
+        syntax=syntax,
+        model=model,
+        trigger=JobTrigger.API,
+        requested_by=principal.name if principal else None,
+    )
     view = await _wait_for(state, job.id, wait)
     body: dict[str, Any] = {"job": view, "status_url": f"/jobs/{job.id}"}
     if view["result_id"]:

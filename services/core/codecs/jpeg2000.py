@@ -24,6 +24,7 @@ import numpy.typing as npt
 
 from services.core.codecs.openjpeg import EncodeParams, encode_frame
 from services.core.errors import InvalidParameter
+from services.core.ratio import CompressionRatio
 
 CR_TOLERANCE = 0.02
 """Relative distance between achieved and target CR accepted as "reached" (measured exactly)."""
@@ -33,7 +34,6 @@ CODEBLOCK_SIZES = (64, 32, 16)
 SMALL_BUDGET_BYTES = 4096
 """Below this many bytes per frame the rate steps of 64x64 code blocks are too coarse to land
 within the tolerance (a few hundred bytes move in steps of 3-5 %): start with 16x16 blocks."""
-MAX_CR = 1_000_000.0
 
 
 @dataclass(frozen=True)
@@ -81,20 +81,6 @@ def stored_size(codestreams: Sequence[bytes]) -> int:
     return sum(len(c) + (len(c) & 1) for c in codestreams)
 
 
-def validate_cr(value: float | str) -> float:
-    """Return ``value`` as a float CR, or raise InvalidParameter saying what is allowed."""
-    try:
-        cr = float(value)
-    except (TypeError, ValueError):
-        raise InvalidParameter(f"compression ratio {value!r} is not a number") from None
-    if math.isnan(cr) or math.isinf(cr) or cr < 1 or cr > MAX_CR:
-        raise InvalidParameter(
-            f"compression ratio {value!r} is out of range: use 1 (lossless) "
-            f"or a number > 1 up to {MAX_CR:g}"
-        )
-    return cr
-
-
 def encode_image(
     frames: Sequence[npt.NDArray[Any]],
     layout: PixelLayout,
@@ -108,8 +94,9 @@ def encode_image(
         codestreams = _encode_all(frames, layout, None, reversible=True, threads=threads)
         achieved = layout.uncompressed_bytes / stored_size(codestreams)
         return EncodedImage(codestreams, True, 1.0, achieved, True, None, 1)
-    target_cr = validate_cr(target_cr)
-    if target_cr == 1:
+    if not isinstance(target_cr, CompressionRatio):  # a checked value is trusted
+        target_cr = CompressionRatio(target_cr)
+    if target_cr.lossless:
         raise InvalidParameter("CR 1 means lossless: use the JPEG 2000 lossless syntax for it")
 
     result: EncodedImage | None = None

@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from services.core.codecs.jpeg2000 import validate_cr
 from services.core.dicom.io import atomic_output
 from services.core.errors import InvalidInput, InvalidParameter, NotFound
 from services.core.inference.preprocess import Preprocessing, breast_input, prepare_view
+from services.core.ratio import validate_cr
 from services.core.study.copies import ENCODERS, CopyCache, Quality, ViewCopy
 from services.core.study.labels import LabelledBreast, LabelledSet
 
@@ -83,7 +83,7 @@ def parse_crs(text: str) -> tuple[tuple[float, ...], list[str]]:
     parts = [p.strip() for p in text.split(",")]
     if not any(parts):
         raise InvalidParameter("the CR list is empty: give compression ratios like 1,25,100")
-    values = []
+    values: list[float] = []
     for part in parts:
         if not part:
             raise InvalidParameter(f"CR list {text!r} has an empty entry")

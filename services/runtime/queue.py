@@ -17,6 +17,7 @@ from services.core.classify import JobContext, run_job
 from services.core.config import Settings
 from services.core.contracts import (
     QUEUE_CLASSIFY,
+    QUEUE_SWEEP,
     TASK_CLASSIFY,
     TASK_CR_SWEEP,
     ClassifyPayload,
@@ -40,10 +41,16 @@ class CeleryJobQueue:
         }
 
     def enqueue(self, payload: Payload) -> None:
-        if isinstance(payload, SweepPayload):
-            self.app.send_task(TASK_CR_SWEEP, args=[payload.sweep_id], queue=QUEUE_CLASSIFY)
-        else:
-            self.app.send_task(TASK_CLASSIFY, args=[payload.job_id], queue=QUEUE_CLASSIFY)
+        """Send the task; ConnectionError when the broker cannot take it."""
+        from kombu.exceptions import OperationalError
+
+        try:
+            if isinstance(payload, SweepPayload):
+                self.app.send_task(TASK_CR_SWEEP, args=[payload.sweep_id], queue=QUEUE_SWEEP)
+            else:
+                self.app.send_task(TASK_CLASSIFY, args=[payload.job_id], queue=QUEUE_CLASSIFY)
+        except OperationalError as exc:
+            raise ConnectionError(f"the broker did not take the task: {exc}") from exc
 
     def close(self) -> None:
         self.app.close()

@@ -13,10 +13,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from services.api.app import create_app
-from services.api.state import build_state
 from services.core.config import Settings
 from services.core.errors import InvalidParameter
-from services.forwarding import ForwardTarget
+from services.runtime import build_runtime
+from services.runtime.forwarding import ForwardTarget
 from tests.api.test_classify import ingest_path
 from tests.conftest import free_port
 from tests.dicomtools import require
@@ -49,7 +49,7 @@ def test_outputs_reach_the_configured_pacs(
         database_url=f"sqlite:///{tmp_path / 'index.db'}",
         forward_to=f"PACS@127.0.0.1:{port}",
     )
-    state = build_state(settings)
+    state = build_runtime(settings, create=True)
     try:
         (study_uid,) = {ingest_path(state, p) for p in mg_study_files}
         key = (settings.data_dir / "admin.key").read_text().strip()
@@ -68,7 +68,7 @@ def test_outputs_reach_the_configured_pacs(
 
 
 def test_unreachable_pacs_is_reported_not_fatal(mg_study_files: list[Path]) -> None:
-    from services.forwarding import DicomForwarder
+    from services.runtime.forwarding import DicomForwarder
 
     report = DicomForwarder(f"PACS@127.0.0.1:{free_port()}", "CRGATE")(mg_study_files[:1])
     assert "refused or unreachable" in report["error"] and report["sent"] == 0

@@ -1,0 +1,109 @@
+"""Every process is put together here, from one ``Settings``.
+
+``build_runtime`` makes what a server process holds (api, scp, serve): the index, the store,
+the ingest path, the job context, the queue and the arrival tracker. ``build_job_context``
+makes what a worker process holds. ``start_scp`` starts the DICOM server on a runtime's ingest
+path. Nothing else constructs these; the CLI and the test fixtures call these functions.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from services.core.arrivals import ArrivalTracker
+from services.core.classify import JobContext
+from services.core.config import Settings
+from services.core.ingest import Ingestor
+from services.core.storage import InstanceStore
+from services.runtime.datadir import Index, open_index, open_store
+from services.runtime.forwarding import DicomForwarder
+from services.runtime.queue import CeleryJobQueue, InProcessJobQueue
+from services.scp.server import ScpServer, start_server
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    """What a server process holds, built once at start (the API's state)."""
+
+    settings: Settings
+    engine: Engine
+    sessions: sessionmaker[Session]
+    store: InstanceStore
+    ingestor: Ingestor
+    job_context: JobContext
+    queue: CeleryJobQueue | InProcessJobQueue
+
+    def close(self) -> None:
+        self.queue.close()
+        self.engine.dispose()
+
+
+def build_job_context(
+    settings: Settings,
+    *,
+    create: bool = False,
+    engine: Engine | None = None,
+    store: InstanceStore | None = None,
+) -> JobContext:
+    """What a job needs: the index, the store, the ingest path, the forwarder.
+
+    ``engine`` replaces the one made from the settings (a test's engine with a lock timeout).
+    """
+    return _job_context(settings, open_index(settings, create=create, engine=engine), store)
+
+
+def _job_context(settings: Settings, index: Index, store: InstanceStore | None) -> JobContext:
+    store = store or open_store(settings)
+    return JobContext(
+        settings=settings,
+        sessions=index.sessions,
+        store=store,
+        ingestor=Ingestor(store, index.sessions, settings.duplicate_policy),
+        forward=DicomForwarder(settings.forward_to, settings.ae_title)
+        if settings.forward_to
+        else None,
+    )
+
+
+def build_runtime(settings: Settings, *, create: bool = False) -> Runtime:
+    """A server process: with a broker, jobs go to Celery workers; without one, they run on a
+    thread of this process, which also runs the housekeeping pass and resumes unfinished jobs."""
+    index = open_index(settings, create=create)
+    if index.created:
+        log.warning("created a new crgate data directory in %s", settings.data_dir.resolve())
+    if index.key_file is not None:
+        log.warning("no API key existed: created an admin key in %s (mode 0600)", index.key_file)
+    ctx = _job_context(settings, index, None)
+    queue: CeleryJobQueue | InProcessJobQueue
+    if settings.broker_url:
+        queue = CeleryJobQueue(settings)
+    else:
+        log.info("no broker configured: jobs run in this process")
+        queue = InProcessJobQueue(ctx)
+    tracker = ArrivalTracker(ctx, queue)
+    ctx.ingestor.observers.append(tracker)
+    if isinstance(queue, InProcessJobQueue):
+        recovered = queue.recover()
+        if recovered:
+            log.warning("queued %d unfinished job(s) again", len(recovered))
+        queue.start_sweeper(tracker.sweep, settings.arrival_sweep_seconds)
+    return Runtime(
+        settings=settings,
+        engine=index.engine,
+        sessions=ctx.sessions,
+        store=ctx.store,
+        ingestor=ctx.ingestor,
+        job_context=ctx,
+        queue=queue,
+    )
+
+
+def start_scp(runtime: Runtime) -> ScpServer:
+    """The DICOM SCP on the runtime's ingest path (OSError when the port is taken)."""
+    return start_server(runtime.settings, runtime.ingestor)
