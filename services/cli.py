@@ -172,19 +172,11 @@ def _transcode_one(
     syntax: OutputSyntax,
     threads: int,
 ) -> dict[str, Any]:
-    from services.core.dicom.io import read_dataset, write_dataset
-    from services.core.pipeline import transcode_dataset
+    from services.core.pipeline import transcode_file
 
-    ds = read_dataset(path)
-    result = transcode_dataset(ds, cr=cr, syntax=syntax, threads=threads, source=str(path))
-    assert result.dataset is not None
-    destination = output or target_dir / f"{result.output_sop_instance_uid}.dcm"
-    if destination.resolve() == path.resolve():
-        raise OutputError(f"{destination}: refusing to overwrite the input file")
-    write_dataset(result.dataset, destination)
-    data = result.as_dict()
-    data["output"] = str(destination)
-    return data
+    out_dir = None if output is not None else target_dir
+    result = transcode_file(path, output, cr=cr, out_dir=out_dir, syntax=syntax, threads=threads)
+    return result.as_dict()
 
 
 _COLUMNS = (

@@ -21,6 +21,7 @@ from services.core.codecs.openjpeg import decode_codestream
 from services.core.dicom.derive import build_output
 from services.core.dicom.io import read_dataset, write_dataset
 from services.core.dicom.pixels import ImagePixels, load_pixels
+from services.core.errors import InvalidParameter, OutputError
 from services.core.ratio import CompressionRatio
 
 if TYPE_CHECKING:  # onnxruntime loads only when something is classified
@@ -141,18 +142,25 @@ def _measure(pixels: ImagePixels, decoded: np.ndarray[Any, Any]) -> metrics.Imag
 
 def transcode_file(
     path: Path,
-    out_path: Path,
+    out_path: Path | None = None,
     *,
     cr: CompressionRatio,
+    out_dir: Path | None = None,
     syntax: OutputSyntax | str | None = None,
     threads: int = 0,
 ) -> TranscodeResult:
-    """Read ``path``, transcode it, write ``out_path`` atomically (nothing partial on failure)."""
+    """Read ``path``, transcode it, write the output atomically (nothing partial on failure):
+    to ``out_path``, or into ``out_dir`` named ``<output SOP Instance UID>.dcm``."""
+    if (out_path is None) == (out_dir is None):
+        raise InvalidParameter("give exactly one of an output file and an output folder")
     ds = read_dataset(path)
     result = transcode_dataset(ds, cr=cr, syntax=syntax, threads=threads, source=str(path))
     assert result.dataset is not None
-    write_dataset(result.dataset, out_path)
-    return replace(result, output=str(out_path))
+    destination = out_path or Path(str(out_dir)) / f"{result.output_sop_instance_uid}.dcm"
+    if destination.resolve() == path.resolve():
+        raise OutputError(f"{destination}: refusing to overwrite the input file")
+    write_dataset(result.dataset, destination)
+    return replace(result, output=str(destination))
 
 
 @dataclass(frozen=True)

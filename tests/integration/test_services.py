@@ -1,4 +1,4 @@
-"""The processes docker-compose starts (`crgate migrate`, `api`, `scp`, `worker`), started as
+"""The processes docker-compose starts (`crgate migrate`, `api`, `scp`, two workers), started as
 local processes against the real PostgreSQL and Redis: a PACS (dcmtk storescu) pushes a phantom
 study, the MG policy auto-classifies it, and the results come back over REST and DICOMweb.
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -33,6 +34,13 @@ pytestmark = [pytest.mark.tools, pytest.mark.slow]
 
 CRGATE = Path(sys.executable).with_name("crgate")
 REDIS_DB = 12
+#: docker-compose.yml's services and commands (ports come from the environment here)
+SERVICES = {
+    "api": ["api"],
+    "scp": ["scp"],
+    "worker": ["worker", "--queues", "classify", "--concurrency", "1"],
+    "sweep-worker": ["worker", "--queues", "sweep", "--concurrency", "1", "--no-beat"],
+}
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"
 
 
@@ -47,18 +55,22 @@ class Stack:
         return "\n".join(f"== {p.name}\n{p.read_text()[-2500:]}" for p in self.logs if p.exists())
 
 
-def _wait_ready(url: str, procs: list[subprocess.Popen[bytes]], logs: list[Path]) -> None:
+def _wait_ready(
+    url: str, dicom_port: int, procs: list[subprocess.Popen[bytes]], logs: list[Path]
+) -> None:
+    """Until the api answers /readyz and the scp accepts connections (they start apart)."""
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         for proc, log in zip(procs, logs, strict=False):
             assert proc.poll() is None, f"{log.name} exited early:\n{log.read_text()[-3000:]}"
         try:
             if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                socket.create_connection(("127.0.0.1", dicom_port), 2).close()
                 return
-        except httpx.TransportError:
+        except (httpx.TransportError, OSError):
             pass
         time.sleep(0.2)
-    raise AssertionError("crgate api not ready after 90 s")
+    raise AssertionError("crgate api or scp not ready after 90 s")
 
 
 @pytest.fixture
@@ -91,8 +103,8 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
     migrate = subprocess.run([str(CRGATE), "migrate"], env=env, capture_output=True, text=True)
     assert migrate.returncode == 0, migrate.stderr
     procs, logs = [], []
-    for command in (["api"], ["scp"], ["worker", "--concurrency", "1"]):
-        log = tmp_path / f"{command[0]}.log"
+    for name, command in SERVICES.items():
+        log = tmp_path / f"{name}.log"
         with log.open("wb") as fh:
             procs.append(
                 subprocess.Popen(
@@ -106,7 +118,7 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
         logs.append(log)
     url = f"http://127.0.0.1:{http_port}"
     try:
-        _wait_ready(url, procs, logs)
+        _wait_ready(url, dicom_port, procs, logs)
         key = (tmp_path / "data" / "admin.key").read_text().strip()
         yield Stack(url=url, dicom_port=dicom_port, key=key, logs=logs)
     finally:
@@ -165,6 +177,14 @@ def test_pacs_push_to_results_over_rest_and_dicomweb(
         f"{result['images'][0]['input_sop_instance_uid']}.png"
     )
     assert overlay.status_code == 200 and overlay.content.startswith(b"\x89PNG")
+
+
+def test_the_commands_are_those_of_the_compose_file() -> None:
+    compose = (Path(__file__).resolve().parents[2] / "docker-compose.yml").read_text()
+    for name, command in SERVICES.items():
+        assert f"  {name}:" in compose
+        listed = ", ".join(f'"{part}"' for part in command)
+        assert f"command: [{listed}" in compose, f"{name}: {command} is not compose's command"
 
 
 def test_unknown_calling_ae_is_rejected_by_the_scp_process(
