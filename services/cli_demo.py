@@ -42,7 +42,7 @@ def demo(
     """Push a phantom mammography study by C-STORE and show its auto-classification."""
     from services.core.errors import CrgateError
     from services.core.phantom import PhantomConfig, parse_size, write_studies
-    from services.runtime.forwarding import DicomForwarder
+    from services.runtime.forwarding import push
 
     key_file = data_dir / "admin.key"
     if not key_file.is_file():
@@ -69,7 +69,7 @@ def demo(
 
             study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
             out.print(f"pushing {len(files)} images of study {study_uid} to {dicom} (C-STORE)")
-            report = DicomForwarder(dicom, "CRGATEDEMO")(files)
+            report = push(dicom, "CRGATEDEMO", files)
         if report.get("error") or report["failed"]:
             raise _fail(f"C-STORE failed: {report.get('error') or report['failed']}", 5)
         out.print(

@@ -15,15 +15,17 @@ import hashlib
 import os
 import socket
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Generic, TypeVar
 
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.core.contracts import JobStatus, JobTrigger
-from services.core.db.tables import Job, Result
+from services.core.db.tables import Job, Result, Sweep
 from services.core.errors import NotFound
 
 MAX_ATTEMPTS = 5  # runs whose worker died (killed at the time limit) before the job fails
@@ -107,77 +109,145 @@ def submit(sessions: sessionmaker[Session], request: JobRequest) -> tuple[Job, b
     return job, True
 
 
+Row = TypeVar("Row", Job, Sweep)
+
+
+class Lifecycle(Generic[Row]):
+    """Claim, heartbeat, give back, fail and re-send: one lifecycle for every kind of job.
+
+    ``JOBS`` runs it on classification jobs, ``SWEEPS`` on CR safety studies run as jobs; the
+    module's functions below are ``JOBS``'s.
+    """
+
+    def __init__(self, table: type[Row], noun: str) -> None:
+        self.table: type[Row] = table
+        self.noun = noun
+
+    def get(self, session: Session, job_id: str, *, for_update: bool = False) -> Row:
+        row: Row | None = session.get(self.table, job_id, with_for_update=for_update)
+        if row is None:
+            raise NotFound(f"no {self.noun} {job_id!r}")
+        return row
+
+    def claim(
+        self, sessions: sessionmaker[Session], job_id: str, *, stale_after_s: float
+    ) -> Row | None:
+        """Mark the job as running by this worker; None if it is finished, another live worker
+        runs it (its heartbeat is younger than ``stale_after_s``), or it used up its attempts
+        (then it is failed with the reason)."""
+        worker = worker_name()
+        with sessions() as session, session.begin():
+            job = self.get(session, job_id, for_update=True)
+            if job.status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
+                return None
+            beat = job.heartbeat_at
+            if beat is not None and beat.tzinfo is None:  # SQLite gives naive datetimes
+                beat = beat.replace(tzinfo=UTC)
+            if (
+                job.status == JobStatus.RUNNING
+                and job.worker != worker
+                and beat is not None
+                and now() - beat < timedelta(seconds=stale_after_s)
+            ):
+                return None
+            if job.attempts >= MAX_ATTEMPTS:
+                job.status = JobStatus.FAILED.value
+                job.reason = (
+                    f"stopped after {job.attempts} attempts: the worker died or hit the time limit "
+                    "each time (CRGATE_JOB_TIME_LIMIT); see the worker log, then ask again"
+                )
+                job.finished_at = now()
+                return None
+            job.status = JobStatus.RUNNING.value
+            job.attempts += 1
+            job.started_at = now()
+            job.heartbeat_at = now()
+            job.worker = worker
+            job.reason = None
+            return job
+
+    def release(self, sessions: sessionmaker[Session], job_id: str, *, reason: str) -> None:
+        """Give the job this worker runs back to the queue after a transient error, so that its
+        retry may run in any worker process; the run does not count as an attempt."""
+        table = self.table
+        with sessions() as session, session.begin():
+            session.execute(
+                update(table)
+                .where(
+                    table.id == job_id,
+                    table.status == JobStatus.RUNNING.value,
+                    table.worker == worker_name(),
+                )
+                .values(
+                    status=JobStatus.QUEUED.value,
+                    attempts=table.attempts - 1,
+                    reason=reason[:2000],
+                    queued_at=now(),
+                )
+            )
+
+    def heartbeat(
+        self,
+        sessions: sessionmaker[Session],
+        job_id: str,
+        *,
+        done: int | None = None,
+        **more: object,
+    ) -> None:
+        values: dict[str, object] = {"heartbeat_at": now(), **more}
+        if done is not None:
+            values["progress_done"] = done
+        with sessions() as session, session.begin():
+            session.execute(update(self.table).where(self.table.id == job_id).values(**values))
+
+    def fail(self, sessions: sessionmaker[Session], job_id: str, *, reason: str) -> None:
+        with sessions() as session, session.begin():
+            session.execute(
+                update(self.table)
+                .where(self.table.id == job_id)
+                .values(status=JobStatus.FAILED.value, reason=reason[:2000], finished_at=now())
+            )
+
+    def stale(self, sessions: sessionmaker[Session], *, older_than_s: float) -> list[str]:
+        """Jobs to send to the queue again: running jobs whose worker stopped beating (killed,
+        machine lost), put back in the queue, and jobs queued longer than ``older_than_s`` (their
+        message was lost, or sending it failed). A duplicate message is harmless: the claim
+        skips a job that is finished or that a live worker runs."""
+        table = self.table
+        cutoff = now() - timedelta(seconds=older_than_s)
+        with sessions() as session, session.begin():
+            dead: Sequence[Row] = session.scalars(
+                select(table).where(
+                    table.status == JobStatus.RUNNING.value, table.heartbeat_at < cutoff
+                )
+            ).all()
+            for job in dead:
+                job.status = JobStatus.QUEUED.value
+                job.reason = f"requeued: worker {job.worker} stopped responding"
+                job.queued_at = now()
+            waiting: Sequence[Row] = session.scalars(
+                select(table).where(
+                    table.status == JobStatus.QUEUED.value,
+                    func.coalesce(table.queued_at, table.created_at) < cutoff,
+                )
+            ).all()
+            for job in waiting:
+                job.queued_at = now()  # sent again now; again after another older_than_s
+            return [job.id for job in [*dead, *waiting]]
+
+
+JOBS = Lifecycle(Job, "job")
+SWEEPS = Lifecycle(Sweep, "sweep")
+
+claim = JOBS.claim
+release = JOBS.release
+heartbeat = JOBS.heartbeat
+fail = JOBS.fail
+stale_jobs = JOBS.stale
+
+
 def get_job(session: Session, job_id: str) -> Job:
-    job = session.get(Job, job_id)
-    if job is None:
-        raise NotFound(f"no job {job_id!r}")
-    return job
-
-
-def claim(sessions: sessionmaker[Session], job_id: str, *, stale_after_s: float) -> Job | None:
-    """Mark the job as running by this worker; None if it is finished, another live worker
-    runs it (its heartbeat is younger than ``stale_after_s``), or it used up its attempts (then
-    it is failed with the reason)."""
-    worker = worker_name()
-    with sessions() as session, session.begin():
-        job = session.get(Job, job_id, with_for_update=True)
-        if job is None:
-            raise NotFound(f"no job {job_id!r}")
-        if job.status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
-            return None
-        beat = job.heartbeat_at
-        if beat is not None and beat.tzinfo is None:  # SQLite gives naive datetimes
-            beat = beat.replace(tzinfo=UTC)
-        if (
-            job.status == JobStatus.RUNNING
-            and job.worker != worker
-            and beat is not None
-            and now() - beat < timedelta(seconds=stale_after_s)
-        ):
-            return None
-        if job.attempts >= MAX_ATTEMPTS:
-            job.status = JobStatus.FAILED.value
-            job.reason = (
-                f"stopped after {job.attempts} attempts: the worker died or hit the time limit "
-                "each time (CRGATE_JOB_TIME_LIMIT); see the worker log, then ask again"
-            )
-            job.finished_at = now()
-            return None
-        job.status = JobStatus.RUNNING.value
-        job.attempts += 1
-        job.started_at = now()
-        job.heartbeat_at = now()
-        job.worker = worker
-        job.reason = None
-        return job
-
-
-def release(sessions: sessionmaker[Session], job_id: str, *, reason: str) -> None:
-    """Give the job this worker runs back to the queue after a transient error, so that its
-    retry may run in any worker process; the run does not count as an attempt."""
-    with sessions() as session, session.begin():
-        session.execute(
-            update(Job)
-            .where(
-                Job.id == job_id,
-                Job.status == JobStatus.RUNNING.value,
-                Job.worker == worker_name(),
-            )
-            .values(
-                status=JobStatus.QUEUED.value,
-                attempts=Job.attempts - 1,
-                reason=reason[:2000],
-                queued_at=now(),
-            )
-        )
-
-
-def heartbeat(sessions: sessionmaker[Session], job_id: str, *, done: int | None = None) -> None:
-    values: dict[str, object] = {"heartbeat_at": now()}
-    if done is not None:
-        values["progress_done"] = done
-    with sessions() as session, session.begin():
-        session.execute(update(Job).where(Job.id == job_id).values(**values))
+    return JOBS.get(session, job_id)
 
 
 def succeed(sessions: sessionmaker[Session], job_id: str, *, result: Result) -> None:
@@ -194,40 +264,6 @@ def succeed(sessions: sessionmaker[Session], job_id: str, *, result: Result) -> 
                 progress_done=Job.progress_total,
             )
         )
-
-
-def fail(sessions: sessionmaker[Session], job_id: str, *, reason: str) -> None:
-    with sessions() as session, session.begin():
-        session.execute(
-            update(Job)
-            .where(Job.id == job_id)
-            .values(status=JobStatus.FAILED.value, reason=reason[:2000], finished_at=now())
-        )
-
-
-def stale_jobs(sessions: sessionmaker[Session], *, older_than_s: float) -> list[str]:
-    """Jobs to send to the queue again: running jobs whose worker stopped beating (killed,
-    machine lost), put back in the queue, and jobs queued longer than ``older_than_s`` (their
-    message was lost, or sending it failed). A duplicate message is harmless: the claim skips
-    a job that is finished or that a live worker runs."""
-    cutoff = now() - timedelta(seconds=older_than_s)
-    with sessions() as session, session.begin():
-        dead = session.scalars(
-            select(Job).where(Job.status == JobStatus.RUNNING.value, Job.heartbeat_at < cutoff)
-        ).all()
-        for job in dead:
-            job.status = JobStatus.QUEUED.value
-            job.reason = f"requeued: worker {job.worker} stopped responding"
-            job.queued_at = now()
-        waiting = session.scalars(
-            select(Job).where(
-                Job.status == JobStatus.QUEUED.value,
-                func.coalesce(Job.queued_at, Job.created_at) < cutoff,
-            )
-        ).all()
-        for job in waiting:
-            job.queued_at = now()  # sent again now; again after another older_than_s
-        return [job.id for job in [*dead, *waiting]]
 
 
 def results_of(session: Session, study_uid: str) -> list[Result]:

@@ -78,3 +78,8 @@ class DicomForwarder:
             assoc.release()
         log.info("forwarded %d/%d objects to %s", report["sent"], len(paths), self.target)
         return report
+
+
+def push(target: str, calling_ae: str, paths: list[Path]) -> dict[str, Any]:
+    """C-STORE ``paths`` to ``target`` (AET@host:port) once: what ``crgate demo`` does as a PACS."""
+    return DicomForwarder(target, calling_ae)(paths)

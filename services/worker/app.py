@@ -30,7 +30,7 @@ from services.core.contracts import (
 
 log = logging.getLogger(__name__)
 
-celery_app = Celery("crgate")
+celery_app = Celery("crgate", include=["services.worker.tasks"])  # loaded when a worker starts
 _settings: Settings | None = None
 _context: JobContext | None = None
 
@@ -106,6 +106,3 @@ def _init_process(**_: Any) -> None:
     global _context
     _context = _build_context()
     log.info("worker process ready")
-
-
-from services.worker import tasks  # noqa: E402,F401  (registers the tasks)
