@@ -15,16 +15,15 @@ from services.core.errors import (
     Conflict,
     CrgateError,
     InvalidInput,
-    InvalidParameter,
     NotFound,
     OutputError,
-    Unprocessable,
     UnsupportedSyntax,
 )
 
 log = logging.getLogger(__name__)
 
 PROBLEM_JSON = "application/problem+json"
+DICOMWEB_PREFIX = "/dicomweb/"
 
 
 def problem(status: int, title: str, detail: str, **extra: Any) -> JSONResponse:
@@ -32,11 +31,13 @@ def problem(status: int, title: str, detail: str, **extra: Any) -> JSONResponse:
     return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON)
 
 
-def status_of(exc: CrgateError) -> int:
-    """The one mapping of core errors to HTTP statuses (routes never re-map them).
+def status_of(exc: CrgateError, *, dicomweb: bool = False) -> int:
+    """The one mapping of core errors to HTTP statuses; routes never re-map them.
 
-    400: the request cannot be read (malformed file, query or UID); 422: it can be read but a
-    value is out of range, or the data cannot serve it (InvalidParameter, Unprocessable, codec).
+    Wrong input (InvalidInput and its kinds: a bad UID, CR, query key, a study without an image
+    the model reads) is 422 on crgate's own API, like FastAPI's request validation, and 400 on
+    DICOMweb, as PS3.18 asks of an invalid query or request. A codec that cannot do what was
+    asked is 422; an unsupported transfer syntax 406.
     """
     if isinstance(exc, NotFound):
         return 404
@@ -44,10 +45,10 @@ def status_of(exc: CrgateError) -> int:
         return 409
     if isinstance(exc, UnsupportedSyntax):
         return 406
-    if isinstance(exc, InvalidParameter | Unprocessable | CodecError):
+    if isinstance(exc, CodecError):
         return 422
     if isinstance(exc, InvalidInput):
-        return 400
+        return 400 if dicomweb else 422
     if isinstance(exc, OutputError):
         return 503
     return 500
@@ -70,9 +71,9 @@ TITLES = {
 
 def install(app: FastAPI) -> None:
     @app.exception_handler(CrgateError)
-    async def _crgate(_request: Request, exc: CrgateError) -> JSONResponse:
-        status = status_of(exc)
-        return problem(status, TITLES.get(status, "Error"), str(exc))
+    async def _crgate(request: Request, exc: CrgateError) -> JSONResponse:
+        status = status_of(exc, dicomweb=request.url.path.startswith(DICOMWEB_PREFIX))
+        return problem(status, TITLES.get(status, "Error"), str(exc), **exc.details)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -46,7 +46,6 @@ from services.core.errors import (
     InvalidInput,
     InvalidParameter,
     NotFound,
-    Unprocessable,
 )
 from services.core.inference.card import ModelCard, load_card
 from services.core.inference.runtime import Classifier, get_classifier
@@ -198,7 +197,7 @@ def prepare(
             raise NotFound(f"no study {study_uid} in the store")
         instances = classifiable_instances(session, study_uid)
         if not instances:
-            raise Unprocessable(
+            raise InvalidInput(
                 f"study {study_uid} has no image the model {model} can read "
                 f"(it reads {CLASSIFIABLE_MODALITY} images)"
             )

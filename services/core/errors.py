@@ -6,7 +6,6 @@ CrgateError                  base: a message a person can act on
  |    +-- NoPixelData        a DICOM file without an image
  |    +-- InvalidParameter   a parameter out of range (CR <= 0, NaN, unknown syntax)
  |    +-- InvalidUID         a UID that is not a valid DICOM UID
- |    +-- Unprocessable      a well-formed request these data cannot serve (no image to read)
  +-- CodecError              encoding or decoding failed
  |    +-- UnsupportedSyntax  no installed decoder handles the transfer syntax
  |    +-- CodecUnavailable   a required codec library is missing (names the package)
@@ -17,11 +16,18 @@ CrgateError                  base: a message a person can act on
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class CrgateError(Exception):
     """Base of every error crgate raises on purpose."""
 
     exit_code = 1
+
+    @property
+    def details(self) -> dict[str, Any]:
+        """Figures a client can act on besides the message (the edges add them to the answer)."""
+        return {}
 
 
 class InvalidInput(CrgateError):
@@ -41,10 +47,6 @@ class InvalidParameter(InvalidInput):
 
 
 class InvalidUID(InvalidInput):
-    pass
-
-
-class Unprocessable(InvalidInput):
     pass
 
 

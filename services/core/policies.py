@@ -54,6 +54,10 @@ class OverrideRequired(InvalidParameter):
         self.max_cr = max_cr
         self.preset = preset
 
+    @property
+    def details(self) -> dict[str, Any]:
+        return {"cr": self.cr, "max_cr": self.max_cr, "preset": self.preset}
+
 
 def _now() -> datetime:
     return datetime.now(UTC)

@@ -10,17 +10,15 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Response
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session
 
 from services.api.deps import SessionDep, require
-from services.api.problems import problem
 from services.core import audit, policies
 from services.core.auth import Principal, Role
 from services.core.codecs import OutputSyntax
 from services.core.db.tables import AuditEntry, Policy
-from services.core.policies import OverrideRequired, PolicyChanges, PolicyKey, PolicySpec
+from services.core.policies import PolicyChanges, PolicyKey, PolicySpec
 
 router = APIRouter(tags=["policies"])
 
@@ -187,17 +185,6 @@ def _out(session: Session, row: Policy) -> PolicyOut:
     )
 
 
-def _override_problem(exc: OverrideRequired) -> JSONResponse:
-    return problem(
-        422,
-        "Unprocessable Content",
-        str(exc),
-        cr=exc.cr,
-        max_cr=exc.max_cr,
-        preset=exc.preset,
-    )
-
-
 @router.get(
     "/policies",
     summary="List CR policies",
@@ -216,21 +203,18 @@ def list_policies(session: SessionDep) -> list[PolicyOut]:
     responses={409: {"description": "a policy for the same key exists"}},
 )
 def create_policy(body: PolicyIn, session: SessionDep, principal: AdminDep) -> Any:
-    try:
-        with session.begin():
-            spec = PolicySpec(
-                key=PolicyKey.of(body.modality, body.body_part, body.pediatric),
-                cr=body.cr,
-                syntax=body.syntax.value if body.syntax else None,
-                auto_classify=body.auto_classify,
-                expected_instances=body.expected_instances,
-                quiet_seconds=body.quiet_seconds,
-                override_reason=body.override_reason,
-            )
-            row = policies.create_policy(session, spec, actor=_actor(principal))
-            return _out(session, row)
-    except OverrideRequired as exc:
-        return _override_problem(exc)
+    with session.begin():
+        spec = PolicySpec(
+            key=PolicyKey.of(body.modality, body.body_part, body.pediatric),
+            cr=body.cr,
+            syntax=body.syntax.value if body.syntax else None,
+            auto_classify=body.auto_classify,
+            expected_instances=body.expected_instances,
+            quiet_seconds=body.quiet_seconds,
+            override_reason=body.override_reason,
+        )
+        row = policies.create_policy(session, spec, actor=_actor(principal))
+        return _out(session, row)
 
 
 @router.get(
@@ -339,18 +323,15 @@ def update_policy(
         changes["expected_instances"] = body.expected_instances
     if body.quiet_seconds is not None:
         changes["quiet_seconds"] = body.quiet_seconds
-    try:
-        with session.begin():
-            row = policies.update_policy(
-                session,
-                policy_id,
-                changes,
-                actor=_actor(principal),
-                override_reason=body.override_reason,
-            )
-            return _out(session, row)
-    except OverrideRequired as exc:
-        return _override_problem(exc)
+    with session.begin():
+        row = policies.update_policy(
+            session,
+            policy_id,
+            changes,
+            actor=_actor(principal),
+            override_reason=body.override_reason,
+        )
+        return _out(session, row)
 
 
 @router.delete(
