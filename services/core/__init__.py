@@ -1,4 +1,6 @@
-"""Framework-free domain code: codecs, DICOM, metrics, phantoms, pipeline use cases.
+"""The gateway's domain, framework-free: codecs, DICOM, the index, ingest, policies, jobs,
+classification, inference, metrics.
 
-Nothing here imports fastapi, celery or pynetdicom.
+Nothing here imports fastapi, celery, pynetdicom, matplotlib, torch, ``models`` or the lab
+(tests/test_structure.py checks it); the edges and services/runtime build on it.
 """

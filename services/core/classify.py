@@ -40,7 +40,7 @@ from services.core.codecs import OutputSyntax
 from services.core.config import DuplicatePolicy, Settings
 from services.core.contracts import ClassifyPayload, JobQueue, JobStatus, JobTrigger
 from services.core.db.tables import Instance, Job, Result, Series, Study
-from services.core.dicom.io import atomic_output, read_dataset
+from services.core.dicom.io import read_dataset
 from services.core.errors import (
     CrgateError,
     InvalidInput,
@@ -557,8 +557,3 @@ def job_view(session: Session, job_id: str) -> dict[str, Any]:
         "finished_at": job.finished_at.isoformat() if job.finished_at else None,
         "done": job.status in (JobStatus.SUCCEEDED, JobStatus.FAILED),
     }
-
-
-def write_json_atomic(path: Path, text: str) -> None:
-    with atomic_output(path) as fh:
-        fh.write(text.encode())
