@@ -1,7 +1,8 @@
 """WADO-RS (PS3.18 10.4): instances, metadata, frames, bulk data, rendered images, thumbnails.
 
 Whole instances stream as multipart/related (files read in chunks, one transcode at a time);
-what can be sent is negotiated in services.core.retrieve. A 406 problem lists what is offered.
+what can be sent is negotiated in services.core.retrieve.negotiation; a 406 problem lists what
+is offered.
 """
 
 from __future__ import annotations
@@ -21,18 +22,26 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from services.api.deps import READ_DICOMWEB, StateDep
 from services.api.problems import problem
 from services.api.state import AppState
-from services.core import retrieve
 from services.core.dicom.dicomjson import to_dicom_json
 from services.core.errors import NotFound
-from services.core.retrieve import (
+from services.core.retrieve.bulkdata import bulk_value, pixel_data_bytes
+from services.core.retrieve.errors import InvalidQuery, NotAcceptable
+from services.core.retrieve.frames import check_frames, extract_frames, parse_frame_list
+from services.core.retrieve.lookup import StoredInstance, find_instances, iter_file
+from services.core.retrieve.metadata import metadata_dataset
+from services.core.retrieve.negotiation import (
     AS_STORED,
     DICOM,
     DICOM_JSON,
+    FRAME_OFFERS,
     OCTET,
-    InvalidQuery,
-    NotAcceptable,
-    StoredInstance,
+    negotiate_frames,
+    negotiate_instances,
+    negotiate_metadata,
+    negotiate_rendered,
 )
+from services.core.retrieve.rendering import parse_render_params, render
+from services.core.retrieve.transcoding import encode_instance
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +105,7 @@ async def _find(
     state: AppState, study: str, series: str | None = None, sop: str | None = None
 ) -> list[StoredInstance]:
     return await run_in_threadpool(
-        retrieve.find_instances, state.sessions, state.store, study=study, series=series, sop=sop
+        find_instances, state.sessions, state.store, study=study, series=series, sop=sop
     )
 
 
@@ -119,10 +128,10 @@ def _multipart_response(parts: list[Part], part_type: str, syntax: str | None) -
 
 
 def _dicom_part(instance: StoredInstance, target: str, threads: int) -> Part:
-    data = retrieve.encode_instance(instance, target, threads=threads)
+    data = encode_instance(instance, target, threads=threads)
     if data is None:
         content_type = f"{DICOM}; transfer-syntax={instance.transfer_syntax_uid}"
-        return Part(content_type, retrieve.iter_file(instance.path))
+        return Part(content_type, iter_file(instance.path))
     return Part(f"{DICOM}; transfer-syntax={target}", [data])
 
 
@@ -139,9 +148,7 @@ async def _instances_response(
     request: Request, state: AppState, study: str, series: str | None = None, sop: str | None = None
 ) -> Response:
     instances = await _find(state, study, series, sop)
-    target = retrieve.negotiate_instances(
-        _accept(request), {i.transfer_syntax_uid for i in instances}
-    )
+    target = negotiate_instances(_accept(request), {i.transfer_syntax_uid for i in instances})
     threads = state.settings.threads
     # the first part is prepared before the response starts, so its errors get a status code
     first = await run_in_threadpool(_dicom_part, instances[0], target, threads)
@@ -178,7 +185,7 @@ async def retrieve_instance(
 
 
 def _instance_json(instance: StoredInstance, base: str) -> dict[str, Any]:
-    ds, pixel_vr = retrieve.metadata_dataset(instance)
+    ds, pixel_vr = metadata_dataset(instance)
     body = to_dicom_json(ds, bulk_uri=lambda tag: f"{base}/bulkdata/{tag}")
     if pixel_vr is not None:
         body[PIXEL_DATA_TAG] = {"vr": pixel_vr, "BulkDataURI": f"{base}/bulkdata/{PIXEL_DATA_TAG}"}
@@ -188,7 +195,7 @@ def _instance_json(instance: StoredInstance, base: str) -> dict[str, Any]:
 async def _metadata_response(
     request: Request, state: AppState, study: str, series: str | None = None, sop: str | None = None
 ) -> Response:
-    retrieve.negotiate_metadata(_accept(request))
+    negotiate_metadata(_accept(request))
     instances = await _find(state, study, series, sop)
     bases = [
         str(
@@ -233,12 +240,12 @@ async def instance_metadata(
 async def retrieve_frames(
     study: str, series: str, sop: str, frames: str, request: Request, state: StateDep
 ) -> Response:
-    numbers = retrieve.parse_frame_list(frames)
+    numbers = parse_frame_list(frames)
     instance = await _one(state, study, series, sop)
-    retrieve.check_frames(instance, numbers)
-    fmt = retrieve.negotiate_frames(_accept(request), instance.transfer_syntax_uid)
+    check_frames(instance, numbers)
+    fmt = negotiate_frames(_accept(request), instance.transfer_syntax_uid)
     data = await run_in_threadpool(
-        retrieve.extract_frames, instance, numbers, fmt, threads=state.settings.threads
+        extract_frames, instance, numbers, fmt, threads=state.settings.threads
     )
     return _multipart_response(
         [Part(fmt.content_type, [d]) for d in data], fmt.media_type, fmt.transfer_syntax
@@ -255,17 +262,15 @@ async def retrieve_bulkdata(
     if tag.upper() == PIXEL_DATA_TAG:
         if not instance.is_image:
             raise NotFound(f"{instance.source} has no Pixel Data")
-        fmt = retrieve.negotiate_frames(_accept(request), instance.transfer_syntax_uid)
+        fmt = negotiate_frames(_accept(request), instance.transfer_syntax_uid)
         data = await run_in_threadpool(
-            retrieve.pixel_data_bytes, instance, fmt, threads=state.settings.threads
+            pixel_data_bytes, instance, fmt, threads=state.settings.threads
         )
     else:
-        fmt = retrieve.negotiate_frames(_accept(request), "")
+        fmt = negotiate_frames(_accept(request), "")
         if fmt.media_type != OCTET:
-            raise NotAcceptable(
-                f"bulk data element {tag} comes only as {OCTET}", retrieve.FRAME_OFFERS[:1]
-            )
-        data = [await run_in_threadpool(retrieve.bulk_value, instance, tag)]
+            raise NotAcceptable(f"bulk data element {tag} comes only as {OCTET}", FRAME_OFFERS[:1])
+        data = [await run_in_threadpool(bulk_value, instance, tag)]
     return _multipart_response(
         [Part(fmt.content_type, [d]) for d in data], fmt.media_type, fmt.transfer_syntax
     )
@@ -286,13 +291,13 @@ async def _rendered(
     *,
     thumbnail: bool,
 ) -> Response:
-    media_type = retrieve.negotiate_rendered(_accept(request))
-    params = retrieve.parse_render_params(
+    media_type = negotiate_rendered(_accept(request))
+    params = parse_render_params(
         media_type, window=window, viewport=viewport, quality=quality, thumbnail=thumbnail
     )
     frame = 1
     if frames is not None:
-        numbers = retrieve.parse_frame_list(frames)
+        numbers = parse_frame_list(frames)
         if len(numbers) != 1:
             raise InvalidQuery(f"frames {frames!r}: a rendered image shows one frame; ask for one")
         frame = numbers[0]
@@ -301,7 +306,7 @@ async def _rendered(
     images = [i for i in instances if i.is_image]
     if not images:
         raise NotFound(f"nothing to render: {instances[0].source} has no Pixel Data")
-    image = await run_in_threadpool(retrieve.render, images[0], frame, params)
+    image = await run_in_threadpool(render, images[0], frame, params)
     return Response(image, media_type=media_type)
 
 
