@@ -28,6 +28,7 @@ from pydicom.uid import (
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.core.codecs.openjpeg import decode_codestream
+from services.core.dicom.mediatype import JP2, OCTET
 from services.core.dicom.uids import new_uid
 from services.core.errors import InvalidUID, NotFound
 from services.core.ingest import Channel, Ingestor
@@ -42,7 +43,7 @@ from services.core.retrieve import (
 )
 from services.core.retrieve.errors import InvalidQuery, NotAcceptable
 from services.core.retrieve.lookup import StoredInstance
-from services.core.retrieve.negotiation import AS_STORED, JP2, OCTET, FrameFormat
+from services.core.retrieve.negotiation import AS_STORED, FrameFormat
 from services.core.retrieve.windowing import Window
 from services.core.storage import InstanceStore
 

@@ -25,16 +25,16 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from services.api.deps import get_state, require
-from services.api.dicomweb.qido import DICOM_JSON, dicomweb_root
+from services.api.dicomweb.qido import dicomweb_root
 from services.api.problems import problem
 from services.core.auth import Role
+from services.core.dicom.mediatype import DICOM, DICOM_JSON, parse_media_type
 from services.core.dicom.multipart import (
     MultipartParser,
     PartData,
     PartEnd,
     PartStart,
     boundary_of,
-    parse_media_type,
 )
 from services.core.dicom.uids import validate_uid
 from services.core.errors import (
@@ -53,7 +53,6 @@ log = logging.getLogger(__name__)
 
 router = APIRouter(dependencies=[Depends(require(Role.OPERATOR))])
 
-DICOM = "application/dicom"
 MAX_PARTS = 10_000  # per request: each part is a staged file
 MAX_PENDING_BYTES = 1024**2  # body received while a batch is written, before the loop waits
 

@@ -23,6 +23,7 @@ from services.api.deps import READ_DICOMWEB, StateDep
 from services.api.problems import problem
 from services.api.state import AppState
 from services.core.dicom.dicomjson import to_dicom_json
+from services.core.dicom.mediatype import DICOM, DICOM_JSON, OCTET
 from services.core.errors import NotFound
 from services.core.retrieve.bulkdata import bulk_value, pixel_data_bytes
 from services.core.retrieve.errors import InvalidQuery, NotAcceptable
@@ -31,10 +32,7 @@ from services.core.retrieve.lookup import StoredInstance, find_instances, iter_f
 from services.core.retrieve.metadata import metadata_dataset
 from services.core.retrieve.negotiation import (
     AS_STORED,
-    DICOM,
-    DICOM_JSON,
     FRAME_OFFERS,
-    OCTET,
     negotiate_frames,
     negotiate_instances,
     negotiate_metadata,

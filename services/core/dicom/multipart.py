@@ -16,60 +16,14 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from enum import Enum, auto
 
+from services.core.dicom.mediatype import is_token
 from services.core.errors import InvalidInput
 
 MAX_HEADER_BYTES = 16 * 1024  # all header lines of one part
-_TOKEN_CHARS = frozenset(
-    "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-)
 _BCHARS = frozenset("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ'()+_,-./:=? ")
 
 
-# -- media types ----------------------------------------------------------------------------------
-
-
-def parse_media_type(value: str) -> tuple[str, dict[str, str]]:
-    """Split ``type/subtype; name=value; name="quoted"`` into the lower-cased type and parameters.
-
-    Parameter names are lower-cased; quoted values are unquoted. Raises InvalidInput on syntax
-    that cannot be read.
-    """
-    media, _, rest = value.partition(";")
-    media = media.strip().lower()
-    params: dict[str, str] = {}
-    i, n = 0, len(rest)
-    while i < n:
-        while i < n and rest[i] in " \t;":
-            i += 1
-        if i >= n:
-            break
-        eq = rest.find("=", i)
-        if eq < 0:
-            raise InvalidInput(f"media type parameter {rest[i:].strip()!r} has no '=value'")
-        name = rest[i:eq].strip().lower()
-        if not name or any(c not in _TOKEN_CHARS for c in name):
-            raise InvalidInput(f"media type parameter name {name!r} is not a token")
-        i = eq + 1
-        while i < n and rest[i] in " \t":
-            i += 1
-        if i < n and rest[i] == '"':
-            i += 1
-            chars: list[str] = []
-            while i < n and rest[i] != '"':
-                if rest[i] == "\\" and i + 1 < n:
-                    i += 1
-                chars.append(rest[i])
-                i += 1
-            if i >= n:
-                raise InvalidInput(f"media type parameter {name!r} has an unterminated quote")
-            i += 1
-            params[name] = "".join(chars)
-        else:
-            end = rest.find(";", i)
-            end = n if end < 0 else end
-            params[name] = rest[i:end].strip()
-            i = end
-    return media, params
+# -- boundaries -----------------------------------------------------------------------------------
 
 
 def boundary_of(params: Mapping[str, str]) -> str:
@@ -246,7 +200,7 @@ def _parse_headers(block: bytes, part: int) -> dict[str, str]:
             continue
         key, sep, value = line.partition(":")
         name = key.strip().lower()
-        if not sep or not name or any(c not in _TOKEN_CHARS for c in name):
+        if not sep or not is_token(name):
             raise InvalidInput(f"part {part} has a malformed header line {line[:80]!r}")
         headers[name] = value.strip()
     return headers

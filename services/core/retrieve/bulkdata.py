@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from services.core.dicom.mediatype import OCTET
 from services.core.errors import NotFound
 from services.core.retrieve.errors import InvalidQuery
 from services.core.retrieve.frames import extract_frames
 from services.core.retrieve.lookup import StoredInstance, read_instance
-from services.core.retrieve.negotiation import OCTET, FrameFormat
+from services.core.retrieve.negotiation import FrameFormat
 
 
 def pixel_data_bytes(

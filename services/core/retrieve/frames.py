@@ -14,11 +14,12 @@ from pydicom.pixels.utils import pixel_array
 from pydicom.uid import JPEG2000, UID, JPEG2000Lossless
 
 from services.core.codecs.jpeg2000 import encode_image
+from services.core.dicom.mediatype import OCTET
 from services.core.dicom.pixels import layout_of
 from services.core.errors import CodecError, NotFound, UnsupportedSyntax
 from services.core.retrieve.errors import InvalidQuery, NotAcceptable
 from services.core.retrieve.lookup import StoredInstance, read_instance
-from services.core.retrieve.negotiation import FRAME_OFFERS, OCTET, FrameFormat
+from services.core.retrieve.negotiation import FRAME_OFFERS, FrameFormat
 
 
 def parse_frame_list(text: str) -> list[int]:

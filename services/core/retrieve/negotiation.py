@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from pydicom.uid import JPEG2000, ExplicitVRLittleEndian, JPEG2000Lossless
 
+from services.core.dicom.mediatype import (
+    DICOM,
+    DICOM_JSON,
+    JP2,
+    JPEG,
+    OCTET,
+    PNG,
+    is_media_type,
+    parse_media_type,
+    split_list,
+)
+from services.core.errors import InvalidInput
 from services.core.retrieve.errors import NotAcceptable
 
 AS_STORED = "*"
-DICOM = "application/dicom"
-OCTET = "application/octet-stream"
-JP2 = "image/jp2"
-PNG = "image/png"
-JPEG = "image/jpeg"
-DICOM_JSON = "application/dicom+json"
 J2K_SYNTAXES = frozenset({JPEG2000Lossless, JPEG2000})
 TRANSCODABLE = (ExplicitVRLittleEndian, JPEG2000Lossless, JPEG2000)
 
@@ -31,26 +36,6 @@ class MediaRange:
     q: float
 
 
-_TOKEN = re.compile(r"^[A-Za-z0-9!#$&^_.+*-]+/[A-Za-z0-9!#$&^_.+*-]+$")
-
-
-def _split(text: str, sep: str) -> list[str]:
-    """Split on ``sep`` outside double quotes."""
-    parts: list[str] = []
-    current: list[str] = []
-    quoted = False
-    for char in text:
-        if char == '"':
-            quoted = not quoted
-        if char == sep and not quoted:
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(char)
-    parts.append("".join(current))
-    return parts
-
-
 def parse_accept(header: str | None, offered: Sequence[str]) -> list[MediaRange]:
     """Media ranges by preference (q descending, then order); q=0 ranges dropped.
 
@@ -59,18 +44,13 @@ def parse_accept(header: str | None, offered: Sequence[str]) -> list[MediaRange]
     if header is None or not header.strip():
         return []
     ranges: list[MediaRange] = []
-    for raw in _split(header, ","):
-        if not raw.strip():
-            continue
-        media, *param_texts = (p.strip() for p in _split(raw, ";"))
-        if not _TOKEN.match(media):
+    for raw in split_list(header):
+        try:
+            media, params = parse_media_type(raw)
+        except InvalidInput as exc:
+            raise NotAcceptable(f"unparsable Accept header: {exc}", offered) from None
+        if not is_media_type(media):
             raise NotAcceptable(f"unparsable Accept header: bad media range {media!r}", offered)
-        params: dict[str, str] = {}
-        for text in param_texts:
-            name, eq, value = text.partition("=")
-            if not eq or not name.strip():
-                raise NotAcceptable(f"unparsable Accept header: bad parameter {text!r}", offered)
-            params[name.strip().lower()] = value.strip().strip('"')
         if "type" in params:
             params["type"] = params["type"].lower()
         q = 1.0
@@ -82,7 +62,7 @@ def parse_accept(header: str | None, offered: Sequence[str]) -> list[MediaRange]
             if not 0 <= q <= 1:
                 raise NotAcceptable("unparsable Accept header: q must be 0..1", offered)
         if q > 0:
-            ranges.append(MediaRange(media.lower(), params, q))
+            ranges.append(MediaRange(media, params, q))
     return sorted(ranges, key=lambda r: -r.q)  # stable: equal q keeps the client's order
 
 
@@ -185,10 +165,10 @@ def negotiate_rendered(accept: str | None) -> str:
     raise NotAcceptable(f"cannot render as {accept!r}", offered)
 
 
-def negotiate_metadata(accept: str | None) -> None:
-    """Nothing to choose: metadata is DICOM JSON; NotAcceptable when the client refuses it."""
+def negotiate_metadata(accept: str | None, what: str = "metadata") -> None:
+    """Nothing to choose: ``what`` is DICOM JSON; NotAcceptable when the client refuses it."""
     offered = [DICOM_JSON, "application/json"]
     ranges = parse_accept(accept, offered)
     wanted = {DICOM_JSON, "application/json", "application/*", "*/*"}
     if ranges and not any(r.media_type in wanted for r in ranges):
-        raise NotAcceptable(f"metadata comes only as DICOM JSON, not {accept!r}", offered)
+        raise NotAcceptable(f"{what} comes only as DICOM JSON, not {accept!r}", offered)

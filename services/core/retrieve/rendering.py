@@ -9,10 +9,10 @@ from dataclasses import dataclass, replace
 import numpy as np
 from PIL import Image
 
+from services.core.dicom.mediatype import JPEG, PNG
 from services.core.retrieve.errors import InvalidQuery
 from services.core.retrieve.frames import check_frames, decode
 from services.core.retrieve.lookup import StoredInstance, read_instance
-from services.core.retrieve.negotiation import JPEG, PNG
 from services.core.retrieve.windowing import FUNCTIONS, Window, colour_to_unit, grey_to_unit
 
 THUMBNAIL_SIZE = 128  # pixels: the box a thumbnail fits in when no viewport is given

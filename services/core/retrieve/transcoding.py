@@ -11,6 +11,7 @@ from pydicom.uid import JPEG2000, UID, ExplicitVRLittleEndian, JPEG2000Lossless
 from services.core.codecs import OutputSyntax
 from services.core.codecs.jpeg2000 import encode_image
 from services.core.dicom.derive import build_output
+from services.core.dicom.mediatype import DICOM
 from services.core.dicom.pixels import load_pixels
 from services.core.errors import CodecError
 from services.core.retrieve.errors import NotAcceptable
@@ -18,7 +19,6 @@ from services.core.retrieve.frames import decode, little_endian_bytes
 from services.core.retrieve.lookup import StoredInstance, read_instance
 from services.core.retrieve.negotiation import (
     AS_STORED,
-    DICOM,
     J2K_SYNTAXES,
     multipart_offer,
     offered_for_instances,
