@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
-import uuid
 from collections.abc import Awaitable, Callable, Iterable, Iterator
-from dataclasses import dataclass
 from itertools import chain
 from typing import Any, ParamSpec
 
@@ -23,7 +21,8 @@ from services.api.deps import READ_DICOMWEB, StateDep
 from services.api.problems import problem
 from services.api.state import AppState
 from services.core.dicom.dicomjson import to_dicom_json
-from services.core.dicom.mediatype import DICOM, DICOM_JSON, OCTET
+from services.core.dicom.mediatype import DICOM, DICOM_JSON, OCTET, format_media_type
+from services.core.dicom.multipart import RELATED, Part, iter_multipart, new_boundary
 from services.core.errors import NotFound
 from services.core.retrieve.bulkdata import bulk_value, pixel_data_bytes
 from services.core.retrieve.errors import InvalidQuery, NotAcceptable
@@ -52,35 +51,6 @@ FRAMES = INSTANCE + "/frames/{frames}"
 PIXEL_DATA_TAG = "7FE00010"
 
 P = ParamSpec("P")
-
-
-# -- multipart/related writer (RFC 2387) -------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Part:
-    content_type: str
-    body: Iterable[bytes]  # consumed lazily, so a file part is read in chunks
-
-
-def new_boundary() -> str:
-    return f"crgate-{uuid.uuid4().hex}"
-
-
-def multipart_type(part_type: str, boundary: str, transfer_syntax: str | None = None) -> str:
-    value = f'multipart/related; type="{part_type}"'
-    if transfer_syntax is not None:
-        value += f"; transfer-syntax={transfer_syntax}"
-    return f"{value}; boundary={boundary}"
-
-
-def multipart_body(parts: Iterable[Part], boundary: str) -> Iterator[bytes]:
-    """``--b CRLF headers CRLF CRLF body CRLF`` per part, then ``--b--``."""
-    for part in parts:
-        yield f"--{boundary}\r\nContent-Type: {part.content_type}\r\n\r\n".encode("ascii")
-        yield from part.body
-        yield b"\r\n"
-    yield f"--{boundary}--\r\n".encode("ascii")
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -116,10 +86,20 @@ def _accept(request: Request) -> str | None:
     return request.headers.get("accept")
 
 
+def _part(content_type: str, body: Iterable[bytes]) -> Part:
+    return {"Content-Type": content_type}, body
+
+
+def _related_type(part_type: str, boundary: str, syntax: str | None) -> str:
+    """``multipart/related; type="<part_type>"[; transfer-syntax=<syntax>]; boundary=<boundary>``"""
+    params = {"type": part_type, "transfer-syntax": syntax, "boundary": boundary}
+    return format_media_type(RELATED, {k: v for k, v in params.items() if v is not None})
+
+
 def _multipart_response(parts: list[Part], part_type: str, syntax: str | None) -> Response:
     boundary = new_boundary()
-    body = b"".join(multipart_body(parts, boundary))
-    return Response(body, media_type=multipart_type(part_type, boundary, syntax))
+    body = b"".join(iter_multipart(parts, boundary))
+    return Response(body, media_type=_related_type(part_type, boundary, syntax))
 
 
 # -- instances ---------------------------------------------------------------------------------
@@ -129,8 +109,8 @@ def _dicom_part(instance: StoredInstance, target: str, threads: int) -> Part:
     data = encode_instance(instance, target, threads=threads)
     if data is None:
         content_type = f"{DICOM}; transfer-syntax={instance.transfer_syntax_uid}"
-        return Part(content_type, iter_file(instance.path))
-    return Part(f"{DICOM}; transfer-syntax={target}", [data])
+        return _part(content_type, iter_file(instance.path))
+    return _part(f"{DICOM}; transfer-syntax={target}", [data])
 
 
 def _logged(chunks: Iterator[bytes], what: str) -> Iterator[bytes]:
@@ -154,8 +134,8 @@ async def _instances_response(
     boundary = new_boundary()
     what = f"sop={sop}" if sop else f"series={series}" if series else f"study={study}"
     return StreamingResponse(
-        _logged(multipart_body(chain([first], rest), boundary), what),
-        media_type=multipart_type(DICOM, boundary, None if target == AS_STORED else target),
+        _logged(iter_multipart(chain([first], rest), boundary), what),
+        media_type=_related_type(DICOM, boundary, None if target == AS_STORED else target),
     )
 
 
@@ -246,7 +226,7 @@ async def retrieve_frames(
         extract_frames, instance, numbers, fmt, threads=state.settings.threads
     )
     return _multipart_response(
-        [Part(fmt.content_type, [d]) for d in data], fmt.media_type, fmt.transfer_syntax
+        [_part(fmt.content_type, [d]) for d in data], fmt.media_type, fmt.transfer_syntax
     )
 
 
@@ -270,7 +250,7 @@ async def retrieve_bulkdata(
             raise NotAcceptable(f"bulk data element {tag} comes only as {OCTET}", FRAME_OFFERS[:1])
         data = [await run_in_threadpool(bulk_value, instance, tag)]
     return _multipart_response(
-        [Part(fmt.content_type, [d]) for d in data], fmt.media_type, fmt.transfer_syntax
+        [_part(fmt.content_type, [d]) for d in data], fmt.media_type, fmt.transfer_syntax
     )
 
 

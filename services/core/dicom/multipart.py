@@ -5,8 +5,9 @@ returns events (a part's headers, a piece of its body, its end); memory stays bo
 chunk size plus the delimiter length, whatever the size of a part. ``close()`` raises when the
 body ended before the closing delimiter. Framing errors raise InvalidInput.
 
-Writing: ``new_boundary``, ``content_type`` and ``iter_multipart`` build a response body
-part by part (WADO-RS).
+Writing: ``new_boundary`` and ``iter_multipart`` build a body part by part (WADO-RS
+responses); the multipart Content-Type is written with ``mediatype.format_media_type``
+(``content_type`` is its shorthand with always-quoted extra parameters).
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from enum import Enum, auto
 
-from services.core.dicom.mediatype import is_token
+from services.core.dicom.mediatype import format_media_type, is_token
 from services.core.errors import InvalidInput
 
+RELATED = "multipart/related"
 MAX_HEADER_BYTES = 16 * 1024  # all header lines of one part
 _BCHARS = frozenset("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ'()+_,-./:=? ")
 
@@ -209,14 +211,19 @@ def _parse_headers(block: bytes, part: int) -> dict[str, str]:
 # -- writing --------------------------------------------------------------------------------------
 
 
+Part = tuple[Mapping[str, str], Iterable[bytes]]  # headers, body chunks (read lazily)
+
+
 def new_boundary() -> str:
+    """A fresh random boundary (32 hex digits: never found in a body by chance)."""
     return uuid.uuid4().hex
 
 
 def content_type(part_type: str, boundary: str, **params: str) -> str:
-    """``multipart/related; type="<part_type>"; boundary=<boundary>`` plus extra parameters."""
+    """``multipart/related; type="<part_type>"; boundary=<boundary>`` plus extra parameters,
+    always quoted (``transfer_syntax`` is written ``transfer-syntax``)."""
     extra = "".join(f'; {k.replace("_", "-")}="{v}"' for k, v in params.items())
-    return f'multipart/related; type="{part_type}"; boundary={boundary}{extra}'
+    return format_media_type(RELATED, {"type": part_type, "boundary": boundary}) + extra
 
 
 def part_head(boundary: str, headers: Mapping[str, str]) -> bytes:
@@ -229,9 +236,7 @@ def closing(boundary: str) -> bytes:
     return f"--{boundary}--\r\n".encode("ascii")
 
 
-def iter_multipart(
-    parts: Iterable[tuple[Mapping[str, str], Iterable[bytes]]], boundary: str
-) -> Iterator[bytes]:
+def iter_multipart(parts: Iterable[Part], boundary: str) -> Iterator[bytes]:
     """A multipart body as chunks: each part's head, its body chunks, CRLF; then the close."""
     for headers, body in parts:
         yield part_head(boundary, headers)
