@@ -20,6 +20,7 @@ from services.core.errors import (
     OutputError,
     UnsupportedSyntax,
 )
+from services.core.retrieve.errors import NotAcceptable
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,8 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(CrgateError)
     async def _crgate(_request: Request, exc: CrgateError) -> JSONResponse:
         status = status_of(exc)
-        return problem(status, TITLES.get(status, "Error"), str(exc))
+        extra = {"offered": exc.offered} if isinstance(exc, NotAcceptable) else {}
+        return problem(status, TITLES.get(status, "Error"), str(exc), **extra)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:

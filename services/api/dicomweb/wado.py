@@ -7,18 +7,19 @@ is offered.
 
 from __future__ import annotations
 
-import functools
+import inspect
 import logging
+import re
 from collections.abc import Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass
 from itertools import chain
-from typing import Any, ParamSpec
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from services.api.deps import READ_DICOMWEB, StateDep
-from services.api.problems import problem
 from services.api.state import AppState
 from services.core.dicom.dicomjson import to_dicom_json
 from services.core.dicom.mediatype import DICOM, DICOM_JSON, OCTET, format_media_type
@@ -50,23 +51,8 @@ INSTANCE = SERIES + "/instances/{sop}"
 FRAMES = INSTANCE + "/frames/{frames}"
 PIXEL_DATA_TAG = "7FE00010"
 
-P = ParamSpec("P")
-
 
 # -- helpers -----------------------------------------------------------------------------------
-
-
-def _offers(endpoint: Callable[P, Awaitable[Response]]) -> Callable[P, Awaitable[Response]]:
-    """Turn NotAcceptable into a 406 problem whose ``offered`` member lists what can be sent."""
-
-    @functools.wraps(endpoint)
-    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> Response:
-        try:
-            return await endpoint(*args, **kwargs)
-        except NotAcceptable as exc:
-            return problem(406, "Not Acceptable", str(exc), offered=exc.offered)
-
-    return wrapper
 
 
 async def _find(
@@ -140,19 +126,16 @@ async def _instances_response(
 
 
 @router.get(STUDY, name="wado_study")
-@_offers
 async def retrieve_study(study: str, request: Request, state: StateDep) -> Response:
     return await _instances_response(request, state, study)
 
 
 @router.get(SERIES, name="wado_series")
-@_offers
 async def retrieve_series(study: str, series: str, request: Request, state: StateDep) -> Response:
     return await _instances_response(request, state, study, series)
 
 
 @router.get(INSTANCE, name="wado_instance")
-@_offers
 async def retrieve_instance(
     study: str, series: str, sop: str, request: Request, state: StateDep
 ) -> Response:
@@ -191,19 +174,16 @@ async def _metadata_response(
 
 
 @router.get(STUDY + "/metadata")
-@_offers
 async def study_metadata(study: str, request: Request, state: StateDep) -> Response:
     return await _metadata_response(request, state, study)
 
 
 @router.get(SERIES + "/metadata")
-@_offers
 async def series_metadata(study: str, series: str, request: Request, state: StateDep) -> Response:
     return await _metadata_response(request, state, study, series)
 
 
 @router.get(INSTANCE + "/metadata")
-@_offers
 async def instance_metadata(
     study: str, series: str, sop: str, request: Request, state: StateDep
 ) -> Response:
@@ -214,7 +194,6 @@ async def instance_metadata(
 
 
 @router.get(FRAMES)
-@_offers
 async def retrieve_frames(
     study: str, series: str, sop: str, frames: str, request: Request, state: StateDep
 ) -> Response:
@@ -231,7 +210,6 @@ async def retrieve_frames(
 
 
 @router.get(INSTANCE + "/bulkdata/{tag}", name="wado_bulkdata")
-@_offers
 async def retrieve_bulkdata(
     study: str, series: str, sop: str, tag: str, request: Request, state: StateDep
 ) -> Response:
@@ -257,23 +235,52 @@ async def retrieve_bulkdata(
 # -- rendered and thumbnails -------------------------------------------------------------------
 
 
-async def _rendered(
-    request: Request,
-    state: AppState,
-    instances: list[StoredInstance] | None,
-    ids: tuple[str, str | None, str | None],
-    frames: str | None,
-    window: str | None,
-    viewport: str | None,
-    quality: str | None,
-    *,
-    thumbnail: bool,
+@dataclass(frozen=True)
+class _View:
+    """One rendered or thumbnail resource: its path, route name and kind."""
+
+    path: str
+    name: str  # the route name; OpenAPI derives the summary and operation id from it
+    thumbnail: bool  # thumbnails: the first image, 128x128 by default, no window parameter
+
+    @property
+    def path_params(self) -> list[str]:
+        return re.findall(r"{(\w+)}", self.path)
+
+    @property
+    def query_params(self) -> list[str]:
+        return ["viewport", "quality"] if self.thumbnail else ["window", "viewport", "quality"]
+
+
+_VIEWS = (
+    _View(INSTANCE + "/rendered", "instance_rendered", thumbnail=False),
+    _View(FRAMES + "/rendered", "frame_rendered", thumbnail=False),
+    _View(STUDY + "/thumbnail", "study_thumbnail", thumbnail=True),
+    _View(SERIES + "/thumbnail", "series_thumbnail", thumbnail=True),
+    _View(INSTANCE + "/thumbnail", "instance_thumbnail", thumbnail=True),
+    _View(FRAMES + "/thumbnail", "frame_thumbnail", thumbnail=True),
+)
+
+
+async def _render_view(
+    view: _View, request: Request, state: AppState, params: dict[str, str | None]
 ) -> Response:
+    """One frame (the first unless the path names one) of the first image, as PNG or JPEG.
+
+    A thumbnail looks up its study, series or instance before reading its parameters.
+    """
+    ids = (str(params["study"]), params.get("series"), params.get("sop"))
+    instances = await _find(state, *ids) if view.thumbnail else None
     media_type = negotiate_rendered(_accept(request))
-    params = parse_render_params(
-        media_type, window=window, viewport=viewport, quality=quality, thumbnail=thumbnail
+    render_params = parse_render_params(
+        media_type,
+        window=params.get("window"),
+        viewport=params["viewport"],
+        quality=params["quality"],
+        thumbnail=view.thumbnail,
     )
     frame = 1
+    frames = params.get("frames")
     if frames is not None:
         numbers = parse_frame_list(frames)
         if len(numbers) != 1:
@@ -284,112 +291,32 @@ async def _rendered(
     images = [i for i in instances if i.is_image]
     if not images:
         raise NotFound(f"nothing to render: {instances[0].source} has no Pixel Data")
-    image = await run_in_threadpool(render, images[0], frame, params)
+    image = await run_in_threadpool(render, images[0], frame, render_params)
     return Response(image, media_type=media_type)
 
 
-@router.get(INSTANCE + "/rendered")
-@_offers
-async def instance_rendered(
-    study: str,
-    series: str,
-    sop: str,
-    request: Request,
-    state: StateDep,
-    window: str | None = None,
-    viewport: str | None = None,
-    quality: str | None = None,
-) -> Response:
-    ids = (study, series, sop)
-    return await _rendered(
-        request, state, None, ids, None, window, viewport, quality, thumbnail=False
+def _view_endpoint(view: _View) -> Callable[..., Awaitable[Response]]:
+    """The endpoint of ``view``, its signature declaring the path and query parameters."""
+
+    async def endpoint(request: Request, state: AppState, **params: str | None) -> Response:
+        return await _render_view(view, request, state, params)
+
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    endpoint.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [inspect.Parameter(name, keyword, annotation=str) for name in view.path_params]
+        + [
+            inspect.Parameter("request", keyword, annotation=Request),
+            inspect.Parameter("state", keyword, annotation=StateDep),
+        ]
+        + [
+            inspect.Parameter(name, keyword, annotation=str | None, default=None)
+            for name in view.query_params
+        ],
+        return_annotation=Response,
     )
+    endpoint.__name__ = endpoint.__qualname__ = view.name
+    return endpoint
 
 
-@router.get(FRAMES + "/rendered")
-@_offers
-async def frame_rendered(
-    study: str,
-    series: str,
-    sop: str,
-    frames: str,
-    request: Request,
-    state: StateDep,
-    window: str | None = None,
-    viewport: str | None = None,
-    quality: str | None = None,
-) -> Response:
-    ids = (study, series, sop)
-    return await _rendered(
-        request, state, None, ids, frames, window, viewport, quality, thumbnail=False
-    )
-
-
-async def _thumbnail(
-    request: Request,
-    state: AppState,
-    ids: tuple[str, str | None, str | None],
-    frames: str | None,
-    viewport: str | None,
-    quality: str | None,
-) -> Response:
-    """The first image of the study, series or instance, fitted into ``viewport``
-    (default 128x128), windowed as stored."""
-    instances = await _find(state, *ids)
-    return await _rendered(
-        request, state, instances, ids, frames, None, viewport, quality, thumbnail=True
-    )
-
-
-@router.get(STUDY + "/thumbnail")
-@_offers
-async def study_thumbnail(
-    study: str,
-    request: Request,
-    state: StateDep,
-    viewport: str | None = None,
-    quality: str | None = None,
-) -> Response:
-    return await _thumbnail(request, state, (study, None, None), None, viewport, quality)
-
-
-@router.get(SERIES + "/thumbnail")
-@_offers
-async def series_thumbnail(
-    study: str,
-    series: str,
-    request: Request,
-    state: StateDep,
-    viewport: str | None = None,
-    quality: str | None = None,
-) -> Response:
-    return await _thumbnail(request, state, (study, series, None), None, viewport, quality)
-
-
-@router.get(INSTANCE + "/thumbnail")
-@_offers
-async def instance_thumbnail(
-    study: str,
-    series: str,
-    sop: str,
-    request: Request,
-    state: StateDep,
-    viewport: str | None = None,
-    quality: str | None = None,
-) -> Response:
-    return await _thumbnail(request, state, (study, series, sop), None, viewport, quality)
-
-
-@router.get(FRAMES + "/thumbnail")
-@_offers
-async def frame_thumbnail(
-    study: str,
-    series: str,
-    sop: str,
-    frames: str,
-    request: Request,
-    state: StateDep,
-    viewport: str | None = None,
-    quality: str | None = None,
-) -> Response:
-    return await _thumbnail(request, state, (study, series, sop), frames, viewport, quality)
+for _view in _VIEWS:
+    router.add_api_route(_view.path, _view_endpoint(_view), methods=["GET"], name=_view.name)
