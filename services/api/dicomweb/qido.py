@@ -43,7 +43,7 @@ def _search(
     study: str | None = None,
     series: str | None = None,
 ) -> JSONResponse:
-    negotiate_metadata(request.headers.get("accept"), "QIDO-RS search results")
+    negotiate_metadata(request.headers.get("accept"), "a QIDO-RS result")
     try:
         query = parse_query(
             level, request.query_params.multi_items(), study_uid=study, series_uid=series
