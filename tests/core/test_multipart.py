@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from services.core.dicom.mediatype import parse_media_type
 from services.core.dicom.multipart import (
     MAX_HEADER_BYTES,
     Event,
@@ -19,7 +20,6 @@ from services.core.dicom.multipart import (
     content_type,
     iter_multipart,
     new_boundary,
-    parse_media_type,
 )
 from services.core.errors import InvalidInput
 

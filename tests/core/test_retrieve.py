@@ -27,21 +27,24 @@ from pydicom.uid import (
 )
 from sqlalchemy.orm import Session, sessionmaker
 
-from services.core import retrieve
 from services.core.codecs.openjpeg import decode_codestream
+from services.core.dicom.mediatype import JP2, OCTET
 from services.core.dicom.uids import new_uid
 from services.core.errors import InvalidUID, NotFound
 from services.core.ingest import Channel, Ingestor
 from services.core.retrieve import (
-    AS_STORED,
-    JP2,
-    OCTET,
-    FrameFormat,
-    InvalidQuery,
-    NotAcceptable,
-    StoredInstance,
-    Window,
+    bulkdata,
+    frames,
+    lookup,
+    negotiation,
+    rendering,
+    transcoding,
+    windowing,
 )
+from services.core.retrieve.errors import InvalidQuery, NotAcceptable
+from services.core.retrieve.lookup import StoredInstance
+from services.core.retrieve.negotiation import AS_STORED, FrameFormat
+from services.core.retrieve.windowing import Window
 from services.core.storage import InstanceStore
 
 DICOM_90 = 'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2.4.90'
@@ -75,7 +78,7 @@ def reread(data: bytes) -> Dataset:
 
 
 def test_parse_accept_orders_by_q_then_position_and_drops_q0() -> None:
-    ranges = retrieve.parse_accept(
+    ranges = negotiation.parse_accept(
         'multipart/related; type="application/dicom"; q=0.5, */*;q=0, '
         "multipart/related; type=Application/DICOM; transfer-syntax=*, image/png",
         offered=["x"],
@@ -86,7 +89,7 @@ def test_parse_accept_orders_by_q_then_position_and_drops_q0() -> None:
         ("multipart/related", None, 0.5),
     ]
     assert ranges[0].params["type"] == "application/dicom"
-    assert retrieve.parse_accept(None, ["x"]) == retrieve.parse_accept("  ", ["x"]) == []
+    assert negotiation.parse_accept(None, ["x"]) == negotiation.parse_accept("  ", ["x"]) == []
 
 
 @pytest.mark.parametrize(
@@ -94,7 +97,7 @@ def test_parse_accept_orders_by_q_then_position_and_drops_q0() -> None:
 )
 def test_unparsable_accept_is_not_acceptable_and_lists_offers(header: str) -> None:
     with pytest.raises(NotAcceptable) as info:
-        retrieve.parse_accept(header, ["image/png", "image/jpeg"])
+        negotiation.parse_accept(header, ["image/png", "image/jpeg"])
     assert info.value.offered == ["image/png", "image/jpeg"]
     assert "image/jpeg" in str(info.value)
 
@@ -120,21 +123,23 @@ def test_unparsable_accept_is_not_acceptable_and_lists_offers(header: str) -> No
     ],
 )
 def test_negotiate_instances(accept: str | None, expected: str) -> None:
-    assert retrieve.negotiate_instances(accept, {ExplicitVRLittleEndian}) == expected
+    assert negotiation.negotiate_instances(accept, {ExplicitVRLittleEndian}) == expected
 
 
 def test_negotiate_instances_refuses_what_it_cannot_make() -> None:
     jpeg = DICOM_90.replace("4.90", "4.50")
     with pytest.raises(NotAcceptable) as info:
-        retrieve.negotiate_instances(jpeg, {ExplicitVRLittleEndian, JPEG2000})
-    assert retrieve.offered_for_instances({ExplicitVRLittleEndian, JPEG2000}) == info.value.offered
+        negotiation.negotiate_instances(jpeg, {ExplicitVRLittleEndian, JPEG2000})
+    assert (
+        negotiation.offered_for_instances({ExplicitVRLittleEndian, JPEG2000}) == info.value.offered
+    )
     assert any("transfer-syntax=*" in o for o in info.value.offered)
     # ... unless every instance is already stored that way
-    assert retrieve.negotiate_instances(jpeg, {JPEGBaseline8Bit}) == JPEGBaseline8Bit
+    assert negotiation.negotiate_instances(jpeg, {JPEGBaseline8Bit}) == JPEGBaseline8Bit
     with pytest.raises(NotAcceptable):
-        retrieve.negotiate_instances('multipart/related; type="application/dicom+xml"', {})
+        negotiation.negotiate_instances('multipart/related; type="application/dicom+xml"', {})
     with pytest.raises(NotAcceptable):
-        retrieve.negotiate_instances("application/json", {})
+        negotiation.negotiate_instances("application/json", {})
 
 
 @pytest.mark.parametrize(
@@ -160,32 +165,32 @@ def test_negotiate_instances_refuses_what_it_cannot_make() -> None:
     ],
 )
 def test_negotiate_frames(accept: str | None, stored_syntax: str, expected: FrameFormat) -> None:
-    assert retrieve.negotiate_frames(accept, stored_syntax) == expected
+    assert negotiation.negotiate_frames(accept, stored_syntax) == expected
 
 
 def test_negotiate_frames_refuses_other_image_types() -> None:
     with pytest.raises(NotAcceptable) as info:
-        retrieve.negotiate_frames('multipart/related; type="image/jpeg"', JPEG2000)
-    assert info.value.offered == retrieve.FRAME_OFFERS
+        negotiation.negotiate_frames('multipart/related; type="image/jpeg"', JPEG2000)
+    assert info.value.offered == negotiation.FRAME_OFFERS
     with pytest.raises(NotAcceptable):
-        retrieve.negotiate_frames(
+        negotiation.negotiate_frames(
             'multipart/related; type="application/octet-stream"; transfer-syntax=1.2.840.10008.1.2',
             ExplicitVRLittleEndian,
         )
 
 
 def test_negotiate_rendered_and_metadata() -> None:
-    assert retrieve.negotiate_rendered(None) == "image/png"
-    assert retrieve.negotiate_rendered("image/*") == "image/png"
-    assert retrieve.negotiate_rendered("image/gif, image/jpeg;q=0.5") == "image/jpeg"
-    assert retrieve.negotiate_rendered("image/png;q=0.2, image/jpeg;q=0.5") == "image/jpeg"
+    assert negotiation.negotiate_rendered(None) == "image/png"
+    assert negotiation.negotiate_rendered("image/*") == "image/png"
+    assert negotiation.negotiate_rendered("image/gif, image/jpeg;q=0.5") == "image/jpeg"
+    assert negotiation.negotiate_rendered("image/png;q=0.2, image/jpeg;q=0.5") == "image/jpeg"
     with pytest.raises(NotAcceptable) as info:
-        retrieve.negotiate_rendered("image/gif")
+        negotiation.negotiate_rendered("image/gif")
     assert info.value.offered == ["image/png", "image/jpeg"]
-    retrieve.negotiate_metadata(None)
-    retrieve.negotiate_metadata("application/dicom+json, application/json")
+    negotiation.negotiate_metadata(None)
+    negotiation.negotiate_metadata("application/dicom+json, application/json")
     with pytest.raises(NotAcceptable):
-        retrieve.negotiate_metadata("application/dicom+xml")
+        negotiation.negotiate_metadata("application/dicom+xml")
 
 
 # -- transcoding whole instances ---------------------------------------------------------------
@@ -194,9 +199,9 @@ def test_negotiate_rendered_and_metadata() -> None:
 def test_jpeg2000_instance_decompresses_to_explicit_le_with_equal_pixels() -> None:
     path = pydicom_file("JPEG2000.dcm")
     original = pydicom.dcmread(path)
-    assert retrieve.encode_instance(stored(path), AS_STORED) is None
-    assert retrieve.encode_instance(stored(path), JPEG2000) is None  # stored that way
-    data = retrieve.encode_instance(stored(path), ExplicitVRLittleEndian)
+    assert transcoding.encode_instance(stored(path), AS_STORED) is None
+    assert transcoding.encode_instance(stored(path), JPEG2000) is None  # stored that way
+    data = transcoding.encode_instance(stored(path), ExplicitVRLittleEndian)
     assert data is not None
     out = reread(data)
     assert out.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
@@ -209,7 +214,7 @@ def test_native_instance_to_jpeg2000_lossless_and_reversible_4_91(tmp_path: Path
     path = pydicom_file("MR_small.dcm")
     original = pydicom.dcmread(path)
     for target in (JPEG2000Lossless, JPEG2000):
-        data = retrieve.encode_instance(stored(path), target, threads=1)
+        data = transcoding.encode_instance(stored(path), target, threads=1)
         assert data is not None
         out = reread(data)
         assert out.file_meta.TransferSyntaxUID == target
@@ -224,7 +229,7 @@ def test_native_instance_to_jpeg2000_lossless_and_reversible_4_91(tmp_path: Path
 def test_stored_4_90_is_relabelled_4_91_without_recoding() -> None:
     path = pydicom_file("MR_small_jp2klossless.dcm")
     original = pydicom.dcmread(path)
-    data = retrieve.encode_instance(stored(path), JPEG2000)
+    data = transcoding.encode_instance(stored(path), JPEG2000)
     assert data is not None
     out = reread(data)
     assert out.file_meta.TransferSyntaxUID == JPEG2000
@@ -235,7 +240,7 @@ def test_big_endian_instance_becomes_little_endian(tmp_path: Path) -> None:
     path = pydicom_file("MR_small_bigendian.dcm")
     original = pydicom.dcmread(path)
     assert original.file_meta.TransferSyntaxUID == ExplicitVRBigEndian
-    data = retrieve.encode_instance(stored(path), ExplicitVRLittleEndian)
+    data = transcoding.encode_instance(stored(path), ExplicitVRLittleEndian)
     assert data is not None
     out = reread(data)
     assert out.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
@@ -244,15 +249,15 @@ def test_big_endian_instance_becomes_little_endian(tmp_path: Path) -> None:
 
 
 def test_instance_without_pixels_is_relabelled() -> None:
-    out = retrieve.transcode(pydicom.dcmread(pydicom_file("rtplan.dcm")), JPEG2000Lossless)
+    out = transcoding.transcode(pydicom.dcmread(pydicom_file("rtplan.dcm")), JPEG2000Lossless)
     assert out.file_meta.TransferSyntaxUID == JPEG2000Lossless
-    assert reread(retrieve.dataset_bytes(out)).RTPlanLabel == out.RTPlanLabel
+    assert reread(transcoding.dataset_bytes(out)).RTPlanLabel == out.RTPlanLabel
 
 
 def test_pixels_the_codec_cannot_take_are_not_acceptable() -> None:
     ds = pydicom.dcmread(pydicom_file("rtdose.dcm"))  # 32 bits allocated
     with pytest.raises(NotAcceptable) as info:
-        retrieve.transcode(ds, JPEG2000Lossless, source="rtdose")
+        transcoding.transcode(ds, JPEG2000Lossless, source="rtdose")
     assert "rtdose cannot be sent as JPEG 2000" in str(info.value)
     assert any("transfer-syntax=*" in o for o in info.value.offered)
 
@@ -261,14 +266,14 @@ def test_pixels_the_codec_cannot_take_are_not_acceptable() -> None:
 
 
 def test_parse_frame_list_and_range_checks() -> None:
-    assert retrieve.parse_frame_list("1, 3,2") == [1, 3, 2]
+    assert frames.parse_frame_list("1, 3,2") == [1, 3, 2]
     for bad in ("0", "1,,2", "a", "-1", "1.5", ""):
         with pytest.raises(InvalidQuery):
-            retrieve.parse_frame_list(bad)
+            frames.parse_frame_list(bad)
     instance = stored(pydicom_file("SC_rgb_rle_2frame.dcm"))
-    retrieve.check_frames(instance, [1, 2])
+    frames.check_frames(instance, [1, 2])
     with pytest.raises(NotFound, match=r"frame 3 does not exist: .* has 2 frames"):
-        retrieve.check_frames(instance, [1, 3])
+        frames.check_frames(instance, [1, 3])
 
 
 def test_frames_uncompressed_and_as_jpeg2000_from_rle_colour() -> None:
@@ -276,9 +281,9 @@ def test_frames_uncompressed_and_as_jpeg2000_from_rle_colour() -> None:
     ds = pydicom.dcmread(path)
     decoded = ds.pixel_array
     octet = FrameFormat(OCTET, ExplicitVRLittleEndian)
-    raw = retrieve.extract_frames(stored(path), [2, 1], octet)
+    raw = frames.extract_frames(stored(path), [2, 1], octet)
     assert raw == [decoded[1].tobytes(), decoded[0].tobytes()]
-    j2k = retrieve.extract_frames(stored(path), [2], FrameFormat(JP2, JPEG2000Lossless))
+    j2k = frames.extract_frames(stored(path), [2], FrameFormat(JP2, JPEG2000Lossless))
     assert np.array_equal(decode_codestream(j2k[0]), decoded[1])
 
 
@@ -287,7 +292,7 @@ def test_native_frames_are_cut_from_the_stored_bytes() -> None:
     instance = stored(path)
     ds = pydicom.dcmread(path)
     size = len(ds.PixelData) // instance.frames
-    (third,) = retrieve.extract_frames(instance, [3], FrameFormat(OCTET, ExplicitVRLittleEndian))
+    (third,) = frames.extract_frames(instance, [3], FrameFormat(OCTET, ExplicitVRLittleEndian))
     assert third == ds.PixelData[2 * size : 3 * size]
     assert np.array_equal(np.frombuffer(third, ds.pixel_array.dtype), ds.pixel_array[2].ravel())
 
@@ -296,13 +301,13 @@ def test_stored_jpeg2000_frames_are_sent_as_stored() -> None:
     path = pydicom_file("JPEG2000.dcm")
     ds = pydicom.dcmread(path)
     stored_frame = get_frame(ds.PixelData, 0, number_of_frames=1)
-    (frame,) = retrieve.extract_frames(stored(path), [1], FrameFormat(JP2, JPEG2000))
+    (frame,) = frames.extract_frames(stored(path), [1], FrameFormat(JP2, JPEG2000))
     assert frame == stored_frame
     # a lossless request cannot reuse the irreversible stream: its pixels are re-coded exactly
-    (lossless,) = retrieve.extract_frames(stored(path), [1], FrameFormat(JP2, JPEG2000Lossless))
+    (lossless,) = frames.extract_frames(stored(path), [1], FrameFormat(JP2, JPEG2000Lossless))
     assert lossless != stored_frame
     assert np.array_equal(decode_codestream(lossless), ds.pixel_array)
-    whole = retrieve.pixel_data_bytes(stored(path), FrameFormat(OCTET, ExplicitVRLittleEndian))
+    whole = bulkdata.pixel_data_bytes(stored(path), FrameFormat(OCTET, ExplicitVRLittleEndian))
     assert whole == [ds.pixel_array.astype("<i2").tobytes()]
 
 
@@ -311,13 +316,13 @@ def test_stored_jpeg2000_frames_are_sent_as_stored() -> None:
 
 def test_apply_window_follows_ps3_3_c_11_2_1_2() -> None:
     x = np.array([-100.0, 0.0, 49.5, 99.0, 100.0, 200.0])
-    linear = retrieve.apply_window(x, Window(50, 100))
+    linear = windowing.apply_window(x, Window(50, 100))
     assert linear[0] == 0 and linear[-1] == 1
     assert linear[1] == pytest.approx(0.0, abs=0.01) and linear[3] == pytest.approx(1.0, abs=0.01)
     assert linear[2] == pytest.approx(0.5, abs=0.01)
-    exact = retrieve.apply_window(x, Window(50, 100, "linear-exact"))
+    exact = windowing.apply_window(x, Window(50, 100, "linear-exact"))
     assert list(exact) == pytest.approx([0, 0, 0.495, 0.99, 1, 1])
-    sigmoid = retrieve.apply_window(x, Window(50, 100, "sigmoid"))
+    sigmoid = windowing.apply_window(x, Window(50, 100, "sigmoid"))
     assert sigmoid[2] == pytest.approx(0.5, abs=0.01) and np.all(np.diff(sigmoid) > 0)
 
 
@@ -338,7 +343,7 @@ def test_apply_window_follows_ps3_3_c_11_2_1_2() -> None:
 )
 def test_bad_render_params(kwargs: dict[str, str], message: str) -> None:
     with pytest.raises(InvalidQuery, match=re.escape(message)):
-        retrieve.parse_render_params(
+        rendering.parse_render_params(
             "image/png",
             window=kwargs.get("window"),
             viewport=kwargs.get("viewport"),
@@ -347,9 +352,9 @@ def test_bad_render_params(kwargs: dict[str, str], message: str) -> None:
 
 
 def test_render_params_defaults() -> None:
-    params = retrieve.parse_render_params("image/jpeg", window="40,80,SIGMOID", quality="70")
+    params = rendering.parse_render_params("image/jpeg", window="40,80,SIGMOID", quality="70")
     assert params.window == Window(40, 80, "sigmoid") and params.quality == 70
-    assert retrieve.parse_render_params("image/png", thumbnail=True).viewport == (128, 128)
+    assert rendering.parse_render_params("image/png", thumbnail=True).viewport == (128, 128)
 
 
 def _copy_with(source: Path, dest: Path, **attrs: object) -> Path:
@@ -375,15 +380,15 @@ def test_render_uses_the_stored_window_and_inverts_monochrome1(
 ) -> None:
     path = tiny_study_files[0]
     ds = pydicom.dcmread(path)
-    params = retrieve.parse_render_params("image/png")
-    grey = _png(retrieve.render(stored(path), 1, params))
+    params = rendering.parse_render_params("image/png")
+    grey = _png(rendering.render(stored(path), 1, params))
     window = Window(float(ds.WindowCenter), float(ds.WindowWidth))
-    expected = np.round(retrieve.apply_window(ds.pixel_array, window) * 255)
+    expected = np.round(windowing.apply_window(ds.pixel_array, window) * 255)
     assert grey.shape == (160, 128)
     assert np.array_equal(grey, expected.astype(np.uint8))
 
     mono1 = _copy_with(path, tmp_path / "m1.dcm", PhotometricInterpretation="MONOCHROME1")
-    inverted = _png(retrieve.render(stored(mono1), 1, params))
+    inverted = _png(rendering.render(stored(mono1), 1, params))
     assert np.array_equal(inverted, 255 - grey)
 
 
@@ -394,13 +399,13 @@ def test_render_min_max_without_window_and_explicit_window(
         tiny_study_files[0], tmp_path / "nowin.dcm", WindowCenter=None, WindowWidth=None
     )
     pixels = pydicom.dcmread(path).pixel_array.astype(float)
-    out = _png(retrieve.render(stored(path), 1, retrieve.parse_render_params("image/png")))
+    out = _png(rendering.render(stored(path), 1, rendering.parse_render_params("image/png")))
     lo, hi = pixels.min(), pixels.max()
     assert np.array_equal(out, np.round((pixels - lo) / (hi - lo) * 255).astype(np.uint8))
     assert out.min() == 0 and out.max() == 255
-    params = retrieve.parse_render_params("image/png", window="1000,500,linear")
-    windowed = _png(retrieve.render(stored(path), 1, params))
-    expected = np.round(retrieve.apply_window(pixels, Window(1000, 500)) * 255)
+    params = rendering.parse_render_params("image/png", window="1000,500,linear")
+    windowed = _png(rendering.render(stored(path), 1, params))
+    expected = np.round(windowing.apply_window(pixels, Window(1000, 500)) * 255)
     assert np.array_equal(windowed, expected.astype(np.uint8))
 
 
@@ -414,27 +419,27 @@ def test_render_prefers_the_voi_lut_sequence(tiny_study_files: list[Path], tmp_p
     ds.SOPInstanceUID = new_uid()
     lut_path = tmp_path / "lut.dcm"
     ds.save_as(lut_path, enforce_file_format=True)
-    out = _png(retrieve.render(stored(lut_path), 1, retrieve.parse_render_params("image/png")))
+    out = _png(rendering.render(stored(lut_path), 1, rendering.parse_render_params("image/png")))
     expected = 255 - np.clip(ds.pixel_array, 0, 255)
     assert np.array_equal(out, expected.astype(np.uint8))
 
 
 def test_render_jpeg_viewport_and_region(tiny_study_files: list[Path]) -> None:
     instance = stored(tiny_study_files[0])
-    params = retrieve.parse_render_params("image/jpeg", viewport="64,64", quality="50")
-    jpeg = retrieve.render(instance, 1, params)
+    params = rendering.parse_render_params("image/jpeg", viewport="64,64", quality="50")
+    jpeg = rendering.render(instance, 1, params)
     assert jpeg[:2] == b"\xff\xd8"
     assert Image.open(io.BytesIO(jpeg)).size == (51, 64)  # 128x160 fitted into 64x64
-    crop = retrieve.parse_render_params("image/png", viewport="40,20,10,20,40,20")
-    assert Image.open(io.BytesIO(retrieve.render(instance, 1, crop))).size == (40, 20)
+    crop = rendering.parse_render_params("image/png", viewport="40,20,10,20,40,20")
+    assert Image.open(io.BytesIO(rendering.render(instance, 1, crop))).size == (40, 20)
     with pytest.raises(NotFound, match="has 1 frame"):
-        retrieve.render(instance, 2, params)
+        rendering.render(instance, 2, params)
 
 
 def test_iter_file_reads_in_chunks(tmp_path: Path) -> None:
     path = tmp_path / "blob"
     path.write_bytes(bytes(range(256)) * 10)
-    chunks = list(retrieve.iter_file(path, chunk=1000))
+    chunks = list(lookup.iter_file(path, chunk=1000))
     assert [len(c) for c in chunks] == [1000, 1000, 560]
     assert b"".join(chunks) == path.read_bytes()
 
@@ -459,27 +464,27 @@ def test_find_instances_at_each_level_and_not_found(
         _ingest(store, ingestor, path)
     ds = pydicom.dcmread(tiny_study_files[1])
     study, series, sop = ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
-    assert len(retrieve.find_instances(sessions, store, study=study)) == 4
-    (one,) = retrieve.find_instances(sessions, store, study=study, series=series, sop=sop)
+    assert len(lookup.find_instances(sessions, store, study=study)) == 4
+    (one,) = lookup.find_instances(sessions, store, study=study, series=series, sop=sop)
     assert one.sop_instance_uid == sop and one.frames == 1 and one.is_image
     assert one.transfer_syntax_uid == ExplicitVRLittleEndian
     assert one.path.read_bytes() == tiny_study_files[1].read_bytes()
 
     with pytest.raises(NotFound, match=r"study 1\.2\.3 is not stored"):
-        retrieve.find_instances(sessions, store, study="1.2.3")
+        lookup.find_instances(sessions, store, study="1.2.3")
     with pytest.raises(NotFound, match=r"series 1\.2\.3 of study"):
-        retrieve.find_instances(sessions, store, study=study, series="1.2.3")
+        lookup.find_instances(sessions, store, study=study, series="1.2.3")
     with pytest.raises(NotFound, match=r"instance 1\.2\.3 of series"):
-        retrieve.find_instances(sessions, store, study=study, series=series, sop="1.2.3")
+        lookup.find_instances(sessions, store, study=study, series=series, sop="1.2.3")
     with pytest.raises(NotFound):  # the instance exists, but not in that series
-        retrieve.find_instances(sessions, store, study=study, series="1.2.4", sop=sop)
+        lookup.find_instances(sessions, store, study=study, series="1.2.4", sop=sop)
     with pytest.raises(InvalidUID):
-        retrieve.find_instances(sessions, store, study="../etc")
+        lookup.find_instances(sessions, store, study="../etc")
 
     one.path.unlink()
     with (
         caplog.at_level(logging.ERROR, logger="services.core.retrieve"),
         pytest.raises(NotFound, match="file is missing"),
     ):
-        retrieve.find_instances(sessions, store, study=study)
+        lookup.find_instances(sessions, store, study=study)
     assert any(sop in r.getMessage() and r.levelno == logging.ERROR for r in caplog.records)

@@ -11,13 +11,12 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from services.api.deps import READ_DICOMWEB, SessionDep
-from services.api.problems import problem
 from services.core.db.qido import Level, parse_query, search
-from services.core.errors import InvalidInput
+from services.core.dicom.mediatype import DICOM_JSON
+from services.core.retrieve.negotiation import negotiate_metadata
 
 router = APIRouter(dependencies=[Depends(READ_DICOMWEB)])
 
-DICOM_JSON = "application/dicom+json"
 _RESOURCES = ("/studies", "/series", "/instances")
 
 
@@ -34,16 +33,6 @@ def warning_header(request: Request, texts: list[str]) -> str:
     return ", ".join(f'299 {agent} "{t.replace(chr(34), chr(39))}"' for t in texts)
 
 
-def _accepts_json(request: Request) -> bool:
-    accept = request.headers.get("accept", "").lower()
-    if not accept.strip():
-        return True
-    return any(
-        media.split(";")[0].strip() in ("*/*", "application/*", "application/json", DICOM_JSON)
-        for media in accept.split(",")
-    )
-
-
 def _search(
     request: Request,
     session: SessionDep,
@@ -52,19 +41,11 @@ def _search(
     study: str | None = None,
     series: str | None = None,
 ) -> JSONResponse:
-    if not _accepts_json(request):
-        return problem(
-            406,
-            "Not Acceptable",
-            f"QIDO-RS answers in {DICOM_JSON} only; the request accepts "
-            f"{request.headers.get('accept')!r}",
-        )
-    try:
-        query = parse_query(
-            level, request.query_params.multi_items(), study_uid=study, series_uid=series
-        )
-    except InvalidInput as exc:  # PS3.18 8.3.4: an invalid query is 400
-        return problem(400, "Bad Request", str(exc))
+    negotiate_metadata(request.headers.get("accept"), "a QIDO-RS result")
+    # an invalid query is 400 (PS3.18 8.3.4): problems.py maps it so under /dicomweb
+    query = parse_query(
+        level, request.query_params.multi_items(), study_uid=study, series_uid=series
+    )
     result = search(session, query, retrieve_root=dicomweb_root(request))
     response = JSONResponse(result.items, media_type=DICOM_JSON)
     if result.warnings:

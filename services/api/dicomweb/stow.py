@@ -21,20 +21,22 @@ from typing import IO, Any
 import pydicom
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
+from pydicom.dataset import Dataset
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from services.api.deps import get_state, require
-from services.api.dicomweb.qido import DICOM_JSON, dicomweb_root
+from services.api.dicomweb.qido import dicomweb_root
 from services.api.problems import problem
 from services.core.auth import Role
+from services.core.dicom.dicomjson import dataset, to_dicom_json
+from services.core.dicom.mediatype import DICOM, DICOM_JSON, parse_media_type
 from services.core.dicom.multipart import (
     MultipartParser,
     PartData,
     PartEnd,
     PartStart,
     boundary_of,
-    parse_media_type,
 )
 from services.core.dicom.uids import validate_uid
 from services.core.errors import (
@@ -53,7 +55,6 @@ log = logging.getLogger(__name__)
 
 router = APIRouter(dependencies=[Depends(require(Role.OPERATOR))])
 
-DICOM = "application/dicom"
 MAX_PARTS = 10_000  # per request: each part is a staged file
 MAX_PENDING_BYTES = 1024**2  # body received while a batch is written, before the loop waits
 
@@ -85,7 +86,7 @@ class _Part:
 @dataclass
 class _Outcome:
     stored: list[IngestResult] = field(default_factory=list)
-    failed: list[dict[str, Any]] = field(default_factory=list)
+    failed: list[Dataset] = field(default_factory=list)  # Failed SOP Sequence items
 
 
 @router.post("/studies", summary="STOW-RS: store instances")
@@ -379,49 +380,40 @@ def _failure_reason(exc: CrgateError) -> int:
     return PROCESSING_FAILURE
 
 
-def _failed_item(
-    sop_class: str | None, sop_uid: str | None, code: int, reason: str
-) -> dict[str, Any]:
-    item: dict[str, Any] = {
-        "00000902": {"vr": "LO", "Value": [reason]},  # Error Comment
-        "00081197": {"vr": "US", "Value": [code]},  # Failure Reason
-    }
+def _failed_item(sop_class: str | None, sop_uid: str | None, code: int, reason: str) -> Dataset:
+    item: dict[str, list[Any]] = {"ErrorComment": [reason], "FailureReason": [code]}
     if sop_class:
-        item["00081150"] = {"vr": "UI", "Value": [sop_class]}
+        item["ReferencedSOPClassUID"] = [sop_class]
     if sop_uid:
-        item["00081155"] = {"vr": "UI", "Value": [sop_uid]}
-    return dict(sorted(item.items()))
+        item["ReferencedSOPInstanceUID"] = [sop_uid]
+    return dataset(item)
 
 
 def _response(request: Request, study: str | None, outcome: _Outcome) -> JSONResponse:
     root = dicomweb_root(request)
-    body: dict[str, Any] = {}
+    body: dict[str, list[Any]] = {}
     studies = {r.study_uid for r in outcome.stored}
     target = study or (studies.pop() if len(studies) == 1 else None)
     if target is not None and outcome.stored:
-        body["00081190"] = {"vr": "UR", "Value": [f"{root}/studies/{target}"]}
+        body["RetrieveURL"] = [f"{root}/studies/{target}"]
     if outcome.failed:
-        body["00081198"] = {"vr": "SQ", "Value": outcome.failed}
+        body["FailedSOPSequence"] = outcome.failed
     if outcome.stored:
-        body["00081199"] = {
-            "vr": "SQ",
-            "Value": [
+        body["ReferencedSOPSequence"] = [
+            dataset(
                 {
-                    "00081150": {"vr": "UI", "Value": [r.sop_class_uid]},
-                    "00081155": {"vr": "UI", "Value": [r.sop_instance_uid]},
-                    "00081190": {
-                        "vr": "UR",
-                        "Value": [
-                            f"{root}/studies/{r.study_uid}/series/{r.series_uid}"
-                            f"/instances/{r.sop_instance_uid}"
-                        ],
-                    },
+                    "ReferencedSOPClassUID": [r.sop_class_uid],
+                    "ReferencedSOPInstanceUID": [r.sop_instance_uid],
+                    "RetrieveURL": [
+                        f"{root}/studies/{r.study_uid}/series/{r.series_uid}"
+                        f"/instances/{r.sop_instance_uid}"
+                    ],
                 }
-                for r in outcome.stored
-            ],
-        }
+            )
+            for r in outcome.stored
+        ]
     status = 200 if not outcome.failed else (202 if outcome.stored else 409)
     log.info(
         "STOW-RS: %d stored, %d failed (HTTP %d)", len(outcome.stored), len(outcome.failed), status
     )
-    return JSONResponse(body, status_code=status, media_type=DICOM_JSON)
+    return JSONResponse(to_dicom_json(dataset(body)), status_code=status, media_type=DICOM_JSON)

@@ -1,37 +1,44 @@
 """WADO-RS (PS3.18 10.4): instances, metadata, frames, bulk data, rendered images, thumbnails.
 
 Whole instances stream as multipart/related (files read in chunks, one transcode at a time);
-what can be sent is negotiated in services.core.retrieve. A 406 problem lists what is offered.
+what can be sent is negotiated in services.core.retrieve.negotiation; a 406 problem lists what
+is offered.
 """
 
 from __future__ import annotations
 
-import functools
+import inspect
 import logging
-import uuid
+import re
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import chain
-from typing import Any, ParamSpec
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from services.api.deps import READ_DICOMWEB, StateDep
-from services.api.problems import problem
-from services.core import retrieve
 from services.core.dicom.dicomjson import to_dicom_json
+from services.core.dicom.mediatype import DICOM, DICOM_JSON, OCTET, format_media_type
+from services.core.dicom.multipart import RELATED, Part, iter_multipart, new_boundary
 from services.core.errors import NotFound
-from services.core.retrieve import (
+from services.core.retrieve.bulkdata import bulk_value, pixel_data_bytes
+from services.core.retrieve.errors import InvalidQuery, NotAcceptable
+from services.core.retrieve.frames import check_frames, extract_frames, parse_frame_list
+from services.core.retrieve.lookup import StoredInstance, find_instances, iter_file
+from services.core.retrieve.metadata import metadata_dataset
+from services.core.retrieve.negotiation import (
     AS_STORED,
-    DICOM,
-    DICOM_JSON,
-    OCTET,
-    InvalidQuery,
-    NotAcceptable,
-    StoredInstance,
+    FRAME_OFFERS,
+    negotiate_frames,
+    negotiate_instances,
+    negotiate_metadata,
+    negotiate_rendered,
 )
+from services.core.retrieve.rendering import parse_render_params, render
+from services.core.retrieve.transcoding import encode_instance
 from services.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -44,59 +51,15 @@ INSTANCE = SERIES + "/instances/{sop}"
 FRAMES = INSTANCE + "/frames/{frames}"
 PIXEL_DATA_TAG = "7FE00010"
 
-P = ParamSpec("P")
-
-
-# -- multipart/related writer (RFC 2387) -------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Part:
-    content_type: str
-    body: Iterable[bytes]  # consumed lazily, so a file part is read in chunks
-
-
-def new_boundary() -> str:
-    return f"crgate-{uuid.uuid4().hex}"
-
-
-def multipart_type(part_type: str, boundary: str, transfer_syntax: str | None = None) -> str:
-    value = f'multipart/related; type="{part_type}"'
-    if transfer_syntax is not None:
-        value += f"; transfer-syntax={transfer_syntax}"
-    return f"{value}; boundary={boundary}"
-
-
-def multipart_body(parts: Iterable[Part], boundary: str) -> Iterator[bytes]:
-    """``--b CRLF headers CRLF CRLF body CRLF`` per part, then ``--b--``."""
-    for part in parts:
-        yield f"--{boundary}\r\nContent-Type: {part.content_type}\r\n\r\n".encode("ascii")
-        yield from part.body
-        yield b"\r\n"
-    yield f"--{boundary}--\r\n".encode("ascii")
-
 
 # -- helpers -----------------------------------------------------------------------------------
-
-
-def _offers(endpoint: Callable[P, Awaitable[Response]]) -> Callable[P, Awaitable[Response]]:
-    """Turn NotAcceptable into a 406 problem whose ``offered`` member lists what can be sent."""
-
-    @functools.wraps(endpoint)
-    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> Response:
-        try:
-            return await endpoint(*args, **kwargs)
-        except NotAcceptable as exc:
-            return problem(406, "Not Acceptable", str(exc), offered=exc.offered)
-
-    return wrapper
 
 
 async def _find(
     state: Runtime, study: str, series: str | None = None, sop: str | None = None
 ) -> list[StoredInstance]:
     return await run_in_threadpool(
-        retrieve.find_instances, state.sessions, state.store, study=study, series=series, sop=sop
+        find_instances, state.sessions, state.store, study=study, series=series, sop=sop
     )
 
 
@@ -109,21 +72,31 @@ def _accept(request: Request) -> str | None:
     return request.headers.get("accept")
 
 
+def _part(content_type: str, body: Iterable[bytes]) -> Part:
+    return {"Content-Type": content_type}, body
+
+
+def _related_type(part_type: str, boundary: str, syntax: str | None) -> str:
+    """``multipart/related; type="<part_type>"[; transfer-syntax=<syntax>]; boundary=<boundary>``"""
+    params = {"type": part_type, "transfer-syntax": syntax, "boundary": boundary}
+    return format_media_type(RELATED, {k: v for k, v in params.items() if v is not None})
+
+
 def _multipart_response(parts: list[Part], part_type: str, syntax: str | None) -> Response:
     boundary = new_boundary()
-    body = b"".join(multipart_body(parts, boundary))
-    return Response(body, media_type=multipart_type(part_type, boundary, syntax))
+    body = b"".join(iter_multipart(parts, boundary))
+    return Response(body, media_type=_related_type(part_type, boundary, syntax))
 
 
 # -- instances ---------------------------------------------------------------------------------
 
 
 def _dicom_part(instance: StoredInstance, target: str, threads: int) -> Part:
-    data = retrieve.encode_instance(instance, target, threads=threads)
+    data = encode_instance(instance, target, threads=threads)
     if data is None:
         content_type = f"{DICOM}; transfer-syntax={instance.transfer_syntax_uid}"
-        return Part(content_type, retrieve.iter_file(instance.path))
-    return Part(f"{DICOM}; transfer-syntax={target}", [data])
+        return _part(content_type, iter_file(instance.path))
+    return _part(f"{DICOM}; transfer-syntax={target}", [data])
 
 
 def _logged(chunks: Iterator[bytes], what: str) -> Iterator[bytes]:
@@ -139,9 +112,7 @@ async def _instances_response(
     request: Request, state: Runtime, study: str, series: str | None = None, sop: str | None = None
 ) -> Response:
     instances = await _find(state, study, series, sop)
-    target = retrieve.negotiate_instances(
-        _accept(request), {i.transfer_syntax_uid for i in instances}
-    )
+    target = negotiate_instances(_accept(request), {i.transfer_syntax_uid for i in instances})
     threads = state.settings.threads
     # the first part is prepared before the response starts, so its errors get a status code
     first = await run_in_threadpool(_dicom_part, instances[0], target, threads)
@@ -149,25 +120,22 @@ async def _instances_response(
     boundary = new_boundary()
     what = f"sop={sop}" if sop else f"series={series}" if series else f"study={study}"
     return StreamingResponse(
-        _logged(multipart_body(chain([first], rest), boundary), what),
-        media_type=multipart_type(DICOM, boundary, None if target == AS_STORED else target),
+        _logged(iter_multipart(chain([first], rest), boundary), what),
+        media_type=_related_type(DICOM, boundary, None if target == AS_STORED else target),
     )
 
 
 @router.get(STUDY, name="wado_study")
-@_offers
 async def retrieve_study(study: str, request: Request, state: StateDep) -> Response:
     return await _instances_response(request, state, study)
 
 
 @router.get(SERIES, name="wado_series")
-@_offers
 async def retrieve_series(study: str, series: str, request: Request, state: StateDep) -> Response:
     return await _instances_response(request, state, study, series)
 
 
 @router.get(INSTANCE, name="wado_instance")
-@_offers
 async def retrieve_instance(
     study: str, series: str, sop: str, request: Request, state: StateDep
 ) -> Response:
@@ -178,7 +146,7 @@ async def retrieve_instance(
 
 
 def _instance_json(instance: StoredInstance, base: str) -> dict[str, Any]:
-    ds, pixel_vr = retrieve.metadata_dataset(instance)
+    ds, pixel_vr = metadata_dataset(instance)
     body = to_dicom_json(ds, bulk_uri=lambda tag: f"{base}/bulkdata/{tag}")
     if pixel_vr is not None:
         body[PIXEL_DATA_TAG] = {"vr": pixel_vr, "BulkDataURI": f"{base}/bulkdata/{PIXEL_DATA_TAG}"}
@@ -188,7 +156,7 @@ def _instance_json(instance: StoredInstance, base: str) -> dict[str, Any]:
 async def _metadata_response(
     request: Request, state: Runtime, study: str, series: str | None = None, sop: str | None = None
 ) -> Response:
-    retrieve.negotiate_metadata(_accept(request))
+    negotiate_metadata(_accept(request))
     instances = await _find(state, study, series, sop)
     bases = [
         str(
@@ -206,19 +174,16 @@ async def _metadata_response(
 
 
 @router.get(STUDY + "/metadata")
-@_offers
 async def study_metadata(study: str, request: Request, state: StateDep) -> Response:
     return await _metadata_response(request, state, study)
 
 
 @router.get(SERIES + "/metadata")
-@_offers
 async def series_metadata(study: str, series: str, request: Request, state: StateDep) -> Response:
     return await _metadata_response(request, state, study, series)
 
 
 @router.get(INSTANCE + "/metadata")
-@_offers
 async def instance_metadata(
     study: str, series: str, sop: str, request: Request, state: StateDep
 ) -> Response:
@@ -229,24 +194,22 @@ async def instance_metadata(
 
 
 @router.get(FRAMES)
-@_offers
 async def retrieve_frames(
     study: str, series: str, sop: str, frames: str, request: Request, state: StateDep
 ) -> Response:
-    numbers = retrieve.parse_frame_list(frames)
+    numbers = parse_frame_list(frames)
     instance = await _one(state, study, series, sop)
-    retrieve.check_frames(instance, numbers)
-    fmt = retrieve.negotiate_frames(_accept(request), instance.transfer_syntax_uid)
+    check_frames(instance, numbers)
+    fmt = negotiate_frames(_accept(request), instance.transfer_syntax_uid)
     data = await run_in_threadpool(
-        retrieve.extract_frames, instance, numbers, fmt, threads=state.settings.threads
+        extract_frames, instance, numbers, fmt, threads=state.settings.threads
     )
     return _multipart_response(
-        [Part(fmt.content_type, [d]) for d in data], fmt.media_type, fmt.transfer_syntax
+        [_part(fmt.content_type, [d]) for d in data], fmt.media_type, fmt.transfer_syntax
     )
 
 
 @router.get(INSTANCE + "/bulkdata/{tag}", name="wado_bulkdata")
-@_offers
 async def retrieve_bulkdata(
     study: str, series: str, sop: str, tag: str, request: Request, state: StateDep
 ) -> Response:
@@ -255,44 +218,71 @@ async def retrieve_bulkdata(
     if tag.upper() == PIXEL_DATA_TAG:
         if not instance.is_image:
             raise NotFound(f"{instance.source} has no Pixel Data")
-        fmt = retrieve.negotiate_frames(_accept(request), instance.transfer_syntax_uid)
+        fmt = negotiate_frames(_accept(request), instance.transfer_syntax_uid)
         data = await run_in_threadpool(
-            retrieve.pixel_data_bytes, instance, fmt, threads=state.settings.threads
+            pixel_data_bytes, instance, fmt, threads=state.settings.threads
         )
     else:
-        fmt = retrieve.negotiate_frames(_accept(request), "")
+        fmt = negotiate_frames(_accept(request), "")
         if fmt.media_type != OCTET:
-            raise NotAcceptable(
-                f"bulk data element {tag} comes only as {OCTET}", retrieve.FRAME_OFFERS[:1]
-            )
-        data = [await run_in_threadpool(retrieve.bulk_value, instance, tag)]
+            raise NotAcceptable(f"bulk data element {tag} comes only as {OCTET}", FRAME_OFFERS[:1])
+        data = [await run_in_threadpool(bulk_value, instance, tag)]
     return _multipart_response(
-        [Part(fmt.content_type, [d]) for d in data], fmt.media_type, fmt.transfer_syntax
+        [_part(fmt.content_type, [d]) for d in data], fmt.media_type, fmt.transfer_syntax
     )
 
 
 # -- rendered and thumbnails -------------------------------------------------------------------
 
 
-async def _rendered(
-    request: Request,
-    state: Runtime,
-    instances: list[StoredInstance] | None,
-    ids: tuple[str, str | None, str | None],
-    frames: str | None,
-    window: str | None,
-    viewport: str | None,
-    quality: str | None,
-    *,
-    thumbnail: bool,
+@dataclass(frozen=True)
+class _View:
+    """One rendered or thumbnail resource: its path, route name and kind."""
+
+    path: str
+    name: str  # the route name; OpenAPI derives the summary and operation id from it
+    thumbnail: bool  # thumbnails: the first image, 128x128 by default, no window parameter
+
+    @property
+    def path_params(self) -> list[str]:
+        return re.findall(r"{(\w+)}", self.path)
+
+    @property
+    def query_params(self) -> list[str]:
+        return ["viewport", "quality"] if self.thumbnail else ["window", "viewport", "quality"]
+
+
+_VIEWS = (
+    _View(INSTANCE + "/rendered", "instance_rendered", thumbnail=False),
+    _View(FRAMES + "/rendered", "frame_rendered", thumbnail=False),
+    _View(STUDY + "/thumbnail", "study_thumbnail", thumbnail=True),
+    _View(SERIES + "/thumbnail", "series_thumbnail", thumbnail=True),
+    _View(INSTANCE + "/thumbnail", "instance_thumbnail", thumbnail=True),
+    _View(FRAMES + "/thumbnail", "frame_thumbnail", thumbnail=True),
+)
+
+
+async def _render_view(
+    view: _View, request: Request, state: Runtime, params: dict[str, str | None]
 ) -> Response:
-    media_type = retrieve.negotiate_rendered(_accept(request))
-    params = retrieve.parse_render_params(
-        media_type, window=window, viewport=viewport, quality=quality, thumbnail=thumbnail
+    """One frame (the first unless the path names one) of the first image, as PNG or JPEG.
+
+    A thumbnail looks up its study, series or instance before reading its parameters.
+    """
+    ids = (str(params["study"]), params.get("series"), params.get("sop"))
+    instances = await _find(state, *ids) if view.thumbnail else None
+    media_type = negotiate_rendered(_accept(request))
+    render_params = parse_render_params(
+        media_type,
+        window=params.get("window"),
+        viewport=params["viewport"],
+        quality=params["quality"],
+        thumbnail=view.thumbnail,
     )
     frame = 1
+    frames = params.get("frames")
     if frames is not None:
-        numbers = retrieve.parse_frame_list(frames)
+        numbers = parse_frame_list(frames)
         if len(numbers) != 1:
             raise InvalidQuery(f"frames {frames!r}: a rendered image shows one frame; ask for one")
         frame = numbers[0]
@@ -301,112 +291,32 @@ async def _rendered(
     images = [i for i in instances if i.is_image]
     if not images:
         raise NotFound(f"nothing to render: {instances[0].source} has no Pixel Data")
-    image = await run_in_threadpool(retrieve.render, images[0], frame, params)
+    image = await run_in_threadpool(render, images[0], frame, render_params)
     return Response(image, media_type=media_type)
 
 
-@router.get(INSTANCE + "/rendered")
-@_offers
-async def instance_rendered(
-    study: str,
-    series: str,
-    sop: str,
-    request: Request,
-    state: StateDep,
-    window: str | None = None,
-    viewport: str | None = None,
-    quality: str | None = None,
-) -> Response:
-    ids = (study, series, sop)
-    return await _rendered(
-        request, state, None, ids, None, window, viewport, quality, thumbnail=False
+def _view_endpoint(view: _View) -> Callable[..., Awaitable[Response]]:
+    """The endpoint of ``view``, its signature declaring the path and query parameters."""
+
+    async def endpoint(request: Request, state: Runtime, **params: str | None) -> Response:
+        return await _render_view(view, request, state, params)
+
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    endpoint.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [inspect.Parameter(name, keyword, annotation=str) for name in view.path_params]
+        + [
+            inspect.Parameter("request", keyword, annotation=Request),
+            inspect.Parameter("state", keyword, annotation=StateDep),
+        ]
+        + [
+            inspect.Parameter(name, keyword, annotation=str | None, default=None)
+            for name in view.query_params
+        ],
+        return_annotation=Response,
     )
+    endpoint.__name__ = endpoint.__qualname__ = view.name
+    return endpoint
 
 
-@router.get(FRAMES + "/rendered")
-@_offers
-async def frame_rendered(
-    study: str,
-    series: str,
-    sop: str,
-    frames: str,
-    request: Request,
-    state: StateDep,
-    window: str | None = None,
-    viewport: str | None = None,
-    quality: str | None = None,
-) -> Response:
-    ids = (study, series, sop)
-    return await _rendered(
-        request, state, None, ids, frames, window, viewport, quality, thumbnail=False
-    )
-
-
-async def _thumbnail(
-    request: Request,
-    state: Runtime,
-    ids: tuple[str, str | None, str | None],
-    frames: str | None,
-    viewport: str | None,
-    quality: str | None,
-) -> Response:
-    """The first image of the study, series or instance, fitted into ``viewport``
-    (default 128x128), windowed as stored."""
-    instances = await _find(state, *ids)
-    return await _rendered(
-        request, state, instances, ids, frames, None, viewport, quality, thumbnail=True
-    )
-
-
-@router.get(STUDY + "/thumbnail")
-@_offers
-async def study_thumbnail(
-    study: str,
-    request: Request,
-    state: StateDep,
-    viewport: str | None = None,
-    quality: str | None = None,
-) -> Response:
-    return await _thumbnail(request, state, (study, None, None), None, viewport, quality)
-
-
-@router.get(SERIES + "/thumbnail")
-@_offers
-async def series_thumbnail(
-    study: str,
-    series: str,
-    request: Request,
-    state: StateDep,
-    viewport: str | None = None,
-    quality: str | None = None,
-) -> Response:
-    return await _thumbnail(request, state, (study, series, None), None, viewport, quality)
-
-
-@router.get(INSTANCE + "/thumbnail")
-@_offers
-async def instance_thumbnail(
-    study: str,
-    series: str,
-    sop: str,
-    request: Request,
-    state: StateDep,
-    viewport: str | None = None,
-    quality: str | None = None,
-) -> Response:
-    return await _thumbnail(request, state, (study, series, sop), None, viewport, quality)
-
-
-@router.get(FRAMES + "/thumbnail")
-@_offers
-async def frame_thumbnail(
-    study: str,
-    series: str,
-    sop: str,
-    frames: str,
-    request: Request,
-    state: StateDep,
-    viewport: str | None = None,
-    quality: str | None = None,
-) -> Response:
-    return await _thumbnail(request, state, (study, series, sop), frames, viewport, quality)
+for _view in _VIEWS:
+    router.add_api_route(_view.path, _view_endpoint(_view), methods=["GET"], name=_view.name)

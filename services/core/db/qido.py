@@ -30,7 +30,7 @@ from sqlalchemy import ColumnElement, Select, and_, exists, func, select, true
 from sqlalchemy.orm import InstrumentedAttribute, Session, aliased
 
 from services.core.db.tables import Instance, Series, Study
-from services.core.dicom.dicomjson import JsonDict
+from services.core.dicom.dicomjson import JsonDict, dataset, to_dicom_json
 from services.core.dicom.uids import validate_uid
 from services.core.errors import InvalidParameter, InvalidUID
 
@@ -575,27 +575,13 @@ def _to_json(query: Query, row: _Row, extra: _Computed, root: str) -> JsonDict:
         Level.SERIES: row.series,
         Level.INSTANCE: row.instance,
     }
-    out: dict[int, JsonDict] = {}
+    values: dict[str, list[Any]] = {}
     for keyword in query.fields:
-        tag = tag_for_keyword(keyword)
-        assert tag is not None
-        vr = str(dictionary_VR(tag))
         if keyword in computed:
-            values = computed[keyword]
+            values[keyword] = computed[keyword]
         else:
             attr = ATTRIBUTES[keyword]
             assert attr.column is not None
             value = getattr(objects[attr.level], attr.column.key)
-            values = [] if value is None or value == "" else [value]
-        out[tag] = _element(vr, values)
-    return {f"{tag:08X}": out[tag] for tag in sorted(out)}
-
-
-def _element(vr: str, values: list[Any]) -> JsonDict:
-    if not values:
-        return {"vr": vr}
-    if vr == "PN":
-        return {"vr": vr, "Value": [{"Alphabetic": str(v)} for v in values]}
-    if vr in ("IS", "US", "UL", "SS", "SL"):
-        return {"vr": vr, "Value": [int(v) for v in values]}
-    return {"vr": vr, "Value": [str(v) for v in values]}
+            values[keyword] = [] if value is None or value == "" else [value]
+    return to_dicom_json(dataset(values))

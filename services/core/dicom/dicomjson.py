@@ -1,10 +1,13 @@
-"""DICOM JSON model (PS3.18 F.2) from pydicom datasets, for QIDO-RS and WADO-RS metadata."""
+"""DICOM JSON model (PS3.18 F.2) from pydicom datasets: QIDO-RS results, WADO-RS metadata and
+STOW-RS store responses."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+from pydicom.config import IGNORE
+from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
@@ -12,6 +15,21 @@ from pydicom.tag import Tag
 JsonDict = dict[str, Any]
 
 BULK_THRESHOLD = 1024  # bytes: larger binary values become BulkDataURI
+
+
+def dataset(attributes: Mapping[str, Sequence[Any]]) -> Dataset:
+    """A dataset from keyword -> values (``[]`` for an empty attribute, datasets for a sequence).
+
+    VRs come from the DICOM dictionary. Values are not checked against their VR (an Error
+    Comment may exceed the 64 characters of LO), as these datasets are only sent as JSON.
+    """
+    ds = Dataset()
+    tags = sorted((int(Tag(keyword)), keyword) for keyword in attributes)
+    for tag, keyword in tags:
+        ds.add(
+            DataElement(tag, dictionary_VR(tag), list(attributes[keyword]), validation_mode=IGNORE)
+        )
+    return ds
 
 
 def to_dicom_json(
@@ -47,12 +65,3 @@ def to_dicom_json(
             if not (isinstance(value, dict) and value.get("BulkDataURI") == "")
         }
     return result
-
-
-def attribute(vr: str, *values: Any) -> JsonDict:
-    """One DICOM JSON attribute; empty when no value is given."""
-    if not values or values == (None,):
-        return {"vr": vr}
-    if vr == "PN":
-        return {"vr": vr, "Value": [{"Alphabetic": str(v)} for v in values]}
-    return {"vr": vr, "Value": list(values)}

@@ -5,8 +5,9 @@ returns events (a part's headers, a piece of its body, its end); memory stays bo
 chunk size plus the delimiter length, whatever the size of a part. ``close()`` raises when the
 body ended before the closing delimiter. Framing errors raise InvalidInput.
 
-Writing: ``new_boundary``, ``content_type`` and ``iter_multipart`` build a response body
-part by part (WADO-RS).
+Writing: ``new_boundary`` and ``iter_multipart`` build a body part by part (WADO-RS
+responses); the multipart Content-Type is written with ``mediatype.format_media_type``
+(``content_type`` is its shorthand with always-quoted extra parameters).
 """
 
 from __future__ import annotations
@@ -16,60 +17,15 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from enum import Enum, auto
 
+from services.core.dicom.mediatype import format_media_type, is_token
 from services.core.errors import InvalidInput
 
+RELATED = "multipart/related"
 MAX_HEADER_BYTES = 16 * 1024  # all header lines of one part
-_TOKEN_CHARS = frozenset(
-    "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-)
 _BCHARS = frozenset("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ'()+_,-./:=? ")
 
 
-# -- media types ----------------------------------------------------------------------------------
-
-
-def parse_media_type(value: str) -> tuple[str, dict[str, str]]:
-    """Split ``type/subtype; name=value; name="quoted"`` into the lower-cased type and parameters.
-
-    Parameter names are lower-cased; quoted values are unquoted. Raises InvalidInput on syntax
-    that cannot be read.
-    """
-    media, _, rest = value.partition(";")
-    media = media.strip().lower()
-    params: dict[str, str] = {}
-    i, n = 0, len(rest)
-    while i < n:
-        while i < n and rest[i] in " \t;":
-            i += 1
-        if i >= n:
-            break
-        eq = rest.find("=", i)
-        if eq < 0:
-            raise InvalidInput(f"media type parameter {rest[i:].strip()!r} has no '=value'")
-        name = rest[i:eq].strip().lower()
-        if not name or any(c not in _TOKEN_CHARS for c in name):
-            raise InvalidInput(f"media type parameter name {name!r} is not a token")
-        i = eq + 1
-        while i < n and rest[i] in " \t":
-            i += 1
-        if i < n and rest[i] == '"':
-            i += 1
-            chars: list[str] = []
-            while i < n and rest[i] != '"':
-                if rest[i] == "\\" and i + 1 < n:
-                    i += 1
-                chars.append(rest[i])
-                i += 1
-            if i >= n:
-                raise InvalidInput(f"media type parameter {name!r} has an unterminated quote")
-            i += 1
-            params[name] = "".join(chars)
-        else:
-            end = rest.find(";", i)
-            end = n if end < 0 else end
-            params[name] = rest[i:end].strip()
-            i = end
-    return media, params
+# -- boundaries -----------------------------------------------------------------------------------
 
 
 def boundary_of(params: Mapping[str, str]) -> str:
@@ -246,7 +202,7 @@ def _parse_headers(block: bytes, part: int) -> dict[str, str]:
             continue
         key, sep, value = line.partition(":")
         name = key.strip().lower()
-        if not sep or not name or any(c not in _TOKEN_CHARS for c in name):
+        if not sep or not is_token(name):
             raise InvalidInput(f"part {part} has a malformed header line {line[:80]!r}")
         headers[name] = value.strip()
     return headers
@@ -255,14 +211,19 @@ def _parse_headers(block: bytes, part: int) -> dict[str, str]:
 # -- writing --------------------------------------------------------------------------------------
 
 
+Part = tuple[Mapping[str, str], Iterable[bytes]]  # headers, body chunks (read lazily)
+
+
 def new_boundary() -> str:
+    """A fresh random boundary (32 hex digits: never found in a body by chance)."""
     return uuid.uuid4().hex
 
 
 def content_type(part_type: str, boundary: str, **params: str) -> str:
-    """``multipart/related; type="<part_type>"; boundary=<boundary>`` plus extra parameters."""
+    """``multipart/related; type="<part_type>"; boundary=<boundary>`` plus extra parameters,
+    always quoted (``transfer_syntax`` is written ``transfer-syntax``)."""
     extra = "".join(f'; {k.replace("_", "-")}="{v}"' for k, v in params.items())
-    return f'multipart/related; type="{part_type}"; boundary={boundary}{extra}'
+    return format_media_type(RELATED, {"type": part_type, "boundary": boundary}) + extra
 
 
 def part_head(boundary: str, headers: Mapping[str, str]) -> bytes:
@@ -275,9 +236,7 @@ def closing(boundary: str) -> bytes:
     return f"--{boundary}--\r\n".encode("ascii")
 
 
-def iter_multipart(
-    parts: Iterable[tuple[Mapping[str, str], Iterable[bytes]]], boundary: str
-) -> Iterator[bytes]:
+def iter_multipart(parts: Iterable[Part], boundary: str) -> Iterator[bytes]:
     """A multipart body as chunks: each part's head, its body chunks, CRLF; then the close."""
     for headers, body in parts:
         yield part_head(boundary, headers)

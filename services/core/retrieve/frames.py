@@ -1,0 +1,105 @@
+"""Frames: parse a frame list, check it, cut or decode the frames, encode them as JPEG 2000."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from pydicom.dataset import Dataset
+from pydicom.encaps import get_frame
+from pydicom.pixels.utils import pixel_array
+from pydicom.uid import JPEG2000, UID, JPEG2000Lossless
+
+from services.core.codecs.jpeg2000 import encode_image
+from services.core.dicom.mediatype import OCTET
+from services.core.dicom.pixels import layout_of
+from services.core.errors import CodecError, NotFound, UnsupportedSyntax
+from services.core.retrieve.errors import InvalidQuery, NotAcceptable
+from services.core.retrieve.lookup import StoredInstance, read_instance
+from services.core.retrieve.negotiation import FRAME_OFFERS, FrameFormat
+
+
+def parse_frame_list(text: str) -> list[int]:
+    """``"1,3"`` -> [1, 3] (1-based); InvalidQuery on anything else."""
+    numbers = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item.isdigit() or int(item) < 1:
+            raise InvalidQuery(
+                f"frame list {text!r}: use comma-separated frame numbers from 1, e.g. 1,2"
+            )
+        numbers.append(int(item))
+    return numbers
+
+
+def check_frames(instance: StoredInstance, numbers: Sequence[int]) -> None:
+    """NotFound unless the instance has pixels and every frame number (1-based) exists."""
+    if not instance.is_image:
+        raise NotFound(f"{instance.source} has no Pixel Data, so no frames")
+    beyond = [n for n in numbers if n > instance.frames]
+    if beyond:
+        raise NotFound(
+            f"frame {beyond[0]} does not exist: {instance.source} has "
+            f"{instance.frames} frame{'s' if instance.frames != 1 else ''}"
+        )
+
+
+def extract_frames(
+    instance: StoredInstance, numbers: Sequence[int], fmt: FrameFormat, *, threads: int = 0
+) -> list[bytes]:
+    """The requested frames (1-based) as ``fmt`` says: raw little endian or J2K codestreams."""
+    check_frames(instance, numbers)
+    ds = read_instance(instance)
+    if fmt.media_type == OCTET:
+        return [_native_frame(ds, n - 1, instance.source) for n in numbers]
+    stored = UID(ds.file_meta.TransferSyntaxUID)
+    reuse = stored == fmt.transfer_syntax or (
+        stored == JPEG2000Lossless and fmt.transfer_syntax == JPEG2000
+    )
+    if reuse:
+        frames = instance.frames
+        return [get_frame(ds.PixelData, n - 1, number_of_frames=frames) for n in numbers]
+    layout = replace(layout_of(ds, instance.source), frames=1)
+    out = []
+    for n in numbers:
+        frame = decode(ds, n - 1, instance.source)
+        try:
+            encoded = encode_image([frame], layout, 1.0, lossless=True, threads=threads)
+        except CodecError as exc:
+            raise NotAcceptable(
+                f"frame {n} of {instance.source} cannot be sent as JPEG 2000 ({exc})",
+                FRAME_OFFERS[:1],
+            ) from None
+        out.append(encoded.frames[0])
+    return out
+
+
+def _native_frame(ds: Dataset, index: int, source: str) -> bytes:
+    syntax = UID(ds.file_meta.TransferSyntaxUID)
+    bits = int(ds.BitsAllocated)
+    if not syntax.is_compressed and syntax.is_little_endian and bits % 8 == 0:
+        size = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * bits // 8
+        data: bytes = ds.PixelData[index * size : (index + 1) * size]
+        return data
+    return little_endian_bytes(decode(ds, index, source))
+
+
+def little_endian_bytes(array: npt.NDArray[Any]) -> bytes:
+    """Decoded pixels as uncompressed little endian bytes."""
+    return np.ascontiguousarray(array, array.dtype.newbyteorder("<")).tobytes()
+
+
+def decode(ds: Dataset, index: int | None, source: str) -> npt.NDArray[Any]:
+    """One frame (or all, ``index`` None) decoded; colour comes back RGB."""
+    syntax = UID(ds.file_meta.TransferSyntaxUID)
+    try:
+        return pixel_array(ds, index=index)
+    except NotImplementedError as exc:
+        raise UnsupportedSyntax(
+            f"{source}: no installed decoder handles {syntax.name} ({exc})"
+        ) from None
+    except Exception as exc:  # pydicom and the plugins raise many types on damaged data
+        raise CodecError(f"{source}: cannot decode pixel data ({syntax.name}): {exc}") from None

@@ -1,0 +1,174 @@
+"""Accept negotiation: which media type and transfer syntax to send (PS3.18 8.7)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+
+from pydicom.uid import JPEG2000, ExplicitVRLittleEndian, JPEG2000Lossless
+
+from services.core.dicom.mediatype import (
+    DICOM,
+    DICOM_JSON,
+    JP2,
+    JPEG,
+    OCTET,
+    PNG,
+    is_media_type,
+    parse_media_type,
+    split_list,
+)
+from services.core.errors import InvalidInput
+from services.core.retrieve.errors import NotAcceptable
+
+AS_STORED = "*"
+J2K_SYNTAXES = frozenset({JPEG2000Lossless, JPEG2000})
+TRANSCODABLE = (ExplicitVRLittleEndian, JPEG2000Lossless, JPEG2000)
+
+
+@dataclass(frozen=True)
+class MediaRange:
+    """One media range of an Accept header."""
+
+    media_type: str  # lower case, e.g. multipart/related, */*
+    params: dict[str, str]  # lower-case names; type is lower-cased, quotes removed
+    q: float
+
+
+def parse_accept(header: str | None, offered: Sequence[str]) -> list[MediaRange]:
+    """Media ranges by preference (q descending, then order); q=0 ranges dropped.
+
+    An unparsable header raises NotAcceptable listing ``offered``.
+    """
+    if header is None or not header.strip():
+        return []
+    ranges: list[MediaRange] = []
+    for raw in split_list(header):
+        try:
+            media, params = parse_media_type(raw)
+        except InvalidInput as exc:
+            raise NotAcceptable(f"unparsable Accept header: {exc}", offered) from None
+        if not is_media_type(media):
+            raise NotAcceptable(f"unparsable Accept header: bad media range {media!r}", offered)
+        if "type" in params:
+            params["type"] = params["type"].lower()
+        q = 1.0
+        if "q" in params:
+            try:
+                q = float(params.pop("q"))
+            except ValueError:
+                q = math.nan
+            if not 0 <= q <= 1:
+                raise NotAcceptable("unparsable Accept header: q must be 0..1", offered)
+        if q > 0:
+            ranges.append(MediaRange(media, params, q))
+    return sorted(ranges, key=lambda r: -r.q)  # stable: equal q keeps the client's order
+
+
+def _part_type(r: MediaRange, default: str) -> str | None:
+    """The part media type a range asks for, or None when it is not a multipart request."""
+    if r.media_type == "multipart/related":
+        return r.params.get("type", default)
+    if r.media_type in ("*/*", "multipart/*"):
+        return "*/*"
+    return None
+
+
+def multipart_offer(part: str, syntax: str) -> str:
+    """An offer as a 406 problem lists it: ``multipart/related; type=...; transfer-syntax=...``."""
+    return f'multipart/related; type="{part}"; transfer-syntax={syntax}'
+
+
+def offered_for_instances(stored: Collection[str]) -> list[str]:
+    """What whole instances stored in ``stored`` syntaxes can be sent as."""
+    syntaxes = [AS_STORED, *TRANSCODABLE, *sorted(set(stored) - set(TRANSCODABLE))]
+    return [multipart_offer(DICOM, s) for s in syntaxes]
+
+
+def negotiate_instances(accept: str | None, stored: Collection[str]) -> str:
+    """The transfer syntax to send instances in: a UID, or AS_STORED.
+
+    No Accept (or no transfer-syntax parameter) means Explicit VR Little Endian (PS3.18).
+    """
+    offered = offered_for_instances(stored)
+    ranges = parse_accept(accept, offered)
+    if not ranges:
+        return ExplicitVRLittleEndian
+    for r in ranges:
+        part = _part_type(r, DICOM)
+        if part not in (DICOM, "*/*"):
+            continue
+        syntax = r.params.get("transfer-syntax")
+        if syntax is None:
+            return ExplicitVRLittleEndian
+        if syntax == AS_STORED or syntax in TRANSCODABLE:
+            return syntax
+        if stored and all(s == syntax for s in stored):
+            return syntax
+    raise NotAcceptable(f"cannot send these instances as {accept!r}", offered)
+
+
+@dataclass(frozen=True)
+class FrameFormat:
+    """How frames (and Pixel Data as bulk data) are sent."""
+
+    media_type: str  # OCTET or JP2
+    transfer_syntax: str
+
+    @property
+    def content_type(self) -> str:
+        return f"{self.media_type}; transfer-syntax={self.transfer_syntax}"
+
+
+FRAME_OFFERS = [
+    multipart_offer(OCTET, ExplicitVRLittleEndian),
+    multipart_offer(JP2, JPEG2000Lossless),
+    multipart_offer(JP2, JPEG2000),
+]
+
+
+def negotiate_frames(accept: str | None, stored: str) -> FrameFormat:
+    """Uncompressed by default; JPEG 2000 (as stored when it is) for image/jp2 or a J2K syntax."""
+    uncompressed = FrameFormat(OCTET, ExplicitVRLittleEndian)
+    stored_j2k = stored if stored in J2K_SYNTAXES else None
+    for r in parse_accept(accept, FRAME_OFFERS) or [MediaRange("*/*", {}, 1.0)]:
+        part = _part_type(r, OCTET)
+        syntax = r.params.get("transfer-syntax")
+        if part == OCTET and syntax in (None, AS_STORED, ExplicitVRLittleEndian):
+            return uncompressed
+        if part in (JP2, "image/*"):
+            if syntax is None:
+                return FrameFormat(JP2, stored_j2k or JPEG2000Lossless)
+            if syntax == AS_STORED and stored_j2k:
+                return FrameFormat(JP2, stored_j2k)
+            if syntax in J2K_SYNTAXES:
+                return FrameFormat(JP2, syntax)
+        if part == "*/*":
+            if syntax in (None, ExplicitVRLittleEndian):
+                return uncompressed
+            if syntax == AS_STORED:
+                return FrameFormat(JP2, stored_j2k) if stored_j2k else uncompressed
+            if syntax in J2K_SYNTAXES:
+                return FrameFormat(JP2, syntax)
+    raise NotAcceptable(f"cannot send frames as {accept!r}", FRAME_OFFERS)
+
+
+def negotiate_rendered(accept: str | None) -> str:
+    """image/png (default) or image/jpeg."""
+    offered = [PNG, JPEG]
+    for r in parse_accept(accept, offered) or [MediaRange("*/*", {}, 1.0)]:
+        if r.media_type in (PNG, JPEG):
+            return r.media_type
+        if r.media_type in ("image/*", "*/*"):
+            return PNG
+    raise NotAcceptable(f"cannot render as {accept!r}", offered)
+
+
+def negotiate_metadata(accept: str | None, what: str = "metadata") -> None:
+    """Nothing to choose: ``what`` is DICOM JSON; NotAcceptable when the client refuses it."""
+    offered = [DICOM_JSON, "application/json"]
+    ranges = parse_accept(accept, offered)
+    wanted = {DICOM_JSON, "application/json", "application/*", "*/*"}
+    if ranges and not any(r.media_type in wanted for r in ranges):
+        raise NotAcceptable(f"{what} comes only as DICOM JSON, not {accept!r}", offered)
