@@ -41,8 +41,8 @@ def demo(
 ) -> None:
     """Push a phantom mammography study by C-STORE and show its auto-classification."""
     from services.core.errors import CrgateError
-    from services.core.phantom import PhantomConfig, parse_size, write_studies
     from services.forwarding import DicomForwarder
+    from services.lab.phantom import PhantomConfig, parse_size, write_studies
 
     key_file = data_dir / "admin.key"
     if not key_file.is_file():

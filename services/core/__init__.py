@@ -1,4 +1,5 @@
-"""Framework-free domain code: codecs, DICOM, metrics, phantoms, pipeline use cases.
+"""Framework-free domain code: codecs, DICOM, metrics, pipeline use cases.
 
-Nothing here imports fastapi, celery or pynetdicom.
+Nothing here imports fastapi, celery, pynetdicom, matplotlib, torch, ``models`` or the research
+code in :mod:`services.lab`.
 """

@@ -24,8 +24,8 @@ from services.core.contracts import JobTrigger
 from services.core.db.tables import Instance, Job, Result
 from services.core.dicom.uids import new_uid
 from services.core.ingest import Channel
-from services.core.phantom import PhantomConfig, generate_study
 from services.core.policies import PolicyKey, set_policy
+from services.lab.phantom import PhantomConfig, generate_study
 
 MG = PhantomConfig(width=416, height=512)
 

@@ -20,7 +20,7 @@ from services.api.app import create_app
 from services.api.state import AppState, build_state
 from services.core.config import Settings
 from services.core.ingest import Channel
-from services.core.phantom import PhantomConfig, generate_study
+from services.lab.phantom import PhantomConfig, generate_study
 
 REDIS_DB = 11  # a database of its own on the local Redis; flushed before each test
 CRGATE = Path(sys.executable).parent / "crgate"

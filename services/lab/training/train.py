@@ -24,18 +24,6 @@ from scipy.stats import t as scipy_t
 from torch import nn
 
 from models.architectures import Classifier, build
-from models.data import (
-    ENCODER_TAG,
-    BreastRecord,
-    CompressedCache,
-    fill_cache,
-    folds_by_patient,
-    load_breasts,
-    load_inputs,
-    prepare_pairs,
-    split_by_patient,
-    training_pairs,
-)
 from models.gradcam import WithGradCam
 from services.core import stats
 from services.core.dicom.io import read_dataset
@@ -51,6 +39,18 @@ from services.core.inference.card import (
     write_card,
 )
 from services.core.inference.preprocess import Preprocessing
+from services.lab.training.data import (
+    ENCODER_TAG,
+    BreastRecord,
+    CompressedCache,
+    fill_cache,
+    folds_by_patient,
+    load_breasts,
+    load_inputs,
+    prepare_pairs,
+    split_by_patient,
+    training_pairs,
+)
 
 STUDY_CRS = (1, 15, 20, 25, 50, 100, 500, 1000, 5000, 10000, 11000)
 OPSET = 18

@@ -16,9 +16,9 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from models.experiments import ModelSpec, plan
 from services.cli import app
 from services.core.errors import InvalidParameter
+from services.lab.training.experiments import ModelSpec, plan
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

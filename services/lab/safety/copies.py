@@ -8,8 +8,9 @@ settings and the OpenJPEG version: a changed file or encoder misses the cache, a
 folder hits it. Decoding a cached copy takes milliseconds; the model input is made from the
 decoded pixels each run, so one cache serves every model and preprocessing.
 
-Encoders: ``quick`` (default) is the training pipeline's (:func:`models.data.quick_encode`:
-one encode at the predicted rate, corrected only while more than 5 % off), so the study sees
+Encoders: ``quick`` (default) is the training pipeline's
+(:func:`services.lab.training.data.quick_encode`: one encode at the predicted rate, corrected
+only while more than 5 % off), so the study sees
 the same copies the models were trained on; ``gateway`` is the service's own
 :func:`~services.core.codecs.jpeg2000.encode_image` (within 2 %, slower at CR >= 5000), for the
 exact bytes a policy would store. CR 1 is the original pixels (PSNR 100 dB, SSIM 1).
@@ -74,7 +75,7 @@ class ViewCopy:
 def encoder_tag(encoder: str) -> str:
     """The encoder, its settings and the OpenJPEG version, as part of the cache key."""
     if encoder == "quick":
-        from models.data import ENCODER_TAG
+        from services.lab.training.data import ENCODER_TAG
 
         base = ENCODER_TAG
     elif encoder == "gateway":
@@ -95,7 +96,7 @@ def file_sha256(path: Path) -> str:
 def encode(frame: npt.NDArray[Any], layout: PixelLayout, cr: float, encoder: str) -> bytes:
     """One codestream of ``frame`` near ``cr`` with ``encoder``."""
     if encoder == "quick":
-        from models.data import quick_encode
+        from services.lab.training.data import quick_encode
 
         stream, _ = quick_encode(frame, layout, cr)
         return stream

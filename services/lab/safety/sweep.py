@@ -29,8 +29,8 @@ from services.core.codecs.jpeg2000 import validate_cr
 from services.core.dicom.io import atomic_output
 from services.core.errors import InvalidInput, InvalidParameter, NotFound
 from services.core.inference.preprocess import Preprocessing, breast_input, prepare_view
-from services.core.study.copies import ENCODERS, CopyCache, Quality, ViewCopy
-from services.core.study.labels import LabelledBreast, LabelledSet
+from services.lab.safety.copies import ENCODERS, CopyCache, Quality, ViewCopy
+from services.lab.safety.labels import LabelledBreast, LabelledSet
 
 if TYPE_CHECKING:
     from services.core.inference.card import ModelCard
