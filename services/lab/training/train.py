@@ -12,7 +12,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -396,7 +396,9 @@ def train(config: TrainConfig, progress: Progress | None = None) -> ModelCard:
             "training_inputs": len(
                 training_pairs(sets[0], config.crs, config.lossy_copies, config.seed)
             ),
-            "compression": f"OpenJPEG, quick rate search ({ENCODER_TAG}; models/data.py)",
+            "compression": (
+                f"OpenJPEG, quick rate search ({ENCODER_TAG}; services/lab/training/data.py)"
+            ),
             "optimiser": {
                 "name": "Adam",
                 "lr": config.learning_rate,
@@ -470,7 +472,3 @@ def summary(card: ModelCard) -> str:
             f"  AUPRC {r.auprc.value:.3f}  PSNR {r.mean_psnr_db or 0:.1f} dB"
         )
     return "\n".join(lines)
-
-
-def config_json(config: TrainConfig) -> str:
-    return json.dumps(asdict(config), default=str)
