@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from services.core.dicom.io import atomic_output, read_dataset
 from services.core.dicom.pixels import load_pixels
 from services.core.errors import InvalidInput, NotFound
 from services.core.inference.preprocess import Preprocessing, breast_input, prepare_view
+from services.lab.pools import process_pool
 
 MALIGNANT = "malignant"
 QUICK_TOLERANCE = 0.05
@@ -265,9 +265,7 @@ def fill_cache(
                 crs.append(cr)
     jobs = [(f, v, lat, tuple(crs)) for (f, v, lat), crs in wanted.items()]
     workers = workers or len(os.sched_getaffinity(0))
-    with ProcessPoolExecutor(
-        workers, initializer=_init_worker, initargs=(cache.root, cache.params)
-    ) as pool:
+    with process_pool(workers, _init_worker, (cache.root, cache.params)) as pool:
         for done in pool.map(_work, jobs, chunksize=2):
             if on_done:
                 on_done(done)
