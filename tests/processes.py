@@ -1,13 +1,16 @@
-"""Which processes a command left behind: everything in its session (start it with
-``start_new_session=True``; its session id is then its pid), read from /proc."""
+"""Which processes a command left behind: everything in its session (:func:`in_own_session`
+starts it in one; the session id is then its pid), read from /proc."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import signal
+import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -48,3 +51,25 @@ def kill_session(sid: int) -> None:
     for pid in session_processes(sid):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def in_own_session(command: list[str], **popen: Any) -> Iterator[subprocess.Popen[Any]]:
+    """``command`` started in a session of its own; whatever is left of it is killed at the end,
+    however the test ends."""
+    require_proc()
+    proc = subprocess.Popen(command, start_new_session=True, **popen)
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+        kill_session(proc.pid)
+
+
+def kill_and_collect_survivors(proc: subprocess.Popen[Any], seconds: float = 5) -> dict[int, str]:
+    """SIGKILL ``proc`` (the head of its session) and return what of the session is still
+    alive ``seconds`` later."""
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return wait_until_gone(proc.pid, seconds)

@@ -28,7 +28,7 @@ from typer.testing import CliRunner, Result
 from services.cli import app
 from services.core.config import get_settings
 from services.core.inference.card import load_card
-from tests.processes import kill_session, require_proc, session_processes, wait_until_gone
+from tests.processes import in_own_session, kill_and_collect_survivors, session_processes
 
 CRGATE = Path(sys.executable).parent / "crgate"
 runner = CliRunner()
@@ -261,31 +261,20 @@ def test_a_killed_run_resumes_without_recomputing(study: Study, tmp_path: Path) 
 def test_a_killed_run_leaves_no_worker_processes(study: Study, tmp_path: Path) -> None:
     """SIGKILL `crgate study` while its worker pool compresses: within a few seconds nothing of
     the run is left (workers, fork server, resource tracker)."""
-    require_proc()
     cache = tmp_path / "cache"
     command = [
         str(CRGATE), "study", "--data", str(study.data), "--out", str(tmp_path / "report"),
         "--crs", "1,100,5000,11000", "--bootstrap", "200", "--cache-dir", str(cache),
         "--workers", "2",
     ]  # fmt: skip
-    proc = subprocess.Popen(
-        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    try:
+    with in_own_session(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as proc:
         deadline = time.monotonic() + 120
         # the pool is up (fork server and two workers besides crgate) and busy compressing
         while len(session_processes(proc.pid)) < 4 or not _cache_entries(cache):
             assert proc.poll() is None, "the run ended before it could be killed"
             assert time.monotonic() < deadline, session_processes(proc.pid)
             time.sleep(0.02)
-        assert len(session_processes(proc.pid)) >= 4
-        proc.kill()
-        proc.wait()
-        assert wait_until_gone(proc.pid, 5) == {}
-    finally:
-        proc.kill()
-        proc.wait()
-        kill_session(proc.pid)
+        assert kill_and_collect_survivors(proc) == {}
 
 
 class Running:

@@ -4,7 +4,6 @@ methods the lab uses: ``fork`` (training's compression) and ``forkserver`` (the 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.processes import kill_session, require_proc, session_processes, wait_until_gone
+from tests.processes import in_own_session, kill_and_collect_survivors, session_processes
 
 OWNER = textwrap.dedent(
     """
@@ -39,27 +38,17 @@ OWNER = textwrap.dedent(
 
 @pytest.mark.parametrize("method", ["fork", "forkserver"])
 def test_workers_end_when_their_owner_is_killed(method: str, tmp_path: Path) -> None:
-    require_proc()
     script = tmp_path / "owner.py"
     script.write_text(OWNER)
-    owner = subprocess.Popen(
+    with in_own_session(
         [sys.executable, str(script), method],
         stdout=subprocess.PIPE,
         text=True,
-        start_new_session=True,
         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])},
-    )
-    try:
+    ) as owner:
         assert owner.stdout is not None
         workers = {int(pid) for pid in owner.stdout.readline().split()}
         assert len(workers) == 2, "the pool did not start two workers"
         assert workers <= set(session_processes(owner.pid))
-        os.kill(owner.pid, signal.SIGKILL)
-        owner.wait()
-        assert wait_until_gone(owner.pid, 5) == {}
-    finally:
-        owner.kill()
-        owner.wait()
-        kill_session(owner.pid)
-        if owner.stdout is not None:
-            owner.stdout.close()
+        assert kill_and_collect_survivors(owner) == {}
+        owner.stdout.close()
