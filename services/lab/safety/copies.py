@@ -19,7 +19,6 @@ Entries are written by rename (never seen half written); an unreadable entry cou
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 from dataclasses import asdict, dataclass
@@ -37,6 +36,7 @@ from services.core.dicom.io import read_dataset
 from services.core.dicom.pixels import load_pixels
 from services.core.errors import InvalidInput, InvalidParameter, OutputError
 from services.core.inference.breasts import window_of
+from services.core.inference.card import file_sha256
 from services.lab.training.data import ENCODER_TAG, quick_encode
 
 ENCODERS = ("quick", "gateway")
@@ -82,14 +82,6 @@ def encoder_tag(encoder: str) -> str:
     else:
         raise InvalidParameter(f"encoder {encoder!r}: use one of {', '.join(ENCODERS)}")
     return f"{base}-ojp{openjpeg_version()}"
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def encode(frame: npt.NDArray[Any], layout: PixelLayout, cr: float, encoder: str) -> bytes:
