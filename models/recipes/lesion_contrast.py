@@ -5,7 +5,8 @@
 
 DATA is a `crgate synth` folder (truth.csv gives every lesion's centre and radius in pixels).
 For up to ``--views`` malignant views of each folder, every CR is encoded the way training
-encodes (models/data.py ``quick_encode``), decoded, and measured against the original:
+encodes (services/lab/training/data.py ``quick_encode``), decoded, and measured against the
+original:
 
 - bytes per view of the codestream;
 - lesion contrast kept: (mean inside the lesion radius - mean of the ring from 1.5 to 2.5
