@@ -23,8 +23,8 @@ import torch
 
 from models.architectures import build
 from models.gradcam import autograd_gradcam
-from models.train import export_onnx
 from services.core.inference.card import load_card
+from services.lab.training.train import export_onnx
 
 CARD = Path(__file__).resolve().parents[1] / "models" / "cnn3-phantom-v2.json"
 

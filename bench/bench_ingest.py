@@ -215,7 +215,7 @@ def stored_files(out: Path) -> set[Path]:
 
 
 def make_study(directory: Path) -> list[Path]:
-    from services.core.phantom import PhantomConfig, generate_study
+    from services.lab.phantom import PhantomConfig, generate_study
 
     directory.mkdir(parents=True, exist_ok=True)
     study = generate_study(0, seed=7, config=PhantomConfig())

@@ -40,7 +40,7 @@ from services.core.codecs.openjpeg import EncodeParams, encode_frame
 from services.core.config import Settings
 from services.core.inference.breasts import classify_breasts, group_breasts
 from services.core.inference.runtime import get_classifier
-from services.core.phantom import PhantomConfig, parse_size, write_studies
+from services.lab.phantom import PhantomConfig, parse_size, write_studies
 
 CRGATE = Path(sys.executable).with_name("crgate")
 PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/test"

@@ -28,8 +28,8 @@ import glymur
 import numpy as np
 
 from services.core.codecs.openjpeg import EncodeParams, encode_frame, openjpeg_version
-from services.core.phantom import PhantomConfig, generate_study
 from services.core.pipeline import transcode_dataset
+from services.lab.phantom import PhantomConfig, generate_study
 
 
 def median_seconds(fn: Callable[[], object], repeats: int) -> float:

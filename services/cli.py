@@ -300,7 +300,7 @@ def synth(
     """
     from dataclasses import asdict
 
-    from services.core import phantom
+    from services.lab import phantom
 
     if studies < 1:
         raise _fail(f"--studies {studies}: give at least 1 study")
@@ -537,7 +537,7 @@ def train(
     except InvalidParameter as exc:
         raise _fail(str(exc)) from None
     try:
-        from models import train as training
+        from services.lab.training import train as training
     except ImportError as exc:
         raise _fail(
             f"training needs torch ({exc}): pip install -e '.[train]' (torch==2.13.0 on CPU)", 4

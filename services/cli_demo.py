@@ -41,7 +41,7 @@ def demo(
 ) -> None:
     """Push a phantom mammography study by C-STORE and show its auto-classification."""
     from services.core.errors import CrgateError
-    from services.core.phantom import PhantomConfig, parse_size, write_studies
+    from services.lab.phantom import PhantomConfig, parse_size, write_studies
     from services.runtime.forwarding import push
 
     key_file = data_dir / "admin.key"

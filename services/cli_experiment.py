@@ -1,5 +1,5 @@
 """``crgate experiment``: the seed study's three training experiments, one command each
-(models/experiments.py, docs/cr-study.md "Training experiments")."""
+(services/lab/training/experiments.py, docs/cr-study.md "Training experiments")."""
 
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def experiment(
         archs = tuple(a.strip() for a in arch.split(",") if a.strip())
         if not archs:
             raise InvalidParameter("--arch is empty: give cnn3, resnet18 or both")
-        from models.experiments import ExperimentConfig, plan
+        from services.lab.training.experiments import ExperimentConfig, plan
 
         plan(name, archs, cr_list)  # checks the name, the architectures and the CRs
     except ImportError as exc:
@@ -80,8 +80,8 @@ def experiment(
         ) from None
     except CrgateError as exc:
         raise _fail(str(exc), exc.exit_code) from None
-    from models.experiment_report import write_report
-    from models.experiments import run_experiment
+    from services.lab.training.experiment_report import write_report
+    from services.lab.training.experiments import run_experiment
 
     config = ExperimentConfig(
         data_dir=data_dir,

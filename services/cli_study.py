@@ -74,8 +74,8 @@ def study(
 
     The report folder gets results.json, CSV tables, PNG plots and report.html.
     """
-    from services.core.study.run import run_study
-    from services.core.study.sweep import StudyConfig, parse_crs
+    from services.lab.safety.run import run_study
+    from services.lab.safety.sweep import StudyConfig, parse_crs
 
     settings = get_settings()
     try:

@@ -20,8 +20,8 @@ from services.core.contracts import Payload
 from services.core.db.engine import make_engine, migrate, session_factory
 from services.core.db.tables import Base
 from services.core.ingest import Ingestor
-from services.core.phantom import PhantomConfig, generate_study
 from services.core.storage import InstanceStore
+from services.lab.phantom import PhantomConfig, generate_study
 
 PG_ADMIN_URL = os.environ.get(
     "CRGATE_TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"

@@ -5,7 +5,8 @@
 
 DATA is a `crgate synth` folder (truth.csv gives every lesion's centre and radius in pixels).
 For up to ``--views`` malignant views of each folder, every CR is encoded the way training
-encodes (models/data.py ``quick_encode``), decoded, and measured against the original:
+encodes (services/lab/training/data.py ``quick_encode``), decoded, and measured against the
+original:
 
 - bytes per view of the codestream;
 - lesion contrast kept: (mean inside the lesion radius - mean of the ring from 1.5 to 2.5
@@ -30,11 +31,11 @@ import numpy as np
 import numpy.typing as npt
 from scipy.ndimage import uniform_filter
 
-from models.data import quick_encode
 from services.cli import _parse_crs
 from services.core.codecs.openjpeg import decode_codestream
 from services.core.dicom.io import read_dataset
 from services.core.dicom.pixels import load_pixels
+from services.lab.training.data import quick_encode
 
 F64 = npt.NDArray[np.float64]
 STUDY_CRS = "1,15,20,25,50,100,500,1000,5000,10000,11000"

@@ -72,7 +72,7 @@ class InProcessJobQueue:
             self.executor.submit(self._run, payload.job_id)
 
     def _run_sweep(self, sweep_id: str) -> None:
-        from services.core.sweeps import run_sweep_job
+        from services.lab.sweeps import run_sweep_job
 
         try:
             run_sweep_job(self.ctx, sweep_id)

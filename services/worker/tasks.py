@@ -97,7 +97,7 @@ def _release(ctx: Any, job_id: str, exc: BaseException) -> None:
 
 @celery_app.task(name=TASK_CR_SWEEP, acks_late=True)  # type: ignore[untyped-decorator]
 def cr_sweep(sweep_id: str) -> Any:
-    from services.core.sweeps import run_sweep_job
+    from services.lab.sweeps import run_sweep_job
 
     return run_sweep_job(context(), sweep_id)
 

@@ -23,9 +23,9 @@ from services.core.contracts import JobTrigger
 from services.core.db.tables import Instance, Job, Result
 from services.core.dicom.uids import new_uid
 from services.core.ingest import Channel
-from services.core.phantom import PhantomConfig, generate_study
 from services.core.policies import PolicyKey, set_policy
 from services.core.ratio import CompressionRatio
+from services.lab.phantom import PhantomConfig, generate_study
 from services.runtime import Runtime
 from tests.conftest import HeldQueue
 

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 
 from services.core.auth import Role
 from services.core.ingest import Channel
-from services.core.phantom import PhantomConfig, generate_study
+from services.lab.phantom import PhantomConfig, generate_study
 from services.runtime import Runtime
 
 SIZE = PhantomConfig(width=416, height=512)

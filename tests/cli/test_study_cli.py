@@ -28,6 +28,7 @@ from typer.testing import CliRunner, Result
 from services.cli import app
 from services.core.config import get_settings
 from services.core.inference.card import load_card
+from tests.processes import in_own_session, kill_and_collect_survivors, session_processes
 
 CRGATE = Path(sys.executable).parent / "crgate"
 runner = CliRunner()
@@ -255,6 +256,25 @@ def test_a_killed_run_resumes_without_recomputing(study: Study, tmp_path: Path) 
     assert data["run"]["cache_hits"] == made
     assert data["run"]["cache_misses"] == 16 * len(data["run"]["computed"]) - made
     assert len(_cache_entries(cache)) == 16 * 3
+
+
+def test_a_killed_run_leaves_no_worker_processes(study: Study, tmp_path: Path) -> None:
+    """SIGKILL `crgate study` while its worker pool compresses: within a few seconds nothing of
+    the run is left (workers, fork server, resource tracker)."""
+    cache = tmp_path / "cache"
+    command = [
+        str(CRGATE), "study", "--data", str(study.data), "--out", str(tmp_path / "report"),
+        "--crs", "1,100,5000,11000", "--bootstrap", "200", "--cache-dir", str(cache),
+        "--workers", "2",
+    ]  # fmt: skip
+    with in_own_session(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as proc:
+        deadline = time.monotonic() + 120
+        # the pool is up (fork server and two workers besides crgate) and busy compressing
+        while len(session_processes(proc.pid)) < 4 or not _cache_entries(cache):
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline, session_processes(proc.pid)
+            time.sleep(0.02)
+        assert kill_and_collect_survivors(proc) == {}
 
 
 class Running:

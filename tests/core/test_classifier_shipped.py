@@ -22,8 +22,8 @@ from services.core import stats
 from services.core.inference.breasts import classify_breasts, group_breasts
 from services.core.inference.card import file_sha256, load_card
 from services.core.inference.runtime import Classifier, get_classifier
-from services.core.phantom import PhantomConfig, PhantomStudy, generate_study
 from services.core.pipeline import classify_datasets
+from services.lab.phantom import PhantomConfig, PhantomStudy, generate_study
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
 CARD = MODELS / "cnn3-phantom-v2.json"

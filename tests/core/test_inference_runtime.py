@@ -51,7 +51,7 @@ from services.core.inference.preprocess import (
 )
 from services.core.inference.runtime import Classifier, get_classifier
 from services.core.inference.saliency import occlusion_saliency, patch_positions
-from services.core.phantom import PhantomConfig, PhantomStudy, generate_study
+from services.lab.phantom import PhantomConfig, PhantomStudy, generate_study
 
 F32 = npt.NDArray[np.float32]
 SMALL = PhantomConfig(width=256, height=320)

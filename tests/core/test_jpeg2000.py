@@ -22,8 +22,8 @@ from services.core.codecs.openjpeg import (
 )
 from services.core.dicom.pixels import load_pixels
 from services.core.errors import CodecError, CodecUnavailable, InvalidParameter
-from services.core.phantom import PhantomConfig, generate_study
 from services.core.ratio import validate_cr
+from services.lab.phantom import PhantomConfig, generate_study
 
 TEST_FILES = Path(pydicom.data.__file__).parent / "test_files"
 

@@ -24,7 +24,7 @@ from services.core.inference.overlay import (
     render_preview,
     write_png,
 )
-from services.core.phantom import PhantomConfig, generate_study
+from services.lab.phantom import PhantomConfig, generate_study
 
 ROWS, COLS = 120, 90
 

@@ -21,8 +21,8 @@ from services.core.errors import InvalidInput
 from services.core.inference.breasts import window_of
 from services.core.inference.overlay import render_preview
 from services.core.inference.runtime import get_classifier
-from services.core.phantom import PhantomConfig, generate_study
 from services.core.pipeline import Classification, classify_datasets
+from services.lab.phantom import PhantomConfig, generate_study
 from tests.dicomtools import dciodvfy_errors, dciodvfy_new_errors, gdcm_decode, require
 
 CARD = Path(__file__).resolve().parents[2] / "models" / "cnn3-phantom-v2.json"

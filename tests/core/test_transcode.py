@@ -25,8 +25,8 @@ from services.core import metrics
 from services.core.dicom.io import read_dataset, write_dataset
 from services.core.dicom.pixels import load_pixels
 from services.core.errors import CodecError, NoPixelData, NotDicom, UnsupportedSyntax
-from services.core.phantom import PhantomConfig, generate_study
 from services.core.pipeline import TranscodeResult, decode_frames, transcode_dataset, transcode_file
+from services.lab.phantom import PhantomConfig, generate_study
 from tests.dicomtools import dciodvfy_new_errors, gdcm_decode
 
 TEST_FILES = Path(pydicom.data.__file__).parent / "test_files"

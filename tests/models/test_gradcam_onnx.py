@@ -12,8 +12,8 @@ import torch
 
 from models.architectures import CNN3, Classifier, ResNet18, build
 from models.gradcam import autograd_cams
-from models.train import export_onnx, gradcam_shape
 from services.core.inference.preprocess import Preprocessing
+from services.lab.training.train import export_onnx, gradcam_shape
 
 SHAPE = Preprocessing.for_training_geometry(416, 512).input_shape
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
-from services.core.phantom import PhantomConfig, generate_study
 from services.core.storage import InstanceStore
+from services.lab.phantom import PhantomConfig, generate_study
 from services.scp.server import ScpServer
 from tests.scp.conftest import store_files, stored_rows
 from tests.scp.dcmtk import output, stored_ok, storescu

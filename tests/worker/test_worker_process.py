@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 from services.api.app import create_app
 from services.core.config import Settings
 from services.core.ingest import Channel
-from services.core.phantom import PhantomConfig, generate_study
+from services.lab.phantom import PhantomConfig, generate_study
 from services.runtime import Runtime, build_runtime
 
 REDIS_DB = 11  # a database of its own on the local Redis; flushed before each test

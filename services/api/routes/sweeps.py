@@ -9,10 +9,10 @@ from fastapi.responses import FileResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from services.api.deps import SessionDep, StateDep, require
-from services.core import sweeps
 from services.core.auth import Principal, Role
 from services.core.contracts import SweepPayload
 from services.core.errors import InvalidInput, NotFound
+from services.lab import sweeps
 
 router = APIRouter(tags=["cr safety study"], dependencies=[Depends(require(Role.OPERATOR))])
 
@@ -54,9 +54,4 @@ def get_sweep(sweep_id: str, session: SessionDep) -> dict[str, Any]:
     response_class=FileResponse,
 )
 def report_file(sweep_id: str, name: str, session: SessionDep, state: StateDep) -> FileResponse:
-    sweeps.view(session, sweep_id)  # 404 for an unknown sweep
-    folder = (sweeps.sweep_dir(state.job_context, sweep_id) / "report").resolve()
-    path = (folder / name).resolve()
-    if path.parent != folder or not path.is_file():
-        raise NotFound(f"sweep {sweep_id} has no report file {name!r}")
-    return FileResponse(path)
+    return FileResponse(sweeps.report_path(state.job_context, session, sweep_id, name))

@@ -11,6 +11,10 @@ bytes: when no rate lands within the tolerance the search runs again with smalle
 (finer truncation points), and tiny budgets start with the smallest blocks. A target the image
 cannot reach (more bytes than coding every pass yields, or fewer than the headers need) returns
 the closest result with ``reached=False`` and a note saying why.
+
+How hard it searches is a :class:`RateSearch`: the gateway's (:data:`GATEWAY_SEARCH`) by
+default; a caller that needs less precision (say 5 %, three encodes, 64 x 64 blocks only)
+passes its own, and the search stops at its tolerance or its attempts.
 """
 
 from __future__ import annotations
@@ -34,6 +38,32 @@ CODEBLOCK_SIZES = (64, 32, 16)
 SMALL_BUDGET_BYTES = 4096
 """Below this many bytes per frame the rate steps of 64x64 code blocks are too coarse to land
 within the tolerance (a few hundred bytes move in steps of 3-5 %): start with 16x16 blocks."""
+
+
+@dataclass(frozen=True)
+class RateSearch:
+    """How hard :func:`encode_image` searches OpenJPEG's rate for a target CR."""
+
+    tolerance: float = CR_TOLERANCE
+    """Relative distance between achieved and target CR that ends the search."""
+    max_attempts: int = MAX_ATTEMPTS
+    """Encodes per code-block size at most."""
+    codeblocks: tuple[int, ...] = CODEBLOCK_SIZES
+    """Code-block sizes tried in turn while the target is not reached (reversed for budgets
+    under :data:`SMALL_BUDGET_BYTES` per frame)."""
+    greedy: bool = False
+    """Every attempt goes for the target (for a handful of attempts): outside a bracket, step
+    along the log-log secant through the last two attempts (not bytes ~ 1/rate from the last
+    one), and spend no attempt on finding a hard limit when the size stalls."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.tolerance < 1 or self.max_attempts < 1 or not self.codeblocks:
+            raise InvalidParameter(
+                f"{self}: needs a tolerance in (0, 1), one attempt and one block size at least"
+            )
+
+
+GATEWAY_SEARCH = RateSearch()
 
 
 @dataclass(frozen=True)
@@ -88,8 +118,10 @@ def encode_image(
     *,
     lossless: bool,
     threads: int = 0,
+    search: RateSearch = GATEWAY_SEARCH,
 ) -> EncodedImage:
-    """Encode ``frames`` (each (rows, cols) or (rows, cols, 3)) reversibly or to ``target_cr``."""
+    """Encode ``frames`` (each (rows, cols) or (rows, cols, 3)) reversibly or to ``target_cr``
+    (searched as ``search`` says)."""
     if lossless:
         codestreams = _encode_all(frames, layout, None, reversible=True, threads=threads)
         achieved = layout.uncompressed_bytes / stored_size(codestreams)
@@ -102,7 +134,7 @@ def encode_image(
     result: EncodedImage | None = None
     attempts = 0
     budget = layout.uncompressed_bytes / target_cr / max(1, layout.frames)
-    sizes = CODEBLOCK_SIZES if budget >= SMALL_BUDGET_BYTES else CODEBLOCK_SIZES[::-1]
+    sizes = search.codeblocks if budget >= SMALL_BUDGET_BYTES else search.codeblocks[::-1]
     for codeblock in sizes:
 
         def attempt(rate: float | None, codeblock: int = codeblock) -> list[bytes]:
@@ -110,7 +142,7 @@ def encode_image(
                 frames, layout, rate, reversible=False, threads=threads, codeblock=codeblock
             )
 
-        found, hard_limit = _search_rate(attempt, layout, target_cr)
+        found, hard_limit = _search_rate(attempt, layout, target_cr, search)
         attempts += found.attempts
         if result is None or _log_error(found) < _log_error(result):
             result = found
@@ -145,7 +177,10 @@ def _encode_all(
 
 
 def _search_rate(
-    attempt: Callable[[float | None], list[bytes]], layout: PixelLayout, target_cr: float
+    attempt: Callable[[float | None], list[bytes]],
+    layout: PixelLayout,
+    target_cr: float,
+    search: RateSearch,
 ) -> tuple[EncodedImage, bool]:
     """Search OpenJPEG's rate for ``target_cr``; the flag says a hard limit stopped it."""
     target_bytes = layout.uncompressed_bytes / target_cr
@@ -155,10 +190,11 @@ def _search_rate(
     best: tuple[float, list[bytes]] | None = None  # (|log error|, codestreams)
     tried: dict[float | None, int] = {}
     previous_size: int | None = None
+    last: tuple[float, int] | None = None  # (rate, bytes) of the attempt before this one
     hard_limit = False
     repeats = 0  # sizes seen before: the rate steps are coarse here
 
-    for attempts in range(1, MAX_ATTEMPTS + 1):
+    for attempts in range(1, search.max_attempts + 1):
         codestreams = attempt(rate)
         size = stored_size(codestreams)
         repeats += size in tried.values()
@@ -167,11 +203,15 @@ def _search_rate(
         if best is None or error < best[0]:
             best = (error, codestreams)
         achieved = layout.uncompressed_bytes / size
-        if abs(achieved / target_cr - 1) <= CR_TOLERANCE:
+        if abs(achieved / target_cr - 1) <= search.tolerance:
             result = EncodedImage(codestreams, False, target_cr, achieved, True, None, attempts)
             return result, False
 
-        stalled = previous_size is not None and abs(size - previous_size) <= 0.005 * previous_size
+        stalled = (
+            not search.greedy
+            and previous_size is not None
+            and abs(size - previous_size) <= 0.005 * previous_size
+        )
         previous_size = size
         if stalled and too_small is None:
             hard_limit = True  # a higher rate no longer shrinks the codestream: headers dominate
@@ -186,7 +226,10 @@ def _search_rate(
                 break
         if repeats >= 2 and too_big and too_small:
             break  # the target falls between two rate steps: smaller code blocks may help
-        next_rate = _next_rate(current, size, target_bytes, too_big, too_small)
+        next_rate = _next_rate(
+            current, size, target_bytes, too_big, too_small, last if search.greedy else None
+        )
+        last = (current, size)
         if stalled and too_big is None:
             next_rate = 1.0  # a lower rate no longer grows it: confirm with every pass coded
         if too_small and too_big and abs(too_big[0] - too_small[0]) < 1e-6 * too_small[0]:
@@ -225,8 +268,10 @@ def _next_rate(
     target_bytes: float,
     too_big: tuple[float, int] | None,
     too_small: tuple[float, int] | None,
+    last: tuple[float, int] | None = None,
 ) -> float:
-    """Next rate to try: bytes ~ 1/rate, refined by a log-space secant inside the bracket."""
+    """Next rate to try: bytes ~ 1/rate, refined by a log-space secant inside the bracket, or
+    outside it (extrapolating) through ``last``, the attempt before, when one is given."""
     if too_big and too_small and too_big[1] != too_small[1] and too_big[0] > 0:
         (r1, n1), (r2, n2) = too_big, too_small
         slope = (math.log(r2) - math.log(r1)) / (math.log(n2) - math.log(n1))
@@ -235,6 +280,14 @@ def _next_rate(
         if not low < guess < high:
             guess = math.sqrt(low * high)
         return guess
+    if last is not None and last[1] != size and last[0] > 0:
+        slope = (math.log(rate) - math.log(last[0])) / (math.log(size) - math.log(last[1]))
+        try:
+            guess = math.exp(math.log(rate) + slope * (math.log(target_bytes) - math.log(size)))
+        except OverflowError:
+            guess = math.inf
+        if math.isfinite(guess) and guess > 0:
+            return guess
     return rate * size / target_bytes
 
 

@@ -99,10 +99,6 @@ class BreastResult:
     fallback: str | None
     views: dict[str, ViewSaliency]
 
-    @property
-    def above_threshold(self) -> bool:
-        return self.probability >= self.threshold
-
 
 # ---------------------------------------------------------------------- grouping
 

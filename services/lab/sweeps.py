@@ -54,7 +54,7 @@ class SweepRequest(BaseModel):
 
 def submit(ctx: JobContext, request: SweepRequest, *, requested_by: str | None) -> Sweep:
     """Check the request against the store and the models, then record a queued sweep."""
-    from services.core.study.sweep import parse_crs, resolve_model
+    from services.lab.safety.sweep import parse_crs, resolve_model
 
     parse_crs(request.crs)
     resolve_model(request.model or ctx.settings.default_model, ctx.settings.models_dir)
@@ -91,8 +91,8 @@ def sweep_dir(ctx: JobContext, sweep_id: str) -> Path:
 
 def run_sweep_job(ctx: JobContext, sweep_id: str) -> dict[str, Any] | None:
     """Run the sweep to the end; its summary, or None when it failed (reason recorded)."""
-    from services.core.study.run import run_study
-    from services.core.study.sweep import StudyConfig, parse_crs
+    from services.lab.safety.run import run_study
+    from services.lab.safety.sweep import StudyConfig, parse_crs
 
     with ctx.sessions() as session, session.begin():
         sweep = session.get(Sweep, sweep_id)
@@ -199,6 +199,17 @@ def _summary(out_dir: Path, files: dict[str, str]) -> dict[str, Any]:
     """The recommendation and the report's file names, from results.json."""
     data = json.loads((out_dir / files["results"]).read_text())
     return {"recommendation": data.get("recommendation"), "files": sorted(files.values())}
+
+
+def report_path(ctx: JobContext, session: Session, sweep_id: str, name: str) -> Path:
+    """The file ``name`` of the sweep's report folder; NotFound for an unknown sweep or file
+    (a name that leaves the folder included)."""
+    view(session, sweep_id)  # 404 for an unknown sweep
+    folder = (sweep_dir(ctx, sweep_id) / "report").resolve()
+    path = (folder / name).resolve()
+    if path.parent != folder or not path.is_file():
+        raise NotFound(f"sweep {sweep_id} has no report file {name!r}")
+    return path
 
 
 def view(session: Session, sweep_id: str) -> dict[str, Any]:

@@ -11,16 +11,16 @@ import numpy as np
 import numpy.typing as npt
 
 from services.core.stats import Estimate
-from services.core.study.copies import REACHED_TOLERANCE
-from services.core.study.labels import LabelledSet
-from services.core.study.paired import Difference, describe, paired_bootstrap
-from services.core.study.recommend import (
+from services.lab.safety.copies import REACHED_TOLERANCE
+from services.lab.safety.labels import LabelledSet
+from services.lab.safety.paired import Difference, describe, paired_bootstrap
+from services.lab.safety.recommend import (
     GuidelineCheck,
     Recommendation,
     guideline_checks,
     recommend,
 )
-from services.core.study.sweep import CrResult, StudyConfig
+from services.lab.safety.sweep import CrResult, StudyConfig
 
 MODALITY = "MG"
 

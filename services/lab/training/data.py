@@ -1,14 +1,15 @@
 """Phantom training data: breasts from a `crgate synth` folder, splits by patient, and the
 compressed-copy cache (keyed by image and CR) that training and the CR study share.
 
-Compressed copies for the cache use a quicker rate search than the service's
-:func:`~services.core.codecs.jpeg2000.encode_image`: one OpenJPEG encode at the rate the
-arithmetic predicts (64 x 64 code blocks), corrected by log-space secant steps only while the
-achieved CR is more than :data:`QUICK_TOLERANCE` from the target, at most
-:data:`QUICK_ATTEMPTS` encodes. The service's search (2 %, smaller code blocks for small
-budgets) needs up to ten encodes per image at CR 10 000 on small phantoms; training and the
-card's test rows do not need that precision, and the achieved CR of every copy is kept (the card
-reports its mean per test CR). Each view is read and decoded once for all the CRs it needs.
+Compressed copies for the cache use the service's rate search
+(:func:`~services.core.codecs.jpeg2000.encode_image`) with looser settings,
+:data:`QUICK_SEARCH`: one OpenJPEG encode at the rate the arithmetic predicts (64 x 64 code
+blocks), corrected by log-space secant steps only while the achieved CR is more than
+:data:`QUICK_TOLERANCE` from the target, at most :data:`QUICK_ATTEMPTS` encodes. The service's
+own settings (2 %, smaller code blocks for small budgets) need up to ten encodes per image at
+CR 10 000 on small phantoms; training and the card's test rows do not need that precision, and
+the achieved CR of every copy is kept (the card reports its mean per test CR). Each view is read
+and decoded once for all the CRs it needs.
 """
 
 from __future__ import annotations
@@ -16,10 +17,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import math
 import os
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,17 +27,19 @@ import numpy as np
 import numpy.typing as npt
 
 from services.core import metrics
-from services.core.codecs.jpeg2000 import PixelLayout, stored_size
-from services.core.codecs.openjpeg import EncodeParams, decode_codestream, encode_frame
+from services.core.codecs.jpeg2000 import PixelLayout, RateSearch, encode_image
+from services.core.codecs.openjpeg import decode_codestream
 from services.core.dicom.io import atomic_output, read_dataset
 from services.core.dicom.pixels import load_pixels
 from services.core.errors import InvalidInput, NotFound
 from services.core.inference.preprocess import Preprocessing, breast_input, prepare_view
+from services.lab.pools import process_pool
 
 MALIGNANT = "malignant"
 QUICK_TOLERANCE = 0.05
 QUICK_ATTEMPTS = 3
 QUICK_CODEBLOCK = 64
+QUICK_SEARCH = RateSearch(QUICK_TOLERANCE, QUICK_ATTEMPTS, (QUICK_CODEBLOCK,), greedy=True)
 ENCODER_TAG = f"quick-{QUICK_TOLERANCE:g}-{QUICK_ATTEMPTS}-cb{QUICK_CODEBLOCK}"
 # Parameters that change a view's crop (the padding and the gap between views do not).
 _CROP_KEYS = (
@@ -154,43 +155,9 @@ class Prepared:
 
 
 def quick_encode(frame: npt.NDArray[Any], layout: PixelLayout, cr: float) -> tuple[bytes, float]:
-    """One codestream near ``cr`` (see the module docstring) and the CR it achieved."""
-    target = layout.uncompressed_bytes / cr
-    rate = layout.declared_bytes / target
-    tried: list[tuple[float, int]] = []  # (rate, bytes)
-    best: tuple[float, bytes, int] | None = None
-    for _ in range(QUICK_ATTEMPTS):
-        params = EncodeParams(
-            bits_stored=layout.bits_stored,
-            signed=layout.signed,
-            reversible=False,
-            rate=rate if rate > 1 else None,
-            threads=1,
-            codeblock=QUICK_CODEBLOCK,
-        )
-        stream = encode_frame(frame, params)
-        size = stored_size([stream])
-        error = abs(math.log(size / target))
-        if best is None or error < best[0]:
-            best = (error, stream, size)
-        if abs(layout.uncompressed_bytes / size / cr - 1) <= QUICK_TOLERANCE:
-            break
-        tried.append((rate, size))
-        rate = _next_rate(tried, target)
-    assert best is not None
-    return best[1], layout.uncompressed_bytes / best[2]
-
-
-def _next_rate(tried: list[tuple[float, int]], target: float) -> float:
-    """bytes ~ 1/rate from one point; a log-log secant through the last two otherwise."""
-    rate, size = tried[-1]
-    if len(tried) >= 2 and tried[-2][1] != size:
-        r0, n0 = tried[-2]
-        slope = (math.log(rate) - math.log(r0)) / (math.log(size) - math.log(n0))
-        guess = math.exp(math.log(rate) + slope * (math.log(target) - math.log(size)))
-        if math.isfinite(guess) and guess > 0:
-            return guess
-    return rate * size / target
+    """One codestream near ``cr`` (:data:`QUICK_SEARCH`, one thread) and the CR it achieved."""
+    encoded = encode_image([frame], layout, cr, lossless=False, threads=1, search=QUICK_SEARCH)
+    return encoded.frames[0], encoded.achieved_cr
 
 
 def prepare_copies(
@@ -298,9 +265,7 @@ def fill_cache(
                 crs.append(cr)
     jobs = [(f, v, lat, tuple(crs)) for (f, v, lat), crs in wanted.items()]
     workers = workers or len(os.sched_getaffinity(0))
-    with ProcessPoolExecutor(
-        workers, initializer=_init_worker, initargs=(cache.root, cache.params)
-    ) as pool:
+    with process_pool(workers, _init_worker, (cache.root, cache.params)) as pool:
         for done in pool.map(_work, jobs, chunksize=2):
             if on_done:
                 on_done(done)

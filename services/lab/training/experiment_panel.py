@@ -20,11 +20,11 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from models.architectures import Classifier
-from models.data import BreastRecord, CompressedCache
 from models.gradcam import WithGradCam
 from services.core.inference.overlay import render_overlay
 from services.core.inference.preprocess import SaliencyGrid, breast_input, to_input_grid
-from services.core.study.plots import cr_label
+from services.lab.safety.plots import cr_label
+from services.lab.training.data import BreastRecord, CompressedCache
 
 PANEL_CRS = (1.0, 100.0, 5000.0, 11000.0)
 VIEW = "CC"

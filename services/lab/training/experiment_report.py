@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from models.experiments import ExperimentRun, ModelOutcome
 from services.core.dicom.io import atomic_output
-from services.core.study.plots import _colours, _cr_axis, _save, cr_label
+from services.lab.safety.plots import _colours, _cr_axis, _save, cr_label
+from services.lab.training.experiments import ExperimentRun, ModelOutcome
 
 FILES = {
     "same-cr": ("table1.csv", "auroc_vs_cr.png"),

@@ -15,9 +15,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from services.core.dicom.io import atomic_output
-from services.core.study.analysis import StudyResult
-from services.core.study.paired import pr_points, roc_points
-from services.core.study.panel import SaliencyPanel
+from services.lab.safety.analysis import StudyResult
+from services.lab.safety.paired import pr_points, roc_points
+from services.lab.safety.panel import SaliencyPanel
 
 DPI = 110
 PASS, FAIL, REF = "#1a9850", "#d73027", "#4575b4"

@@ -8,17 +8,17 @@ settings and the OpenJPEG version: a changed file or encoder misses the cache, a
 folder hits it. Decoding a cached copy takes milliseconds; the model input is made from the
 decoded pixels each run, so one cache serves every model and preprocessing.
 
-Encoders: ``quick`` (default) is the training pipeline's (:func:`models.data.quick_encode`:
-one encode at the predicted rate, corrected only while more than 5 % off), so the study sees
-the same copies the models were trained on; ``gateway`` is the service's own
-:func:`~services.core.codecs.jpeg2000.encode_image` (within 2 %, slower at CR >= 5000), for the
-exact bytes a policy would store. CR 1 is the original pixels (PSNR 100 dB, SSIM 1).
+Both encoders are the service's :func:`~services.core.codecs.jpeg2000.encode_image`, with two
+settings: ``quick`` (default) is the training pipeline's
+(:func:`services.lab.training.data.quick_encode`: one encode at the predicted rate, corrected
+only while more than 5 % off), so the study sees the same copies the models were trained on;
+``gateway`` is the service's own (within 2 %, slower at CR >= 5000), for the exact bytes a
+policy would store. CR 1 is the original pixels (PSNR 100 dB, SSIM 1).
 Entries are written by rename (never seen half written); an unreadable entry counts as a miss.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 from dataclasses import asdict, dataclass
@@ -36,6 +36,8 @@ from services.core.dicom.io import read_dataset
 from services.core.dicom.pixels import load_pixels
 from services.core.errors import InvalidInput, InvalidParameter, OutputError
 from services.core.inference.breasts import window_of
+from services.core.inference.card import file_sha256
+from services.lab.training.data import ENCODER_TAG, quick_encode
 
 ENCODERS = ("quick", "gateway")
 REACHED_TOLERANCE = 0.05  # a copy within 5 % of its target CR (or beyond it) reached it
@@ -74,8 +76,6 @@ class ViewCopy:
 def encoder_tag(encoder: str) -> str:
     """The encoder, its settings and the OpenJPEG version, as part of the cache key."""
     if encoder == "quick":
-        from models.data import ENCODER_TAG
-
         base = ENCODER_TAG
     elif encoder == "gateway":
         base = f"gateway-{CR_TOLERANCE:g}"
@@ -84,19 +84,9 @@ def encoder_tag(encoder: str) -> str:
     return f"{base}-ojp{openjpeg_version()}"
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def encode(frame: npt.NDArray[Any], layout: PixelLayout, cr: float, encoder: str) -> bytes:
     """One codestream of ``frame`` near ``cr`` with ``encoder``."""
     if encoder == "quick":
-        from models.data import quick_encode
-
         stream, _ = quick_encode(frame, layout, cr)
         return stream
     encoded = encode_image([frame], layout, cr, lossless=False, threads=1)

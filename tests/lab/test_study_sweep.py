@@ -14,10 +14,10 @@ from services.core.config import get_settings
 from services.core.errors import InvalidInput, InvalidParameter, NotFound
 from services.core.inference.card import load_card
 from services.core.inference.runtime import Classifier
-from services.core.phantom import PhantomConfig, write_studies
-from services.core.study.copies import CopyCache, encoder_tag
-from services.core.study.labels import LabelledSet, load_labelled_set
-from services.core.study.sweep import (
+from services.lab.phantom import PhantomConfig, write_studies
+from services.lab.safety.copies import CopyCache, encoder_tag
+from services.lab.safety.labels import LabelledSet, load_labelled_set
+from services.lab.safety.sweep import (
     StudyConfig,
     parse_crs,
     partial_path,

@@ -29,8 +29,9 @@ from services.core.dicom.io import atomic_output
 from services.core.errors import InvalidInput, InvalidParameter, NotFound
 from services.core.inference.preprocess import Preprocessing, breast_input, prepare_view
 from services.core.ratio import validate_cr
-from services.core.study.copies import ENCODERS, CopyCache, Quality, ViewCopy
-from services.core.study.labels import LabelledBreast, LabelledSet
+from services.lab.pools import process_pool
+from services.lab.safety.copies import ENCODERS, CopyCache, Quality, ViewCopy
+from services.lab.safety.labels import LabelledBreast, LabelledSet
 
 if TYPE_CHECKING:
     from services.core.inference.card import ModelCard
@@ -304,11 +305,8 @@ class InputMaker:
             _init_worker(*self.args)
             return lambda jobs: map(_make_input, jobs)
         # forkserver: workers start from a clean process, not a fork of one running ONNX threads
-        self.pool = ProcessPoolExecutor(
-            self.workers,
-            mp_context=multiprocessing.get_context("forkserver"),
-            initializer=_init_worker,
-            initargs=self.args,
+        self.pool = process_pool(
+            self.workers, _init_worker, self.args, multiprocessing.get_context("forkserver")
         )
         pool = self.pool
         return lambda jobs: pool.map(_make_input, jobs, chunksize=1)

@@ -18,8 +18,8 @@ from PIL import Image, ImageDraw
 from services.core.inference.overlay import render_preview
 from services.core.inference.preprocess import breast_input, map_back, prepare_view
 from services.core.inference.runtime import Classifier
-from services.core.study.copies import CopyCache, Quality, ViewCopy
-from services.core.study.labels import LabelledBreast
+from services.lab.safety.copies import CopyCache, Quality, ViewCopy
+from services.lab.safety.labels import LabelledBreast
 
 PANEL_CRS = (1.0, 100.0, 5000.0, 11000.0)
 MAX_SIDE = 512

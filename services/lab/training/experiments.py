@@ -11,7 +11,7 @@ share models (``matrix`` reuses ``same-cr``'s and adds test CRs; ``augmentation`
 and a rerun after an interruption trains only what is missing. All models see the same
 train/validation/test split by patient and the same number of optimisation steps, so they
 differ only in what they were trained on. Compressed copies come from training's
-:class:`~models.data.CompressedCache`, shared with `crgate train`.
+:class:`~services.lab.training.data.CompressedCache`, shared with `crgate train`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,11 @@ import torch
 from PIL import Image
 
 from models.architectures import build
-from models.data import (
+from services.core.dicom.io import atomic_output
+from services.core.errors import InvalidParameter
+from services.core.inference.card import TestResult
+from services.lab.safety.plots import cr_label
+from services.lab.training.data import (
     BreastRecord,
     CompressedCache,
     fill_cache,
@@ -39,7 +43,7 @@ from models.data import (
     split_by_patient,
     training_pairs,
 )
-from models.train import (
+from services.lab.training.train import (
     STUDY_CRS,
     Progress,
     TrainConfig,
@@ -51,10 +55,6 @@ from models.train import (
     set_seed,
     training_geometry,
 )
-from services.core.dicom.io import atomic_output
-from services.core.errors import InvalidParameter
-from services.core.inference.card import TestResult
-from services.core.study.plots import cr_label
 
 EXPERIMENTS = ("same-cr", "matrix", "augmentation")
 ARCHITECTURES = ("cnn3", "resnet18")
@@ -195,7 +195,7 @@ class ExperimentRun:
     outcomes: list[ModelOutcome]
     split: dict[str, int]
     seconds: float
-    panel: Image.Image | None = None  # same-cr: the study's Fig. 3 (models/experiment_panel.py)
+    panel: Image.Image | None = None  # same-cr: the study's Fig. 3 (experiment_panel.py)
 
 
 def run_experiment(
@@ -236,8 +236,8 @@ def _panel(
     store: ModelStore,
     config: ExperimentConfig,
 ) -> Image.Image | None:
-    """Fig. 3 from the first architecture's single-CR models (see models/experiment_panel.py)."""
-    from models.experiment_panel import PANEL_CRS, same_cr_panel
+    """Fig. 3 from the first architecture's single-CR models (see experiment_panel.py)."""
+    from services.lab.training.experiment_panel import PANEL_CRS, same_cr_panel
 
     arch = config.archs[0]
     models = {}

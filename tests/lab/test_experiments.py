@@ -4,8 +4,6 @@ models, an interrupted run resumes, bad input gets one clear line."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -16,9 +14,10 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from models.experiments import ModelSpec, plan
 from services.cli import app
 from services.core.errors import InvalidParameter
+from services.lab.training.experiments import ModelSpec, plan
+from tests.processes import in_own_session, kill_and_collect_survivors
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -116,18 +115,19 @@ def test_the_three_experiments_share_their_models(phantoms: Path, tmp_path: Path
 
 
 def test_an_interrupted_run_resumes(phantoms: Path, tmp_path: Path) -> None:
-    """SIGKILL once the first model is saved; the rerun trains only the other two."""
+    """SIGKILL once the first model is saved: nothing of the run is left within a few seconds
+    (its compression workers included); the rerun trains only the other two."""
     crgate = Path(sys.executable).parent / "crgate"
     command = [str(crgate), *args("same-cr", phantoms, tmp_path)]
     command[command.index("--steps") + 1] = "60"
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     models = tmp_path / "models"
-    deadline = time.monotonic() + 300
-    while not list(models.glob("*.json")) and time.monotonic() < deadline:
-        assert process.poll() is None, "the run ended before it could be interrupted"
-        time.sleep(0.02)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    with in_own_session(command, **quiet) as process:
+        deadline = time.monotonic() + 300
+        while not list(models.glob("*.json")) and time.monotonic() < deadline:
+            assert process.poll() is None, "the run ended before it could be interrupted"
+            time.sleep(0.02)
+        assert kill_and_collect_survivors(process) == {}
     saved = {p.name for p in models.glob("*.json")}
     assert 1 <= len(saved) < 3
     assert not [p for p in models.iterdir() if p.name.startswith(".")]  # no partial file

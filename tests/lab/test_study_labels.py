@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from services.core.errors import InvalidInput, NotFound
-from services.core.phantom import PhantomConfig, write_studies
-from services.core.study.labels import load_labelled_set
+from services.lab.phantom import PhantomConfig, write_studies
+from services.lab.safety.labels import load_labelled_set
 
 TINY = PhantomConfig(width=128, height=160)
 

@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from services.core.dicom.io import atomic_output
-from services.core.study import plots
-from services.core.study.analysis import StudyResult
-from services.core.study.panel import SaliencyPanel
-from services.core.study.sweep import CrResult
+from services.lab.safety import plots
+from services.lab.safety.analysis import StudyResult
+from services.lab.safety.panel import SaliencyPanel
+from services.lab.safety.sweep import CrResult
 
 RESULTS = "results.json"
 FIGURES = {

@@ -1,4 +1,4 @@
-"""Tests of the synthetic mammography phantoms (services/core/phantom.py)."""
+"""Tests of the synthetic mammography phantoms (services/lab/phantom.py)."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 
-from services.core import phantom
 from services.core.dicom.io import write_dataset
 from services.core.dicom.uids import validate_uid
 from services.core.errors import InvalidParameter
-from services.core.phantom import (
+from services.lab import phantom
+from services.lab.phantom import (
     MG_FOR_PRESENTATION,
     VIEWS,
     PhantomConfig,

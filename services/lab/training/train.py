@@ -12,7 +12,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,18 +24,6 @@ from scipy.stats import t as scipy_t
 from torch import nn
 
 from models.architectures import Classifier, build
-from models.data import (
-    ENCODER_TAG,
-    BreastRecord,
-    CompressedCache,
-    fill_cache,
-    folds_by_patient,
-    load_breasts,
-    load_inputs,
-    prepare_pairs,
-    split_by_patient,
-    training_pairs,
-)
 from models.gradcam import WithGradCam
 from services.core import stats
 from services.core.dicom.io import read_dataset
@@ -51,6 +39,18 @@ from services.core.inference.card import (
     write_card,
 )
 from services.core.inference.preprocess import Preprocessing
+from services.lab.training.data import (
+    ENCODER_TAG,
+    BreastRecord,
+    CompressedCache,
+    fill_cache,
+    folds_by_patient,
+    load_breasts,
+    load_inputs,
+    prepare_pairs,
+    split_by_patient,
+    training_pairs,
+)
 
 STUDY_CRS = (1, 15, 20, 25, 50, 100, 500, 1000, 5000, 10000, 11000)
 OPSET = 18
@@ -396,7 +396,9 @@ def train(config: TrainConfig, progress: Progress | None = None) -> ModelCard:
             "training_inputs": len(
                 training_pairs(sets[0], config.crs, config.lossy_copies, config.seed)
             ),
-            "compression": f"OpenJPEG, quick rate search ({ENCODER_TAG}; models/data.py)",
+            "compression": (
+                f"OpenJPEG, quick rate search ({ENCODER_TAG}; services/lab/training/data.py)"
+            ),
             "optimiser": {
                 "name": "Adam",
                 "lr": config.learning_rate,
@@ -470,7 +472,3 @@ def summary(card: ModelCard) -> str:
             f"  AUPRC {r.auprc.value:.3f}  PSNR {r.mean_psnr_db or 0:.1f} dB"
         )
     return "\n".join(lines)
-
-
-def config_json(config: TrainConfig) -> str:
-    return json.dumps(asdict(config), default=str)

@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from services.core.errors import CrgateError, OutputError
-from services.core.study.analysis import StudyResult, analyse
-from services.core.study.copies import CopyCache
-from services.core.study.labels import load_labelled_set
-from services.core.study.panel import SaliencyPanel, pick_case, saliency_panel
-from services.core.study.report import write_report
-from services.core.study.sweep import (
+from services.lab.safety.analysis import StudyResult, analyse
+from services.lab.safety.copies import CopyCache
+from services.lab.safety.labels import load_labelled_set
+from services.lab.safety.panel import SaliencyPanel, pick_case, saliency_panel
+from services.lab.safety.report import write_report
+from services.lab.safety.sweep import (
     Progress,
     StudyConfig,
     SweepOutcome,

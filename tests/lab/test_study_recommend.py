@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services.core.study.paired import paired_bootstrap
-from services.core.study.recommend import guideline_checks, recommend
+from services.lab.safety.paired import paired_bootstrap
+from services.lab.safety.recommend import guideline_checks, recommend
 
 CRS = [1, 15, 20, 25, 50, 100, 500, 1000, 5000, 10000, 11000]
 MARGIN = 0.02

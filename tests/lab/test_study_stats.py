@@ -8,7 +8,7 @@ import pytest
 from sklearn.metrics import precision_recall_curve, roc_auc_score, roc_curve
 
 from services.core.stats import auroc, bootstrap
-from services.core.study.paired import describe, paired_bootstrap, pr_points, roc_points
+from services.lab.safety.paired import describe, paired_bootstrap, pr_points, roc_points
 
 HAND_LABELS = np.array([0, 0, 1, 1])
 HAND_SCORES = np.array([0.1, 0.4, 0.35, 0.8])  # AUROC 3/4 (see tests/core/test_stats.py)
