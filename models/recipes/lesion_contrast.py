@@ -31,14 +31,13 @@ import numpy as np
 import numpy.typing as npt
 from scipy.ndimage import uniform_filter
 
-from services.cli import _parse_crs
 from services.core.codecs.openjpeg import decode_codestream
 from services.core.dicom.io import read_dataset
 from services.core.dicom.pixels import load_pixels
+from services.core.ratio import STUDY_CRS_TEXT, parse_cr_list
 from services.lab.training.data import quick_encode
 
 F64 = npt.NDArray[np.float64]
-STUDY_CRS = "1,15,20,25,50,100,500,1000,5000,10000,11000"
 DETAIL_MM = 2.5  # the high-pass keeps structures finer than this
 
 
@@ -106,9 +105,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("data", nargs="+", type=Path)
     parser.add_argument("--views", type=int, default=12)
-    parser.add_argument("--crs", default=STUDY_CRS)
+    parser.add_argument("--crs", default=STUDY_CRS_TEXT)
     args = parser.parse_args()
-    crs = _parse_crs(args.crs, "--crs")
+    crs: list[float] = list(parse_cr_list(args.crs, "--crs"))
     for data in args.data:
         views = lesion_views(data, args.views)
         if not views:

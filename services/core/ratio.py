@@ -42,3 +42,25 @@ class CompressionRatio(float):
 def validate_cr(value: float | str) -> CompressionRatio:
     """``value`` as a CompressionRatio, or InvalidParameter saying what is allowed."""
     return CompressionRatio(value)
+
+
+#: the CRs of the seed study (its CR sweep and its training experiments), ascending
+STUDY_CRS: tuple[float, ...] = (1, 15, 20, 25, 50, 100, 500, 1000, 5000, 10000, 11000)
+STUDY_CRS_TEXT = ",".join(f"{cr:g}" for cr in STUDY_CRS)
+
+
+def parse_cr_list(text: str, what: str = "CR list") -> list[CompressionRatio]:
+    """``"1,15,25"`` -> the CRs in the order given; InvalidParameter naming ``what`` and the
+    entry that is wrong (an empty list or entry, a value that is not a CR)."""
+    parts = [part.strip() for part in text.split(",")]
+    if not any(parts):
+        raise InvalidParameter(f"{what} is empty: give compression ratios like 1,25,100")
+    values = []
+    for part in parts:
+        if not part:
+            raise InvalidParameter(f"{what} {text!r} has an empty entry")
+        try:
+            values.append(CompressionRatio(part))
+        except InvalidParameter as exc:
+            raise InvalidParameter(f"{what} {text!r}: {exc}") from None
+    return values

@@ -26,10 +26,9 @@ from services.core.db.tables import Instance, Study, Sweep
 from services.core.dicom.uids import validate_uid
 from services.core.errors import CrgateError, InvalidInput, NotFound
 from services.core.jobs import now, worker_name
+from services.core.ratio import STUDY_CRS_TEXT
 
 log = logging.getLogger(__name__)
-
-DEFAULT_CRS = "1,15,20,25,50,100,500,1000,5000,10000,11000"
 
 
 class BreastLabel(BaseModel):
@@ -44,7 +43,7 @@ class SweepRequest(BaseModel):
     study_uids: list[str] = Field(min_length=1, description="stored studies to test on")
     labels: list[BreastLabel] = Field(min_length=1, description="one label per breast")
     model: str | None = Field(None, description="model name (default: the site's)")
-    crs: str = Field(DEFAULT_CRS, description="compression ratios, comma-separated")
+    crs: str = Field(STUDY_CRS_TEXT, description="compression ratios, comma-separated")
     bootstrap: int = Field(1000, ge=100, le=20000, description="bootstrap resamples")
     margin: float = Field(0.02, gt=0, lt=0.5, description="non-inferiority margin (AUROC)")
     threshold: float | None = Field(

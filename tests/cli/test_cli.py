@@ -25,8 +25,7 @@ import pydicom.data
 import pytest
 from typer.testing import CliRunner, Result
 
-from services import cli
-from services.cli import app
+from services.cli import app, common
 
 TEST_FILES = Path(pydicom.data.__file__).parent / "test_files"
 CRGATE = Path(sys.executable).parent / "crgate"
@@ -155,9 +154,7 @@ def wide_console(monkeypatch: pytest.MonkeyPatch) -> None:
     """The transcode table is wide; give it room regardless of the terminal pytest runs in
     (test_table_is_readable_on_a_narrow_terminal covers narrow terminals)."""
     monkeypatch.setenv("COLUMNS", "250")
-    console = getattr(cli, "out", None)
-    if console is not None:
-        monkeypatch.setattr(console, "width", 250, raising=False)
+    monkeypatch.setattr(common.out, "width", 250, raising=False)
 
 
 # --------------------------------------------------------------------------- help

@@ -28,7 +28,7 @@ import numpy.typing as npt
 from services.core.dicom.io import atomic_output
 from services.core.errors import InvalidInput, InvalidParameter, NotFound
 from services.core.inference.preprocess import Preprocessing, breast_input, prepare_view
-from services.core.ratio import validate_cr
+from services.core.ratio import STUDY_CRS, parse_cr_list
 from services.lab.pools import process_pool
 from services.lab.safety.copies import ENCODERS, CopyCache, Quality, ViewCopy
 from services.lab.safety.labels import LabelledBreast, LabelledSet
@@ -37,7 +37,6 @@ if TYPE_CHECKING:
     from services.core.inference.card import ModelCard
     from services.core.inference.runtime import Classifier
 
-DEFAULT_CRS = (1.0, 15.0, 20.0, 25.0, 50.0, 100.0, 500.0, 1000.0, 5000.0, 10000.0, 11000.0)
 PARTIAL_DIR = "partial"
 MIN_BOOTSTRAP = 100
 Progress = Callable[[str, int, int], None]  # (what, done, total)
@@ -46,7 +45,7 @@ F32 = npt.NDArray[np.float32]
 
 @dataclass(frozen=True)
 class StudyConfig:
-    crs: tuple[float, ...] = DEFAULT_CRS
+    crs: tuple[float, ...] = STUDY_CRS
     bootstrap: int = 1000
     margin: float = 0.02
     confidence: float = 0.95
@@ -81,17 +80,7 @@ class StudyConfig:
 
 def parse_crs(text: str) -> tuple[tuple[float, ...], list[str]]:
     """``"1,15,25"`` -> the CRs ascending and unique, with CR 1 added when missing (noted)."""
-    parts = [p.strip() for p in text.split(",")]
-    if not any(parts):
-        raise InvalidParameter("the CR list is empty: give compression ratios like 1,25,100")
-    values: list[float] = []
-    for part in parts:
-        if not part:
-            raise InvalidParameter(f"CR list {text!r} has an empty entry")
-        try:
-            values.append(validate_cr(part))
-        except InvalidParameter as exc:
-            raise InvalidParameter(f"CR list {text!r}: {exc}") from None
+    values: list[float] = list(parse_cr_list(text))
     notes = []
     if 1.0 not in values:
         values.append(1.0)

@@ -7,20 +7,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
-from services.cli import _parse_crs
-from services.cli_serve import _fail, err, out
+from services.cli.common import cr_list, fail, out, progress
 from services.core.errors import CrgateError, InvalidParameter
-
-DEFAULT_CRS = "1,15,20,25,50,100,500,1000,5000,10000,11000"
+from services.core.ratio import STUDY_CRS_TEXT
 
 
 def experiment(
@@ -38,7 +28,7 @@ def experiment(
     arch: Annotated[
         str, typer.Option(help="Architectures, comma-separated: cnn3, resnet18.")
     ] = "cnn3",
-    crs: Annotated[str, typer.Option(help="The CRs (training CRs and test CRs).")] = DEFAULT_CRS,
+    crs: Annotated[str, typer.Option(help="The CRs (training CRs and test CRs).")] = STUDY_CRS_TEXT,
     steps: Annotated[
         int, typer.Option(help="Optimisation steps per model (epochs follow from it).", min=1)
     ] = 600,
@@ -67,19 +57,19 @@ def experiment(
     to OUT/NAME: results.json, CSV tables, PNG plots and report.html.
     """
     try:
-        cr_list = _parse_crs(crs, "--crs")
+        crs_given = cr_list(crs, "--crs")
         archs = tuple(a.strip() for a in arch.split(",") if a.strip())
         if not archs:
             raise InvalidParameter("--arch is empty: give cnn3, resnet18 or both")
         from services.lab.training.experiments import ExperimentConfig, plan
 
-        plan(name, archs, cr_list)  # checks the name, the architectures and the CRs
+        plan(name, archs, crs_given)  # checks the name, the architectures and the CRs
     except ImportError as exc:
-        raise _fail(
+        raise fail(
             f"experiments need torch ({exc}): pip install -e '.[train]' (torch==2.13.0 on CPU)", 4
         ) from None
     except CrgateError as exc:
-        raise _fail(str(exc), exc.exit_code) from None
+        raise fail(str(exc), exc.exit_code) from None
     from services.lab.training.experiment_report import write_report
     from services.lab.training.experiments import run_experiment
 
@@ -87,7 +77,7 @@ def experiment(
         data_dir=data_dir,
         out_dir=out_dir,
         archs=archs,
-        crs=tuple(sorted(dict.fromkeys(cr_list))),
+        crs=tuple(sorted(dict.fromkeys(crs_given))),
         steps=steps,
         lossy_copies=lossy_copies,
         batch_size=batch_size,
@@ -98,15 +88,7 @@ def experiment(
         threads=threads,
         bootstrap=bootstrap,
     )
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=err,
-        transient=True,
-    ) as bar:
+    with progress() as bar:
         tasks: dict[str, Any] = {}
 
         def report(stage: str, done: int, total: int) -> None:
@@ -120,9 +102,9 @@ def experiment(
             run = run_experiment(name, config, report)
             folder = write_report(run)
         except CrgateError as exc:
-            raise _fail(str(exc), exc.exit_code) from None
+            raise fail(str(exc), exc.exit_code) from None
         except ValueError as exc:
-            raise _fail(str(exc), 2) from None
+            raise fail(str(exc), 2) from None
     trained = sum(o.trained_now for o in run.outcomes)
     out.print(
         f"{name}: {len(run.outcomes)} model(s), {trained} trained now, "

@@ -14,15 +14,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from services.cli.common import fail
+
 out = Console(soft_wrap=True)
-err = Console(stderr=True)
 
 DEMO_CR = 20.0  # the strictest of the three presets' mammography maxima above DRG's 15
-
-
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    err.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
-    return typer.Exit(code)
 
 
 def demo(
@@ -46,13 +42,13 @@ def demo(
 
     key_file = data_dir / "admin.key"
     if not key_file.is_file():
-        raise _fail(f"{key_file} not found: start `crgate serve --data-dir {data_dir}` first")
+        raise fail(f"{key_file} not found: start `crgate serve --data-dir {data_dir}` first")
     headers = {"Authorization": f"Bearer {key_file.read_text().strip()}"}
     with httpx.Client(base_url=url, headers=headers, timeout=30) as client:
         try:
             client.get("/healthz").raise_for_status()
         except httpx.HTTPError as exc:
-            raise _fail(f"crgate does not answer at {url} ({exc})") from None
+            raise fail(f"crgate does not answer at {url} ({exc})") from None
         policy = _ensure_mg_auto_policy(client)
         width, height = parse_size(size)
         if seed is None:  # the same seed gives the same UIDs: a study the server already has
@@ -63,7 +59,7 @@ def demo(
                     Path(tmp), 1, seed=seed, config=PhantomConfig(width=width, height=height)
                 )
             except CrgateError as exc:
-                raise _fail(str(exc), exc.exit_code) from None
+                raise fail(str(exc), exc.exit_code) from None
             files = sorted(Path(tmp).rglob("*.dcm"))
             import pydicom
 
@@ -71,7 +67,7 @@ def demo(
             out.print(f"pushing {len(files)} images of study {study_uid} to {dicom} (C-STORE)")
             report = push(dicom, "CRGATEDEMO", files)
         if report.get("error") or report["failed"]:
-            raise _fail(f"C-STORE failed: {report.get('error') or report['failed']}", 5)
+            raise fail(f"C-STORE failed: {report.get('error') or report['failed']}", 5)
         out.print(
             f"waiting for the MG policy's auto-classification (CR {policy['cr']:g}, "
             f"{policy['expected_instances']} views)..."
@@ -99,7 +95,7 @@ def _ensure_mg_auto_policy(client: httpx.Client) -> dict[str, Any]:
         json={"modality": "MG", "cr": DEMO_CR, "auto_classify": True, "expected_instances": 4},
     )
     if created.status_code >= 400:
-        raise _fail(f"cannot create the MG policy: {created.text}")
+        raise fail(f"cannot create the MG policy: {created.text}")
     out.print(f"demo: created an MG policy (CR {DEMO_CR:g}, auto-classify, 4 views)")
     return dict(created.json())
 
@@ -112,7 +108,7 @@ def _wait_result(client: httpx.Client, study_uid: str, timeout: float) -> dict[s
             if response.status_code == 200 and response.json():
                 return dict(response.json()[0])
             time.sleep(1)
-    raise _fail(f"no result for study {study_uid} after {timeout:g} s (see the server log)", 5)
+    raise fail(f"no result for study {study_uid} after {timeout:g} s (see the server log)", 5)
 
 
 def _print_result(result: dict[str, Any], url: str, data_dir: Path) -> None:

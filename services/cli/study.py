@@ -9,20 +9,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
-from services.cli_serve import _fail, err, out
+from services.cli.common import err, fail, out, progress
 from services.core.config import get_settings
 from services.core.errors import CrgateError
-
-DEFAULT_CRS = "1,15,20,25,50,100,500,1000,5000,10000,11000"
+from services.core.ratio import STUDY_CRS_TEXT
 
 
 def study(
@@ -47,7 +38,7 @@ def study(
     ] = None,
     crs: Annotated[
         str, typer.Option(help="CRs to test; 1 (the reference) is added.")
-    ] = DEFAULT_CRS,
+    ] = STUDY_CRS_TEXT,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples over breasts.")] = 1000,
     margin: Annotated[
         float, typer.Option(help="Non-inferiority margin on AUROC (one-sided 95 %).")
@@ -91,18 +82,10 @@ def study(
             notes=tuple(notes),
         )
     except CrgateError as exc:
-        raise _fail(str(exc), exc.exit_code) from None
+        raise fail(str(exc), exc.exit_code) from None
     for note in notes:
         err.print(f"note: {note}", markup=False, highlight=False)
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=err,
-        transient=True,
-    ) as bar:
+    with progress() as bar:
         task = bar.add_task("classifying", total=None)
 
         def report(what: str, done: int, total: int) -> None:
@@ -120,7 +103,7 @@ def study(
                 report,
             )
         except CrgateError as exc:
-            raise _fail(str(exc), exc.exit_code) from None
+            raise fail(str(exc), exc.exit_code) from None
     sweep = run.sweep
     rec = run.result.recommendation
     if sweep.reused:

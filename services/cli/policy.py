@@ -15,7 +15,7 @@ import typer
 from rich.table import Table
 from sqlalchemy.orm import Session, sessionmaker
 
-from services.cli_serve import DataDir, _fail, err, out, settings_from
+from services.cli.common import DataDir, err, fail, out, settings_from
 from services.core import policies
 from services.core.errors import CrgateError
 from services.core.policies import PolicyChanges, PolicyKey
@@ -73,7 +73,7 @@ def list_cmd(data_dir: DataDir = None) -> None:
                     )
                 )
     except CrgateError as exc:
-        raise _fail(str(exc), exc.exit_code) from None
+        raise fail(str(exc), exc.exit_code) from None
     table = Table(
         "id",
         "modality",
@@ -150,7 +150,7 @@ def set_cmd(
             source = policies.source_of(row)
             cr_now, syntax_now = row.cr, row.syntax
     except CrgateError as exc:
-        raise _fail(str(exc), exc.exit_code) from None
+        raise fail(str(exc), exc.exit_code) from None
     verb = "created" if created else "set"
     err.print(f"{verb} {source}: CR {cr_now:g} ({syntax_now})", markup=False, highlight=False)
 
@@ -165,7 +165,7 @@ def preset_cmd(
         with _sessions(data_dir).begin() as session:
             result = policies.apply_preset(session, name, actor=actor())
     except CrgateError as exc:
-        raise _fail(str(exc), exc.exit_code) from None
+        raise fail(str(exc), exc.exit_code) from None
     err.print(
         f"preset {result.preset}: {len(result.created)} created, {len(result.updated)} updated, "
         f"{len(result.unchanged)} unchanged",
@@ -184,5 +184,5 @@ def delete_cmd(
         with _sessions(data_dir).begin() as session:
             policies.delete_policy(session, policy_id, actor=actor())
     except CrgateError as exc:
-        raise _fail(str(exc), exc.exit_code) from None
+        raise fail(str(exc), exc.exit_code) from None
     err.print(f"deleted policy {policy_id}", markup=False, highlight=False)

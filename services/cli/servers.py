@@ -1,7 +1,7 @@
-"""``crgate api|scp|serve`` (the servers) and ``crgate keys`` (API keys).
+"""``crgate api | scp | serve | worker | migrate``: the processes docker-compose runs.
 
-cli is the composition root: it builds one ingest path and hands it to the HTTP app and the
-DICOM SCP, which never import each other.
+Each is assembled by services/runtime from one Settings (the environment, the options on top);
+``serve`` and ``migrate`` create a data directory when there is none, the others need one.
 """
 
 from __future__ import annotations
@@ -10,25 +10,14 @@ import logging
 import signal
 import threading
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
+from services.cli.common import DataDir, configure_logging, err, fail, settings_from
 from services.core.config import Settings
 from services.core.errors import CrgateError
 
-out = Console()
-err = Console(stderr=True)
-
-DataDir = Annotated[
-    Path | None,
-    typer.Option(
-        "--data-dir",
-        help="where crgate keeps files and its SQLite index [env CRGATE_DATA_DIR, ./var]",
-    ),
-]
 HttpPort = Annotated[
     int | None, typer.Option("--http-port", help="HTTP port [env CRGATE_HTTP_PORT, 8080]")
 ]
@@ -56,26 +45,6 @@ MetricsPort = Annotated[
         help="serve Prometheus /metrics on this HTTP port; 0 = off [env CRGATE_METRICS_PORT, 0]",
     ),
 ]
-
-
-def settings_from(**overrides: Any) -> Settings:
-    """Settings from the environment, with the command line's options on top."""
-    return Settings(**{k: v for k, v in overrides.items() if v is not None})
-
-
-def configure_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
-    logging.getLogger("highdicom").setLevel(logging.WARNING)
-
-
-def _fail(message: str, code: int) -> typer.Exit:
-    err.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
-    return typer.Exit(code)
 
 
 def _server_settings(
@@ -144,7 +113,7 @@ def _run(settings: Settings, *, http: bool, dicom: bool, create: bool = False) -
     try:
         state = build_runtime(settings, create=create)
     except CrgateError as exc:
-        raise _fail(str(exc), exc.exit_code) from None
+        raise fail(str(exc), exc.exit_code) from None
     server = None
     if dicom:
         try:
@@ -152,7 +121,7 @@ def _run(settings: Settings, *, http: bool, dicom: bool, create: bool = False) -
         except OSError as exc:
             state.close()
             message = f"cannot listen on DICOM port {settings.dicom_port}: {exc.strerror}"
-            raise _fail(message, 5) from None
+            raise fail(message, 5) from None
     metrics = None
     try:
         if not http and settings.metrics_port:  # api and serve have /metrics on their HTTP port
@@ -162,7 +131,7 @@ def _run(settings: Settings, *, http: bool, dicom: bool, create: bool = False) -
                 metrics, _ = start_http_server(settings.metrics_port, addr=settings.http_host)
             except OSError as exc:
                 message = f"cannot listen on metrics port {settings.metrics_port}: {exc.strerror}"
-                raise _fail(message, 5) from None
+                raise fail(message, 5) from None
             log.info("Prometheus metrics on port %d (/metrics)", settings.metrics_port)
         if http:
             import uvicorn
@@ -221,7 +190,7 @@ def worker(
     settings = settings_from(data_dir=data_dir)
     configure_logging(settings)
     if not settings.broker_url:
-        raise _fail(
+        raise fail(
             "crgate worker needs a broker: set CRGATE_BROKER_URL (e.g. redis://127.0.0.1:6379/0);"
             " without one, `crgate serve` runs jobs in its own process",
             2,
@@ -233,12 +202,12 @@ def worker(
     try:
         require_index(settings)
     except CrgateError as exc:
-        raise _fail(str(exc), exc.exit_code) from None
+        raise fail(str(exc), exc.exit_code) from None
     names = {"classify": QUEUE_CLASSIFY, "sweep": QUEUE_SWEEP}
     wanted = [q.strip() for q in queues.split(",") if q.strip()]
     unknown = sorted(set(wanted) - set(names))
     if unknown or not wanted:
-        raise _fail(f"--queues: unknown queue(s) {', '.join(unknown)}; use classify, sweep", 2)
+        raise fail(f"--queues: unknown queue(s) {', '.join(unknown)}; use classify, sweep", 2)
     argv = [
         "worker",
         f"--loglevel={settings.log_level.upper()}",
@@ -263,104 +232,10 @@ def migrate(data_dir: DataDir = None) -> None:
     try:
         index = open_index(settings, create=True)
     except CrgateError as exc:
-        raise _fail(str(exc), exc.exit_code) from None
+        raise fail(str(exc), exc.exit_code) from None
     index.engine.dispose()
     if index.created:
         err.print(f"created a new crgate data directory in {settings.data_dir.resolve()}")
     err.print("database schema is up to date")
     if index.key_file is not None:
         err.print(f"created the first admin key in {index.key_file} (mode 0600)")
-
-
-keys_app = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
-
-
-def _key_sessions(data_dir: Path | None) -> Any:
-    """The sessions of an existing data directory (DataDirMissing when there is none)."""
-    from services.runtime import open_index
-
-    return open_index(settings_from(data_dir=data_dir), create=False).sessions
-
-
-@keys_app.command("create")
-def keys_create(
-    role: Annotated[str, typer.Option("--role", help="admin, operator or viewer")],
-    name: Annotated[str, typer.Option("--name", help="who or what uses the key")],
-    data_dir: DataDir = None,
-) -> None:
-    """Create a key and print it once (only its hash is kept)."""
-    from services.core.auth import create_key, parse_role
-
-    try:
-        sessions = _key_sessions(data_dir)
-        with sessions() as session, session.begin():
-            row, token = create_key(session, name=name, role=parse_role(role))
-            key_id = row.id
-    except CrgateError as exc:
-        raise _fail(str(exc), exc.exit_code) from None
-    err.print(f"created key {key_id} ({role}, {name!r}); it is shown once:")
-    print(token)
-
-
-@keys_app.command("list")
-def keys_list(data_dir: DataDir = None) -> None:
-    """List keys (id, prefix, role, name, created, last used, revoked); never the secrets."""
-    from services.core.auth import list_keys
-
-    try:
-        sessions = _key_sessions(data_dir)
-        with sessions() as session:
-            rows = list_keys(session)
-    except CrgateError as exc:
-        raise _fail(str(exc), exc.exit_code) from None
-    table = Table("id", "prefix", "role", "name", "created", "last used", "revoked")
-    for r in rows:
-        table.add_row(
-            str(r.id),
-            r.prefix,
-            r.role,
-            r.name,
-            f"{r.created_at:%Y-%m-%d %H:%M}",
-            f"{r.last_used_at:%Y-%m-%d %H:%M}" if r.last_used_at else "-",
-            f"{r.revoked_at:%Y-%m-%d %H:%M}" if r.revoked_at else "-",
-        )
-    out.print(table)
-
-
-@keys_app.command("revoke")
-def keys_revoke(
-    key: Annotated[str, typer.Argument(help="the key's id or prefix (see `crgate keys list`)")],
-    data_dir: DataDir = None,
-) -> None:
-    """Revoke a key: requests with it get 401 from now on."""
-    from services.core.auth import revoke_key
-
-    try:
-        sessions = _key_sessions(data_dir)
-        with sessions() as session, session.begin():
-            row = revoke_key(session, key=key)
-            key_id, name = row.id, row.name
-    except CrgateError as exc:
-        raise _fail(str(exc), exc.exit_code) from None
-    err.print(f"revoked key {key_id} ({name!r})")
-
-
-def register(app: typer.Typer) -> None:
-    app.command()(api)
-    app.command()(scp)
-    app.command()(serve)
-    app.command()(worker)
-    app.command()(migrate)
-    from services.cli_demo import demo
-
-    app.command()(demo)
-    app.add_typer(keys_app, name="keys")
-    from services.cli_policy import policy_app
-
-    app.add_typer(policy_app, name="policy")
-    from services.cli_study import study
-
-    app.command()(study)
-    from services.cli_experiment import experiment
-
-    app.command()(experiment)
