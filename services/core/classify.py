@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date
 from functools import cached_property
@@ -57,7 +55,6 @@ from services.core.storage import InstanceStore
 log = logging.getLogger(__name__)
 
 CLASSIFIABLE_MODALITY = "MG"
-HEARTBEAT_SECONDS = 5.0
 OVERLAY_MAX_SIDE = 1024
 PEDIATRIC_BELOW_YEARS = 18  # pediatric policies apply to patients younger than this
 _AGE_UNIT_YEARS = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0}
@@ -293,7 +290,7 @@ def run_job(ctx: JobContext, job_id: str) -> str | None:
             return jobs.get_job(session, job_id).result_id
     log.info("job %s: study %s at CR %g (attempt %d)", job.id, job.study_uid, job.cr, job.attempts)
     try:
-        with _beating(ctx.sessions, job_id) as progress:
+        with jobs.JOBS.beating(ctx.sessions, job_id) as progress:
             result = _classify(
                 ctx,
                 job_id,
@@ -310,33 +307,6 @@ def run_job(ctx: JobContext, job_id: str) -> str | None:
     jobs.succeed(ctx.sessions, job_id, result=result)
     log.info("job %s succeeded: result %s", job_id, result.id)
     return result.id
-
-
-@contextmanager
-def _beating(sessions: sessionmaker[Session], job_id: str) -> Iterator[Callable[[int, int], None]]:
-    """Heartbeat every few seconds while the job runs; yields a progress callback."""
-    stop = threading.Event()
-    done = [0]
-
-    def beat() -> None:
-        while not stop.wait(HEARTBEAT_SECONDS):
-            try:
-                jobs.heartbeat(sessions, job_id, done=done[0])
-            except Exception:  # a missed beat is not worth failing the job for
-                log.debug("job %s: heartbeat failed", job_id, exc_info=True)
-
-    thread = threading.Thread(target=beat, name=f"heartbeat-{job_id[:8]}", daemon=True)
-    thread.start()
-
-    def progress(finished: int, _total: int) -> None:
-        done[0] = finished
-        jobs.heartbeat(sessions, job_id, done=finished)
-
-    try:
-        yield progress
-    finally:
-        stop.set()
-        thread.join()
 
 
 def _classify(

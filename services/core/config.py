@@ -62,6 +62,9 @@ class Settings(BaseSettings):
     )
     job_soft_time_limit: int = Field(900, gt=0, description="seconds before a job is asked to stop")
     job_time_limit: int = Field(1200, gt=0, description="seconds before a job is killed")
+    sweep_time_limit: int = Field(
+        6 * 3600, gt=0, description="seconds before a CR safety study (sweep) is asked to stop"
+    )
     broker_visibility_timeout: int = Field(
         1800, gt=0, description="seconds before an unacknowledged task is delivered again"
     )

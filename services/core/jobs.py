@@ -12,10 +12,13 @@ worker died is not, so a job that kills its worker every time stops after ``MAX_
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import socket
+import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Generic, TypeVar
@@ -29,6 +32,9 @@ from services.core.db.tables import Job, Result, Sweep
 from services.core.errors import NotFound
 
 MAX_ATTEMPTS = 5  # runs whose worker died (killed at the time limit) before the job fails
+HEARTBEAT_SECONDS = 5.0
+
+log = logging.getLogger(__name__)
 
 
 def worker_name() -> str:
@@ -199,6 +205,35 @@ class Lifecycle(Generic[Row]):
             values["progress_done"] = done
         with sessions() as session, session.begin():
             session.execute(update(self.table).where(self.table.id == job_id).values(**values))
+
+    @contextmanager
+    def beating(
+        self, sessions: sessionmaker[Session], job_id: str
+    ) -> Iterator[Callable[[int, int], None]]:
+        """Heartbeat every few seconds while the job runs (a long step included), so that the
+        re-send of stale jobs leaves it alone; yields a progress callback (done, total)."""
+        stop = threading.Event()
+        done: list[int | None] = [None]  # None: no progress reported yet, only beat
+
+        def beat() -> None:
+            while not stop.wait(HEARTBEAT_SECONDS):
+                try:
+                    self.heartbeat(sessions, job_id, done=done[0])
+                except Exception:  # a missed beat is not worth failing the job for
+                    log.debug("%s %s: heartbeat failed", self.noun, job_id, exc_info=True)
+
+        thread = threading.Thread(target=beat, name=f"heartbeat-{job_id[:8]}", daemon=True)
+        thread.start()
+
+        def progress(finished: int, _total: int) -> None:
+            done[0] = finished
+            self.heartbeat(sessions, job_id, done=finished)
+
+        try:
+            yield progress
+        finally:
+            stop.set()
+            thread.join()
 
     def fail(self, sessions: sessionmaker[Session], job_id: str, *, reason: str) -> None:
         with sessions() as session, session.begin():

@@ -21,11 +21,11 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.core.classify import JobContext
-from services.core.contracts import JobStatus
+from services.core.contracts import JobQueue, JobStatus, SweepPayload
 from services.core.db.tables import Instance, Study, Sweep
 from services.core.dicom.uids import validate_uid
 from services.core.errors import CrgateError, InvalidInput, NotFound
-from services.core.jobs import now, worker_name
+from services.core.jobs import SWEEPS, now
 from services.core.ratio import STUDY_CRS_TEXT
 
 log = logging.getLogger(__name__)
@@ -78,9 +78,28 @@ def submit(ctx: JobContext, request: SweepRequest, *, requested_by: str | None) 
         progress_total=0,
         attempts=0,
         requested_by=requested_by,
+        queued_at=now(),
     )
     with ctx.sessions() as session, session.begin():
         session.add(sweep)
+    return sweep
+
+
+def request(
+    ctx: JobContext, queue: JobQueue, body: SweepRequest, *, requested_by: str | None
+) -> Sweep:
+    """Start a sweep: check and record it (:func:`submit`), then hand it to the queue (its own
+    queue, so that hours of sweep never hold up classifications). A queue that cannot take it
+    leaves it recorded as queued: the housekeeping pass sends it again."""
+    sweep = submit(ctx, body, requested_by=requested_by)
+    try:
+        queue.enqueue(SweepPayload(sweep_id=sweep.id))
+    except (ConnectionError, OSError) as exc:
+        log.warning(
+            "sweep %s recorded but not sent (%s): the housekeeping pass sends it again",
+            sweep.id,
+            type(exc).__name__,
+        )
     return sweep
 
 
@@ -93,16 +112,13 @@ def run_sweep_job(ctx: JobContext, sweep_id: str) -> dict[str, Any] | None:
     from services.lab.safety.run import run_study
     from services.lab.safety.sweep import StudyConfig, parse_crs
 
-    with ctx.sessions() as session, session.begin():
-        sweep = session.get(Sweep, sweep_id)
-        if sweep is None:
-            raise NotFound(f"no sweep {sweep_id!r}")
-        if sweep.status == JobStatus.SUCCEEDED:
-            return dict(sweep.summary or {})
-        sweep.status, sweep.attempts = JobStatus.RUNNING.value, sweep.attempts + 1
-        sweep.started_at = sweep.heartbeat_at = now()
-        sweep.worker, sweep.reason = worker_name(), None
-        request = SweepRequest.model_validate(sweep.params)
+    claimed = SWEEPS.claim(ctx.sessions, sweep_id, stale_after_s=ctx.settings.job_stale_seconds)
+    if claimed is None:  # finished, run by another live worker, or out of attempts
+        with ctx.sessions() as session:
+            done = SWEEPS.get(session, sweep_id)
+            return dict(done.summary or {}) if done.status == JobStatus.SUCCEEDED else None
+    request = SweepRequest.model_validate(claimed.params)
+    log.info("sweep %s: attempt %d", sweep_id, claimed.attempts)
     root = sweep_dir(ctx, sweep_id)
     try:
         data, labels = _materialise(ctx, request, root / "input")
@@ -117,22 +133,29 @@ def run_sweep_job(ctx: JobContext, sweep_id: str) -> dict[str, Any] | None:
             workers=workers,
             notes=tuple(notes),
         )
-        run = run_study(
-            data,
-            labels,
-            request.model or ctx.settings.default_model,
-            ctx.settings.models_dir,
-            config,
-            root / "report",
-            ctx.store.root / "cache" / "study",
-            progress=lambda what, done, total: _progress(ctx.sessions, sweep_id, what, done, total),
-        )
+        with SWEEPS.beating(ctx.sessions, sweep_id):
+            run = run_study(
+                data,
+                labels,
+                request.model or ctx.settings.default_model,
+                ctx.settings.models_dir,
+                config,
+                root / "report",
+                ctx.store.root / "cache" / "study",
+                progress=lambda what, done, total: SWEEPS.heartbeat(
+                    ctx.sessions,
+                    sweep_id,
+                    done=done,
+                    progress_total=total,
+                    progress_what=what[:128],
+                ),
+            )
     except CrgateError as exc:
-        _finish(ctx.sessions, sweep_id, status=JobStatus.FAILED, reason=str(exc))
+        SWEEPS.fail(ctx.sessions, sweep_id, reason=str(exc))
         log.warning("sweep %s failed: %s", sweep_id, exc)
         return None
     summary = _summary(run.out_dir, run.files)
-    _finish(ctx.sessions, sweep_id, status=JobStatus.SUCCEEDED, summary=summary)
+    _succeed(ctx.sessions, sweep_id, summary)
     log.info("sweep %s succeeded", sweep_id)
     return summary
 
@@ -162,35 +185,18 @@ def _materialise(ctx: JobContext, request: SweepRequest, folder: Path) -> tuple[
     return folder, labels
 
 
-def _progress(
-    sessions: sessionmaker[Session], sweep_id: str, what: str, done: int, total: int
-) -> None:
+def _succeed(sessions: sessionmaker[Session], sweep_id: str, summary: dict[str, Any]) -> None:
     with sessions() as session, session.begin():
         session.execute(
             update(Sweep)
             .where(Sweep.id == sweep_id)
             .values(
-                progress_done=done,
-                progress_total=total,
-                progress_what=what[:128],
-                heartbeat_at=now(),
+                status=JobStatus.SUCCEEDED.value,
+                reason=None,
+                summary=summary,
+                finished_at=now(),
+                progress_done=Sweep.progress_total,
             )
-        )
-
-
-def _finish(
-    sessions: sessionmaker[Session],
-    sweep_id: str,
-    *,
-    status: JobStatus,
-    reason: str | None = None,
-    summary: dict[str, Any] | None = None,
-) -> None:
-    with sessions() as session, session.begin():
-        session.execute(
-            update(Sweep)
-            .where(Sweep.id == sweep_id)
-            .values(status=status.value, reason=reason, summary=summary, finished_at=now())
         )
 
 
@@ -212,9 +218,7 @@ def report_path(ctx: JobContext, session: Session, sweep_id: str, name: str) -> 
 
 
 def view(session: Session, sweep_id: str) -> dict[str, Any]:
-    sweep = session.get(Sweep, sweep_id)
-    if sweep is None:
-        raise NotFound(f"no sweep {sweep_id!r}")
+    sweep = SWEEPS.get(session, sweep_id)
     return {
         "id": sweep.id,
         "status": sweep.status,

@@ -25,15 +25,39 @@ from services.core.contracts import (
     Payload,
     SweepPayload,
 )
-from services.core.db.tables import Job
+from services.core.db.tables import Job, Sweep
 
 log = logging.getLogger(__name__)
+
+HARD_LIMIT_GRACE_SECONDS = 600  # after the soft limit, before the worker process is killed
+
+
+def send(app: Any, payload: Payload, settings: Settings) -> None:
+    """Send ``payload``'s task by name through the Celery ``app``, each kind on its own queue (a
+    sweep runs for hours: it has a time limit of its own); ConnectionError when the broker does
+    not take it."""
+    from kombu.exceptions import OperationalError
+
+    try:
+        if isinstance(payload, SweepPayload):
+            app.send_task(
+                TASK_CR_SWEEP,
+                args=[payload.sweep_id],
+                queue=QUEUE_SWEEP,
+                soft_time_limit=settings.sweep_time_limit,
+                time_limit=settings.sweep_time_limit + HARD_LIMIT_GRACE_SECONDS,
+            )
+        else:
+            app.send_task(TASK_CLASSIFY, args=[payload.job_id], queue=QUEUE_CLASSIFY)
+    except OperationalError as exc:
+        raise ConnectionError(f"the broker did not take the task: {exc}") from exc
 
 
 class CeleryJobQueue:
     def __init__(self, settings: Settings) -> None:
         from celery import Celery
 
+        self.settings = settings
         self.app = Celery("crgate-producer", broker=settings.broker_url)
         self.app.conf.broker_connection_retry_on_startup = True
         self.app.conf.broker_transport_options = {
@@ -41,16 +65,7 @@ class CeleryJobQueue:
         }
 
     def enqueue(self, payload: Payload) -> None:
-        """Send the task; ConnectionError when the broker cannot take it."""
-        from kombu.exceptions import OperationalError
-
-        try:
-            if isinstance(payload, SweepPayload):
-                self.app.send_task(TASK_CR_SWEEP, args=[payload.sweep_id], queue=QUEUE_SWEEP)
-            else:
-                self.app.send_task(TASK_CLASSIFY, args=[payload.job_id], queue=QUEUE_CLASSIFY)
-        except OperationalError as exc:
-            raise ConnectionError(f"the broker did not take the task: {exc}") from exc
+        send(self.app, payload, self.settings)
 
     def close(self) -> None:
         self.app.close()
@@ -87,18 +102,19 @@ class InProcessJobQueue:
             jobs.fail(self.ctx.sessions, job_id, reason=f"internal error ({type(exc).__name__})")
 
     def recover(self) -> list[str]:
-        """Queue again the jobs a stopped process left unfinished (nothing acknowledged is lost)."""
+        """Queue again the jobs and sweeps a stopped process left unfinished (nothing
+        acknowledged is lost)."""
         from sqlalchemy import select
 
+        unfinished = [JobStatus.QUEUED.value, JobStatus.RUNNING.value]
         with self.ctx.sessions() as session:
-            unfinished = session.scalars(
-                select(Job.id).where(
-                    Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value])
-                )
-            ).all()
-        for job_id in unfinished:
+            job_ids = session.scalars(select(Job.id).where(Job.status.in_(unfinished))).all()
+            sweep_ids = session.scalars(select(Sweep.id).where(Sweep.status.in_(unfinished))).all()
+        for job_id in job_ids:
             self.enqueue(ClassifyPayload(job_id=job_id))
-        return list(unfinished)
+        for sweep_id in sweep_ids:
+            self.enqueue(SweepPayload(sweep_id=sweep_id))
+        return [*job_ids, *sweep_ids]
 
     def start_sweeper(self, sweep: Any, every_s: float) -> None:
         def loop() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from celery import Task
@@ -16,28 +17,38 @@ from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.exc import OperationalError
 
 from services.core import jobs
+from services.core.classify import JobContext
 from services.core.contracts import (
-    QUEUE_CLASSIFY,
-    QUEUE_SWEEP,
     TASK_CLASSIFY,
     TASK_CR_SWEEP,
     TASK_SWEEP_ARRIVALS,
-    ClassifyPayload,
     Payload,
 )
-from services.worker.app import celery_app, context
+from services.runtime.queue import send
+from services.worker.app import celery_app, context, settings
 
 log = logging.getLogger(__name__)
 
 TRANSIENT = (OperationalError, ConnectionError, TimeoutError)
+RETRIES: dict[str, Any] = {
+    "autoretry_for": TRANSIENT,
+    "retry_backoff": True,
+    "retry_backoff_max": 120,
+    "max_retries": 6,
+}
 
 
-class ClassifyTask(Task):  # type: ignore[misc]
+class JobTask(Task):  # type: ignore[misc]
+    """A task that runs one job row through its lifecycle (claim ... succeed or fail)."""
+
+    lifecycle: jobs.Lifecycle[Any] = jobs.JOBS
+    limit_setting = "CRGATE_JOB_SOFT_TIME_LIMIT"
+
     def on_failure(
         self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
     ) -> None:
         """The task gave up (retries spent, or an unexpected error): fail the job, with why."""
-        job_id = args[0] if args else kwargs.get("job_id")
+        job_id = args[0] if args else next(iter(kwargs.values()), None)
         if not job_id:
             return
         what = f"{type(exc).__name__}: {exc}"
@@ -50,56 +61,59 @@ class ClassifyTask(Task):  # type: ignore[misc]
             reason = (
                 f"internal error after {self.request.retries} retries ({what}); see the worker log"
             )
-        jobs.fail(context().sessions, job_id, reason=reason)
+        self.lifecycle.fail(context().sessions, job_id, reason=reason)
+
+    def run_job(self, job_id: str, runner: Callable[[JobContext, str], Any]) -> Any:
+        """``runner(ctx, job_id)``, with the soft time limit and transient errors handled."""
+        ctx = context()
+        limit = self.request.timelimit[1] if self.request.timelimit else None
+        limit = limit or ctx.settings.job_soft_time_limit
+        reason = (
+            f"the {self.lifecycle.noun} ran longer than {limit} s ({self.limit_setting}) and "
+            "was stopped; raise the limit for large studies"
+        )
+        started = time.monotonic()
+        try:
+            result = runner(ctx, job_id)
+        except SoftTimeLimitExceeded:
+            self.lifecycle.fail(ctx.sessions, job_id, reason=reason)
+            return None
+        except TRANSIENT as exc:  # retried (autoretry_for): let any worker process take it
+            self._release(ctx, job_id, exc)
+            raise
+        if result is None and time.monotonic() - started >= limit:
+            # the limit fired inside code that turned it into an error of its own (a codec's
+            # broad except): the time limit is the reason a person can act on
+            self.lifecycle.fail(ctx.sessions, job_id, reason=reason)
+        return result
+
+    def _release(self, ctx: JobContext, job_id: str, exc: BaseException) -> None:
+        what = f"retrying after a transient error ({type(exc).__name__})"
+        try:
+            self.lifecycle.release(ctx.sessions, job_id, reason=what)
+        except TRANSIENT:  # the database is the trouble: housekeeping puts it back later
+            log.warning("%s %s: not given back (database unreachable)", self.lifecycle.noun, job_id)
 
 
-@celery_app.task(  # type: ignore[untyped-decorator]
-    name=TASK_CLASSIFY,
-    base=ClassifyTask,
-    autoretry_for=TRANSIENT,
-    retry_backoff=True,
-    retry_backoff_max=120,
-    max_retries=6,
-)
-def classify_study(job_id: str) -> str | None:
+class SweepTask(JobTask):
+    lifecycle = jobs.SWEEPS
+    limit_setting = "CRGATE_SWEEP_TIME_LIMIT"
+
+
+@celery_app.task(name=TASK_CLASSIFY, base=JobTask, bind=True, **RETRIES)  # type: ignore[untyped-decorator]
+def run_classify_job(self: JobTask, job_id: str) -> str | None:
     from services.core.classify import run_job
 
-    ctx = context()
-    limit = ctx.settings.job_soft_time_limit
-    reason = (
-        f"the job ran longer than {limit} s (CRGATE_JOB_SOFT_TIME_LIMIT) and was stopped; "
-        "raise the limit for large studies"
-    )
-    started = time.monotonic()
-    try:
-        result = run_job(ctx, job_id)
-    except SoftTimeLimitExceeded:
-        jobs.fail(ctx.sessions, job_id, reason=reason)
-        return None
-    except TRANSIENT as exc:  # retried (autoretry_for): let any worker process take it
-        _release(ctx, job_id, exc)
-        raise
-    if result is None and time.monotonic() - started >= limit:
-        # the limit fired inside code that turned it into an error of its own (a codec's
-        # broad except): the time limit is the reason a person can act on
-        jobs.fail(ctx.sessions, job_id, reason=reason)
+    result: str | None = self.run_job(job_id, run_job)
     return result
 
 
-def _release(ctx: Any, job_id: str, exc: BaseException) -> None:
-    try:
-        jobs.release(
-            ctx.sessions, job_id, reason=f"retrying after a transient error ({type(exc).__name__})"
-        )
-    except TRANSIENT:  # the database is the trouble: the stale-job sweep puts it back later
-        log.warning("job %s: not given back to the queue (database unreachable)", job_id)
+@celery_app.task(name=TASK_CR_SWEEP, base=SweepTask, bind=True, **RETRIES)  # type: ignore[untyped-decorator]
+def run_sweep_job(self: SweepTask, sweep_id: str) -> dict[str, Any] | None:
+    from services.lab import sweeps
 
-
-@celery_app.task(name=TASK_CR_SWEEP, acks_late=True)  # type: ignore[untyped-decorator]
-def cr_sweep(sweep_id: str) -> Any:
-    from services.lab.sweeps import run_sweep_job
-
-    return run_sweep_job(context(), sweep_id)
+    result: dict[str, Any] | None = self.run_job(sweep_id, sweeps.run_sweep_job)
+    return result
 
 
 @celery_app.task(name=TASK_SWEEP_ARRIVALS)  # type: ignore[untyped-decorator]
@@ -111,10 +125,7 @@ def sweep_arrivals() -> list[str]:
 
 
 class _Requeue:
-    """The sweep's queue inside a worker: send the classify task through this app."""
+    """The housekeeping pass's queue inside a worker: send through this worker's app."""
 
     def enqueue(self, payload: Payload) -> None:
-        if isinstance(payload, ClassifyPayload):
-            celery_app.send_task(TASK_CLASSIFY, args=[payload.job_id], queue=QUEUE_CLASSIFY)
-        else:
-            celery_app.send_task(TASK_CR_SWEEP, args=[payload.sweep_id], queue=QUEUE_SWEEP)
+        send(celery_app, payload, settings())

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from services.api.deps import SessionDep, StateDep, require
 from services.core.auth import Principal, Role
-from services.core.contracts import SweepPayload
-from services.core.errors import InvalidInput, NotFound
 from services.lab import sweeps
 
 router = APIRouter(tags=["cr safety study"], dependencies=[Depends(require(Role.OPERATOR))])
@@ -24,18 +22,13 @@ router = APIRouter(tags=["cr safety study"], dependencies=[Depends(require(Role.
 )
 async def start_sweep(body: sweeps.SweepRequest, request: Request, state: StateDep) -> JSONResponse:
     principal: Principal | None = getattr(request.state, "principal", None)
-    try:
-        sweep = await run_in_threadpool(
-            sweeps.submit,
-            state.job_context,
-            body,
-            requested_by=principal.name if principal else None,
-        )
-    except NotFound:
-        raise
-    except InvalidInput as exc:
-        raise HTTPException(status_code=422, detail=str(exc)) from None
-    await run_in_threadpool(state.queue.enqueue, SweepPayload(sweep_id=sweep.id))
+    sweep = await run_in_threadpool(
+        sweeps.request,
+        state.job_context,
+        state.queue,
+        body,
+        requested_by=principal.name if principal else None,
+    )
     return JSONResponse(
         {"sweep": {"id": sweep.id, "status": sweep.status}, "status_url": f"/sweeps/{sweep.id}"},
         status_code=202,
