@@ -65,13 +65,13 @@ def study(
 
     The report folder gets results.json, CSV tables, PNG plots and report.html.
     """
-    from services.lab.safety.run import run_study
-    from services.lab.safety.sweep import StudyConfig, parse_crs
+    from services.lab.safety.run import run_safety_study
+    from services.lab.safety.sweep import SafetyStudyConfig, parse_crs
 
     settings = get_settings()
     try:
         cr_list, notes = parse_crs(crs)
-        config = StudyConfig(
+        config = SafetyStudyConfig(
             crs=cr_list,
             bootstrap=bootstrap,
             margin=margin,
@@ -92,7 +92,7 @@ def study(
             bar.update(task, description=what, completed=done, total=total)
 
         try:
-            run = run_study(
+            run = run_safety_study(
                 data,
                 labels,
                 model or settings.default_model,

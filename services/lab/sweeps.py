@@ -1,8 +1,8 @@
 """CR safety studies as jobs: `POST /studies:cr-sweep` on studies already in the store.
 
 The request names stored studies and their per-breast labels; the job links the studies' files
-into a folder, writes the labels CSV and runs the same ``run_study`` as `crgate study`, with the
-report under ``<data-dir>/sweeps/<id>/report``. An interrupted job resumes from the CRs it
+into a folder, writes the labels CSV and runs the same ``run_safety_study`` as `crgate study`,
+with the report under ``<data-dir>/sweeps/<id>/report``. An interrupted job resumes from the CRs it
 finished (the study's partial results live in the report folder).
 """
 
@@ -109,8 +109,8 @@ def sweep_dir(ctx: JobContext, sweep_id: str) -> Path:
 
 def run_sweep_job(ctx: JobContext, sweep_id: str) -> dict[str, Any] | None:
     """Run the sweep to the end; its summary, or None when it failed (reason recorded)."""
-    from services.lab.safety.run import run_study
-    from services.lab.safety.sweep import StudyConfig, parse_crs
+    from services.lab.safety.run import run_safety_study
+    from services.lab.safety.sweep import SafetyStudyConfig, parse_crs
 
     claimed = SWEEPS.claim(ctx.sessions, sweep_id, stale_after_s=ctx.settings.job_stale_seconds)
     if claimed is None:  # finished, run by another live worker, or out of attempts
@@ -125,7 +125,7 @@ def run_sweep_job(ctx: JobContext, sweep_id: str) -> dict[str, Any] | None:
         crs, notes = parse_crs(request.crs)
         # inside a daemonic Celery pool process no child processes may be started
         workers = 1 if multiprocessing.current_process().daemon else 0
-        config = StudyConfig(
+        config = SafetyStudyConfig(
             crs=crs,
             bootstrap=request.bootstrap,
             margin=request.margin,
@@ -134,7 +134,7 @@ def run_sweep_job(ctx: JobContext, sweep_id: str) -> dict[str, Any] | None:
             notes=tuple(notes),
         )
         with SWEEPS.beating(ctx.sessions, sweep_id):
-            run = run_study(
+            run = run_safety_study(
                 data,
                 labels,
                 request.model or ctx.settings.default_model,

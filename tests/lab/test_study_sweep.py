@@ -18,7 +18,7 @@ from services.lab.phantom import PhantomConfig, write_studies
 from services.lab.safety.copies import CopyCache, encoder_tag
 from services.lab.safety.labels import LabelledSet, load_labelled_set
 from services.lab.safety.sweep import (
-    StudyConfig,
+    SafetyStudyConfig,
     parse_crs,
     partial_path,
     resolve_model,
@@ -136,7 +136,7 @@ def test_resolve_model(card_path: Path, tmp_path: Path) -> None:
 )
 def test_config_checks(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(InvalidParameter, match=message):
-        StudyConfig(**kwargs)  # type: ignore[arg-type]
+        SafetyStudyConfig(**kwargs)  # type: ignore[arg-type]
 
 
 def test_threshold_source(card_path: Path) -> None:
@@ -158,14 +158,16 @@ def test_sweep_resumes(labelled: LabelledSet, card_path: Path, tmp_path: Path) -
     classifier = Classifier.load(card_path)
     out, cache = tmp_path / "out", tmp_path / "cache"
     views = labelled.n_views
-    first = run_sweep(labelled, classifier, StudyConfig(crs=(1.0, 50.0), workers=1), out, cache)
+    first = run_sweep(
+        labelled, classifier, SafetyStudyConfig(crs=(1.0, 50.0), workers=1), out, cache
+    )
     assert (first.computed, first.reused) == ([1.0, 50.0], [])
     assert (first.cache_hits, first.cache_misses) == (0, views)
     stamps = {cr: partial_path(out, cr).stat().st_mtime_ns for cr in (1.0, 50.0)}
 
     # a longer list: the finished CRs are read back, only the new one is computed
     second = run_sweep(
-        labelled, classifier, StudyConfig(crs=(1.0, 50.0, 200.0), workers=1), out, cache
+        labelled, classifier, SafetyStudyConfig(crs=(1.0, 50.0, 200.0), workers=1), out, cache
     )
     assert (second.computed, second.reused) == ([200.0], [1.0, 50.0])
     assert {cr: partial_path(out, cr).stat().st_mtime_ns for cr in (1.0, 50.0)} == stamps
@@ -174,7 +176,7 @@ def test_sweep_resumes(labelled: LabelledSet, card_path: Path, tmp_path: Path) -
     # a CR interrupted before its partial result was written: inference again, copies cached
     partial_path(out, 50.0).unlink()
     third = run_sweep(
-        labelled, classifier, StudyConfig(crs=(1.0, 50.0, 200.0), workers=1), out, cache
+        labelled, classifier, SafetyStudyConfig(crs=(1.0, 50.0, 200.0), workers=1), out, cache
     )
     assert (third.computed, third.reused) == ([50.0], [1.0, 200.0])
     assert (third.cache_hits, third.cache_misses) == (views, 0)
@@ -184,7 +186,7 @@ def test_sweep_resumes(labelled: LabelledSet, card_path: Path, tmp_path: Path) -
     fourth = run_sweep(
         labelled,
         classifier,
-        StudyConfig(crs=(1.0, 50.0), workers=1, encoder="gateway"),
+        SafetyStudyConfig(crs=(1.0, 50.0), workers=1, encoder="gateway"),
         out,
         cache,
     )

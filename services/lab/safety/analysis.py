@@ -20,7 +20,7 @@ from services.lab.safety.recommend import (
     guideline_checks,
     recommend,
 )
-from services.lab.safety.sweep import CrResult, StudyConfig
+from services.lab.safety.sweep import CrResult, SafetyStudyConfig
 
 MODALITY = "MG"
 
@@ -90,7 +90,7 @@ class StudyResult:
 def analyse(
     labelled: LabelledSet,
     results: dict[float, CrResult],
-    config: StudyConfig,
+    config: SafetyStudyConfig,
     threshold: float,
     meta: dict[str, Any],
 ) -> StudyResult:

@@ -1,4 +1,5 @@
-"""``run_study``: the labelled set, the model, the sweep, the statistics and the report, in order.
+"""``run_safety_study``: the labelled set, the model, the sweep, the statistics and the report,
+in order.
 
 The sweep's per-CR partial results are written before any statistics, so an interrupted run
 (or one whose report failed) loses at most the CR in progress.
@@ -20,7 +21,7 @@ from services.lab.safety.panel import SaliencyPanel, pick_case, saliency_panel
 from services.lab.safety.report import write_report
 from services.lab.safety.sweep import (
     Progress,
-    StudyConfig,
+    SafetyStudyConfig,
     SweepOutcome,
     resolve_model,
     run_sweep,
@@ -29,23 +30,23 @@ from services.lab.safety.sweep import (
 
 
 @dataclass(frozen=True)
-class StudyRun:
+class SafetyStudyRun:
     result: StudyResult
     sweep: SweepOutcome
     files: dict[str, str]
     out_dir: Path
 
 
-def run_study(
+def run_safety_study(
     data_dir: Path,
     labels: Path | None,
     model: str,
     models_dir: Path,
-    config: StudyConfig,
+    config: SafetyStudyConfig,
     out_dir: Path,
     cache_dir: Path,
     progress: Progress | None = None,
-) -> StudyRun:
+) -> SafetyStudyRun:
     from services.core.inference.runtime import Classifier
 
     started = time.perf_counter()
@@ -115,4 +116,4 @@ def run_study(
         "cache_misses": outcome.cache_misses,
     }
     files = write_report(result, outcome.results, panel, out_dir)
-    return StudyRun(result, outcome, files, out_dir)
+    return SafetyStudyRun(result, outcome, files, out_dir)

@@ -44,7 +44,7 @@ F32 = npt.NDArray[np.float32]
 
 
 @dataclass(frozen=True)
-class StudyConfig:
+class SafetyStudyConfig:
     crs: tuple[float, ...] = STUDY_CRS
     bootstrap: int = 1000
     margin: float = 0.02
@@ -237,7 +237,7 @@ class SweepOutcome:
 def run_sweep(
     labelled: LabelledSet,
     classifier: Classifier,
-    config: StudyConfig,
+    config: SafetyStudyConfig,
     out_dir: Path,
     cache_dir: Path,
     progress: Progress | None = None,
