@@ -7,10 +7,14 @@ holds) come in ``Warning: 299`` headers. Matching rules: services/core/db/qido.p
 
 from __future__ import annotations
 
+from functools import partial
+
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
+from sqlalchemy.orm import Session
 
 from services.api.deps import READ_DICOMWEB, SessionDep
+from services.api.dicomweb.endpoints import SERIES, STUDY, add_level_route
 from services.core.db.qido import Level, parse_query, search
 from services.core.dicom.mediatype import DICOM_JSON
 from services.core.retrieve.negotiation import negotiate_metadata
@@ -35,9 +39,9 @@ def warning_header(request: Request, texts: list[str]) -> str:
 
 def _search(
     request: Request,
-    session: SessionDep,
-    level: Level,
+    session: Session,
     *,
+    level: Level,
     study: str | None = None,
     series: str | None = None,
 ) -> JSONResponse:
@@ -53,36 +57,32 @@ def _search(
     return response
 
 
-@router.get("/studies", summary="QIDO-RS: search for studies")
-def search_studies(request: Request, session: SessionDep) -> JSONResponse:
-    return _search(request, session, Level.STUDY)
-
-
-@router.get("/series", summary="QIDO-RS: search for series in all studies")
-def search_series(request: Request, session: SessionDep) -> JSONResponse:
-    return _search(request, session, Level.SERIES)
-
-
-@router.get("/instances", summary="QIDO-RS: search for instances in all studies")
-def search_instances(request: Request, session: SessionDep) -> JSONResponse:
-    return _search(request, session, Level.INSTANCE)
-
-
-@router.get("/studies/{study}/series", summary="QIDO-RS: search for series of a study")
-def search_study_series(study: str, request: Request, session: SessionDep) -> JSONResponse:
-    return _search(request, session, Level.SERIES, study=study)
-
-
-@router.get("/studies/{study}/instances", summary="QIDO-RS: search for instances of a study")
-def search_study_instances(study: str, request: Request, session: SessionDep) -> JSONResponse:
-    return _search(request, session, Level.INSTANCE, study=study)
-
-
-@router.get(
-    "/studies/{study}/series/{series}/instances",
-    summary="QIDO-RS: search for instances of a series",
+# one handler, a route per resource: (path, route name, level, summary after "QIDO-RS: ")
+_SEARCHES = (
+    ("/studies", "search_studies", Level.STUDY, "search for studies"),
+    ("/series", "search_series", Level.SERIES, "search for series in all studies"),
+    ("/instances", "search_instances", Level.INSTANCE, "search for instances in all studies"),
+    (STUDY + "/series", "search_study_series", Level.SERIES, "search for series of a study"),
+    (
+        STUDY + "/instances",
+        "search_study_instances",
+        Level.INSTANCE,
+        "search for instances of a study",
+    ),
+    (
+        SERIES + "/instances",
+        "search_series_instances",
+        Level.INSTANCE,
+        "search for instances of a series",
+    ),
 )
-def search_series_instances(
-    study: str, series: str, request: Request, session: SessionDep
-) -> JSONResponse:
-    return _search(request, session, Level.INSTANCE, study=study, series=series)
+
+for _path, _name, _level, _summary in _SEARCHES:
+    add_level_route(
+        router,
+        _path,
+        _name,
+        partial(_search, level=_level),
+        deps={"request": Request, "session": SessionDep},
+        summary=f"QIDO-RS: {_summary}",
+    )

@@ -366,18 +366,18 @@ def _peek(path: Path) -> tuple[str | None, str | None, str | None]:
     return found[0], found[1], found[2]
 
 
+# the Failure Reason of a refused instance, by error type; the first match counts
+_FAILURE_REASONS: tuple[tuple[type[CrgateError], int], ...] = (
+    (NotDicom, CANNOT_UNDERSTAND),
+    (Conflict, DUPLICATE_DIFFERENT),
+    (UnsupportedSyntax, SYNTAX_NOT_SUPPORTED),
+    (InvalidInput, DOES_NOT_MATCH),
+    (OutputError, OUT_OF_RESOURCES),
+)
+
+
 def _failure_reason(exc: CrgateError) -> int:
-    if isinstance(exc, NotDicom):
-        return CANNOT_UNDERSTAND
-    if isinstance(exc, Conflict):
-        return DUPLICATE_DIFFERENT
-    if isinstance(exc, UnsupportedSyntax):
-        return SYNTAX_NOT_SUPPORTED
-    if isinstance(exc, InvalidInput):
-        return DOES_NOT_MATCH
-    if isinstance(exc, OutputError):
-        return OUT_OF_RESOURCES
-    return PROCESSING_FAILURE
+    return next((code for t, code in _FAILURE_REASONS if isinstance(exc, t)), PROCESSING_FAILURE)
 
 
 def _failed_item(sop_class: str | None, sop_uid: str | None, code: int, reason: str) -> Dataset:

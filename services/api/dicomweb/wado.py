@@ -7,11 +7,10 @@ is offered.
 
 from __future__ import annotations
 
-import inspect
 import logging
-import re
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from itertools import chain
 from typing import Any
 
@@ -20,6 +19,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from services.api.deps import READ_DICOMWEB, StateDep
+from services.api.dicomweb.endpoints import FRAMES, INSTANCE, SERIES, STUDY, add_level_route
 from services.core.dicom.dicomjson import to_dicom_json
 from services.core.dicom.mediatype import DICOM, DICOM_JSON, OCTET, format_media_type
 from services.core.dicom.multipart import RELATED, Part, iter_multipart, new_boundary
@@ -45,10 +45,9 @@ log = logging.getLogger(__name__)
 
 router = APIRouter(dependencies=[Depends(READ_DICOMWEB)])
 
-STUDY = "/studies/{study}"
-SERIES = STUDY + "/series/{series}"
-INSTANCE = SERIES + "/instances/{sop}"
-FRAMES = INSTANCE + "/frames/{frames}"
+# study, series and instance retrieve and metadata: one handler each, a route per level
+_LEVELS = (("study", STUDY), ("series", SERIES), ("instance", INSTANCE))
+_DEPS = {"request": Request, "state": StateDep}
 PIXEL_DATA_TAG = "7FE00010"
 
 
@@ -125,21 +124,8 @@ async def _instances_response(
     )
 
 
-@router.get(STUDY, name="wado_study")
-async def retrieve_study(study: str, request: Request, state: StateDep) -> Response:
-    return await _instances_response(request, state, study)
-
-
-@router.get(SERIES, name="wado_series")
-async def retrieve_series(study: str, series: str, request: Request, state: StateDep) -> Response:
-    return await _instances_response(request, state, study, series)
-
-
-@router.get(INSTANCE, name="wado_instance")
-async def retrieve_instance(
-    study: str, series: str, sop: str, request: Request, state: StateDep
-) -> Response:
-    return await _instances_response(request, state, study, series, sop)
+for _level, _path in _LEVELS:
+    add_level_route(router, _path, f"wado_{_level}", _instances_response, deps=_DEPS)
 
 
 # -- metadata ----------------------------------------------------------------------------------
@@ -173,21 +159,10 @@ async def _metadata_response(
     return JSONResponse(await run_in_threadpool(build), media_type=DICOM_JSON)
 
 
-@router.get(STUDY + "/metadata")
-async def study_metadata(study: str, request: Request, state: StateDep) -> Response:
-    return await _metadata_response(request, state, study)
-
-
-@router.get(SERIES + "/metadata")
-async def series_metadata(study: str, series: str, request: Request, state: StateDep) -> Response:
-    return await _metadata_response(request, state, study, series)
-
-
-@router.get(INSTANCE + "/metadata")
-async def instance_metadata(
-    study: str, series: str, sop: str, request: Request, state: StateDep
-) -> Response:
-    return await _metadata_response(request, state, study, series, sop)
+for _level, _path in _LEVELS:
+    add_level_route(
+        router, _path + "/metadata", f"{_level}_metadata", _metadata_response, deps=_DEPS
+    )
 
 
 # -- frames and bulk data ----------------------------------------------------------------------
@@ -244,10 +219,6 @@ class _View:
     thumbnail: bool  # thumbnails: the first image, 128x128 by default, no window parameter
 
     @property
-    def path_params(self) -> list[str]:
-        return re.findall(r"{(\w+)}", self.path)
-
-    @property
     def query_params(self) -> list[str]:
         return ["viewport", "quality"] if self.thumbnail else ["window", "viewport", "quality"]
 
@@ -263,7 +234,7 @@ _VIEWS = (
 
 
 async def _render_view(
-    view: _View, request: Request, state: Runtime, params: dict[str, str | None]
+    view: _View, request: Request, state: Runtime, **params: str | None
 ) -> Response:
     """One frame (the first unless the path names one) of the first image, as PNG or JPEG.
 
@@ -295,28 +266,12 @@ async def _render_view(
     return Response(image, media_type=media_type)
 
 
-def _view_endpoint(view: _View) -> Callable[..., Awaitable[Response]]:
-    """The endpoint of ``view``, its signature declaring the path and query parameters."""
-
-    async def endpoint(request: Request, state: Runtime, **params: str | None) -> Response:
-        return await _render_view(view, request, state, params)
-
-    keyword = inspect.Parameter.KEYWORD_ONLY
-    endpoint.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-        [inspect.Parameter(name, keyword, annotation=str) for name in view.path_params]
-        + [
-            inspect.Parameter("request", keyword, annotation=Request),
-            inspect.Parameter("state", keyword, annotation=StateDep),
-        ]
-        + [
-            inspect.Parameter(name, keyword, annotation=str | None, default=None)
-            for name in view.query_params
-        ],
-        return_annotation=Response,
-    )
-    endpoint.__name__ = endpoint.__qualname__ = view.name
-    return endpoint
-
-
 for _view in _VIEWS:
-    router.add_api_route(_view.path, _view_endpoint(_view), methods=["GET"], name=_view.name)
+    add_level_route(
+        router,
+        _view.path,
+        _view.name,
+        partial(_render_view, _view),
+        deps=_DEPS,
+        query=_view.query_params,
+    )

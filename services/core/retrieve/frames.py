@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
@@ -16,7 +17,7 @@ from pydicom.uid import JPEG2000, UID, JPEG2000Lossless
 from services.core.codecs.jpeg2000 import encode_image
 from services.core.dicom.mediatype import OCTET
 from services.core.dicom.pixels import layout_of
-from services.core.errors import CodecError, NotFound, UnsupportedSyntax
+from services.core.errors import CodecError, CrgateError, NotFound, UnsupportedSyntax
 from services.core.retrieve.errors import InvalidQuery, NotAcceptable
 from services.core.retrieve.lookup import StoredInstance, read_instance
 from services.core.retrieve.negotiation import FRAME_OFFERS, FrameFormat
@@ -94,12 +95,20 @@ def little_endian_bytes(array: npt.NDArray[Any]) -> bytes:
 
 def decode(ds: Dataset, index: int | None, source: str) -> npt.NDArray[Any]:
     """One frame (or all, ``index`` None) decoded; colour comes back RGB."""
-    syntax = UID(ds.file_meta.TransferSyntaxUID)
-    try:
+    with decoder_errors(source, UID(ds.file_meta.TransferSyntaxUID)):
         return pixel_array(ds, index=index)
+
+
+@contextmanager
+def decoder_errors(
+    source: str, syntax: UID, no_decoder: Callable[[str], CrgateError] = UnsupportedSyntax
+) -> Iterator[None]:
+    """Decoding failures as crgate errors: ``no_decoder(message)`` when no installed decoder
+    handles ``syntax``, CodecError for anything else (pydicom and the plugins raise many types
+    on damaged data)."""
+    try:
+        yield
     except NotImplementedError as exc:
-        raise UnsupportedSyntax(
-            f"{source}: no installed decoder handles {syntax.name} ({exc})"
-        ) from None
-    except Exception as exc:  # pydicom and the plugins raise many types on damaged data
+        raise no_decoder(f"{source}: no installed decoder handles {syntax.name} ({exc})") from None
+    except Exception as exc:
         raise CodecError(f"{source}: cannot decode pixel data ({syntax.name}): {exc}") from None

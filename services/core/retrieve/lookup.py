@@ -70,18 +70,7 @@ def find_instances(
         raise NotFound(f"study {study} is not stored here")
     found = [_stored(store, row) for row in rows]
     for instance in found:
-        if not instance.path.is_file():
-            log.error(
-                "file of instance sop=%s series=%s study=%s is missing: %s",
-                instance.sop_instance_uid,
-                instance.series_uid,
-                instance.study_uid,
-                instance.path,
-            )
-            raise NotFound(
-                f"instance {instance.sop_instance_uid} is indexed but its file is missing from "
-                "the store; the operator has been told (see the server log)"
-            )
+        check_file(instance)
     return found
 
 
@@ -98,13 +87,18 @@ def _stored(store: InstanceStore, row: Instance) -> StoredInstance:
 
 
 def check_file(instance: StoredInstance) -> None:
-    """NotFound (logged) when the file vanished since the instance was looked up."""
+    """NotFound (logged as an error) when the file of an indexed instance is not in the store."""
     if not instance.path.is_file():
         log.error(
-            "file of instance sop=%s is missing: %s", instance.sop_instance_uid, instance.path
+            "file of instance sop=%s series=%s study=%s is missing: %s",
+            instance.sop_instance_uid,
+            instance.series_uid,
+            instance.study_uid,
+            instance.path,
         )
         raise NotFound(
-            f"the file of instance {instance.sop_instance_uid} is missing from the store"
+            f"instance {instance.sop_instance_uid} is indexed but its file is missing from "
+            "the store; the operator has been told (see the server log)"
         )
 
 

@@ -15,7 +15,7 @@ from services.core.dicom.mediatype import DICOM
 from services.core.dicom.pixels import load_pixels
 from services.core.errors import CodecError
 from services.core.retrieve.errors import NotAcceptable
-from services.core.retrieve.frames import decode, little_endian_bytes
+from services.core.retrieve.frames import decode, decoder_errors, little_endian_bytes
 from services.core.retrieve.lookup import StoredInstance, read_instance
 from services.core.retrieve.negotiation import (
     AS_STORED,
@@ -76,15 +76,13 @@ def transcode(ds: Dataset, target: str, *, threads: int = 0, source: str = "<dat
 
 def _to_explicit_le(ds: Dataset, stored: UID, source: str) -> Dataset:
     if "PixelData" in ds and stored.is_compressed:
-        try:
+        # no decoder: the client may still take the instance as stored
+        with decoder_errors(
+            source,
+            stored,
+            lambda message: NotAcceptable(message, [multipart_offer(DICOM, AS_STORED)]),
+        ):
             ds.decompress(generate_instance_uid=False)
-        except NotImplementedError as exc:
-            raise NotAcceptable(
-                f"{source}: no installed decoder handles {stored.name} ({exc})",
-                [multipart_offer(DICOM, AS_STORED)],
-            ) from None
-        except Exception as exc:  # pydicom and the plugins raise many types on damaged data
-            raise CodecError(f"{source}: cannot decode pixel data ({stored.name}): {exc}") from None
         return ds
     if "PixelData" in ds and not stored.is_little_endian:
         ds.PixelData = little_endian_bytes(decode(ds, None, source))
