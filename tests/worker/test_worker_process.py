@@ -35,9 +35,9 @@ def broker_url() -> str:
 
 @pytest.fixture
 def worker_env(tmp_path: Path, database_url: str, broker_url: str) -> dict[str, str]:
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k != "CRGATE_DATA_DIR"}
     env.update(
-        CRGATE_DATA_DIR=str(tmp_path / "var"),
+        DATA_DIR=str(tmp_path / "var"),  # given as --data-dir: no environment trick needed
         CRGATE_DATABASE_URL=database_url,
         CRGATE_BROKER_URL=broker_url,
         CRGATE_JOB_STALE_SECONDS="6",
@@ -51,7 +51,7 @@ def worker_env(tmp_path: Path, database_url: str, broker_url: str) -> dict[str, 
 @pytest.fixture
 def producer(worker_env: dict[str, str]) -> Iterator[tuple[Runtime, TestClient, str]]:
     settings = Settings(
-        data_dir=Path(worker_env["CRGATE_DATA_DIR"]),
+        data_dir=Path(worker_env["DATA_DIR"]),
         database_url=worker_env["CRGATE_DATABASE_URL"],
         broker_url=worker_env["CRGATE_BROKER_URL"],
     )
@@ -64,7 +64,7 @@ def producer(worker_env: dict[str, str]) -> Iterator[tuple[Runtime, TestClient, 
 
 def start_worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [str(CRGATE), "worker", "--concurrency", "1"],
+        [str(CRGATE), "worker", "--concurrency", "1", "--data-dir", env["DATA_DIR"]],
         env=env,
         stdout=log.open("ab"),
         stderr=subprocess.STDOUT,
