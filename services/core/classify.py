@@ -164,14 +164,7 @@ def request(
     )
     job, created = jobs.submit(ctx.sessions, job_request)
     if created:
-        try:
-            queue.enqueue(ClassifyPayload(job_id=job.id))
-        except (ConnectionError, OSError) as exc:
-            log.warning(
-                "job %s recorded but not sent (%s): the housekeeping pass sends it again",
-                job.id,
-                type(exc).__name__,
-            )
+        jobs.hand_over(queue, ClassifyPayload(job_id=job.id), f"job {job.id}")
     return job, created
 
 

@@ -27,7 +27,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from services.core.contracts import JobStatus, JobTrigger
+from services.core.contracts import JobQueue, JobStatus, JobTrigger, Payload
 from services.core.db.tables import Job, Result, Sweep
 from services.core.errors import NotFound
 
@@ -279,6 +279,19 @@ release = JOBS.release
 heartbeat = JOBS.heartbeat
 fail = JOBS.fail
 stale_jobs = JOBS.stale
+
+
+def hand_over(queue: JobQueue, payload: Payload, what: str) -> None:
+    """Give a recorded job to the queue. A queue that cannot take it (broker down) leaves it
+    recorded as queued: the housekeeping pass sends it again, so the request is still answered."""
+    try:
+        queue.enqueue(payload)
+    except (ConnectionError, OSError) as exc:
+        log.warning(
+            "%s recorded but not sent (%s): the housekeeping pass sends it again",
+            what,
+            type(exc).__name__,
+        )
 
 
 def get_job(session: Session, job_id: str) -> Job:

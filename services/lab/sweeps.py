@@ -25,7 +25,7 @@ from services.core.contracts import JobQueue, JobStatus, SweepPayload
 from services.core.db.tables import Instance, Study, Sweep
 from services.core.dicom.uids import validate_uid
 from services.core.errors import CrgateError, InvalidInput, NotFound
-from services.core.jobs import SWEEPS, now
+from services.core.jobs import SWEEPS, hand_over, now
 from services.core.ratio import STUDY_CRS_TEXT
 
 log = logging.getLogger(__name__)
@@ -92,14 +92,7 @@ def request(
     queue, so that hours of sweep never hold up classifications). A queue that cannot take it
     leaves it recorded as queued: the housekeeping pass sends it again."""
     sweep = submit(ctx, body, requested_by=requested_by)
-    try:
-        queue.enqueue(SweepPayload(sweep_id=sweep.id))
-    except (ConnectionError, OSError) as exc:
-        log.warning(
-            "sweep %s recorded but not sent (%s): the housekeeping pass sends it again",
-            sweep.id,
-            type(exc).__name__,
-        )
+    hand_over(queue, SweepPayload(sweep_id=sweep.id), f"sweep {sweep.id}")
     return sweep
 
 
