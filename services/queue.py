@@ -93,15 +93,15 @@ class InProcessJobQueue:
             self.enqueue(ClassifyPayload(job_id=job_id))
         return list(unfinished)
 
-    def start_sweeper(self, sweep: Any, every_s: float) -> None:
+    def start_housekeeping(self, housekeeping: Any, every_s: float) -> None:
         def loop() -> None:
             while not self._stop.wait(every_s):
                 try:
-                    sweep()
+                    housekeeping()
                 except Exception:
-                    log.exception("arrival sweep failed")
+                    log.exception("housekeeping failed")
 
-        threading.Thread(target=loop, name="crgate-sweeper", daemon=True).start()
+        threading.Thread(target=loop, name="crgate-housekeeping", daemon=True).start()
 
     def close(self) -> None:
         self._stop.set()

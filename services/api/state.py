@@ -82,7 +82,7 @@ def build_state(settings: Settings) -> AppState:
         recovered = queue.recover()
         if recovered:
             log.warning("queued %d unfinished job(s) again", len(recovered))
-        queue.start_sweeper(tracker.sweep, settings.arrival_sweep_seconds)
+        queue.start_housekeeping(tracker.housekeeping, settings.arrival_sweep_seconds)
     return AppState(
         settings=settings,
         engine=engine,

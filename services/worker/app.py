@@ -15,7 +15,7 @@ from celery.signals import worker_process_init
 
 from services.core.classify import JobContext
 from services.core.config import get_settings
-from services.core.contracts import QUEUE_CLASSIFY, TASK_CLASSIFY, TASK_SWEEP_ARRIVALS
+from services.core.contracts import QUEUE_CLASSIFY, TASK_CLASSIFY, TASK_HOUSEKEEPING
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +34,8 @@ celery_app.conf.update(
     task_ignore_result=True,
     worker_hijack_root_logger=False,
     beat_schedule={
-        "sweep-arrivals": {
-            "task": TASK_SWEEP_ARRIVALS,
+        "housekeeping": {
+            "task": TASK_HOUSEKEEPING,
             "schedule": settings.arrival_sweep_seconds,
         }
     },

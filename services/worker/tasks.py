@@ -20,7 +20,7 @@ from services.core.contracts import (
     QUEUE_CLASSIFY,
     TASK_CLASSIFY,
     TASK_CR_SWEEP,
-    TASK_SWEEP_ARRIVALS,
+    TASK_HOUSEKEEPING,
     ClassifyPayload,
     Payload,
 )
@@ -101,16 +101,17 @@ def cr_sweep(sweep_id: str) -> Any:
     return run_sweep_job(context(), sweep_id)
 
 
-@celery_app.task(name=TASK_SWEEP_ARRIVALS)  # type: ignore[untyped-decorator]
-def sweep_arrivals() -> list[str]:
+@celery_app.task(name=TASK_HOUSEKEEPING)  # type: ignore[untyped-decorator]
+def housekeeping() -> list[str]:
+    """The periodic pass (beat): jobs of ready studies, stale jobs sent again."""
     from services.core.arrivals import ArrivalTracker
 
-    started: Any = ArrivalTracker(context(), _Requeue()).sweep()
+    started: Any = ArrivalTracker(context(), _Requeue()).housekeeping()
     return list(started)
 
 
 class _Requeue:
-    """The sweep's queue inside a worker: send the classify task through this app."""
+    """Housekeeping's queue inside a worker: send the classify task through this app."""
 
     def enqueue(self, payload: Payload) -> None:
         if isinstance(payload, ClassifyPayload):

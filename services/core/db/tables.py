@@ -199,7 +199,11 @@ class Result(Base):
 
 
 class StudyArrival(Base):
-    """When a study's instances last arrived, for the readiness tracker."""
+    """When a study's instances last arrived, for the readiness tracker.
+
+    ``settled_at`` is set by housekeeping once nothing is left to do for the study (no policy
+    auto-classifies it, or its job was made); an arriving instance clears it.
+    """
 
     __tablename__ = "study_arrivals"
 
@@ -207,6 +211,7 @@ class StudyArrival(Base):
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
     last_arrival: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     classified_count: Mapped[int] = mapped_column(Integer, default=0)  # count at last auto job
+    settled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
 
 
 class Sweep(Base):
