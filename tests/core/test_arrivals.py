@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, event, update
+from sqlalchemy import Engine, event, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.core import arrivals, jobs
@@ -299,3 +299,28 @@ def test_housekeeping_sends_again_a_job_queued_too_long(gate: Gate) -> None:
         session.execute(update(Job).where(Job.id == job.id).values(queued_at=stale))
     gate.tracker.housekeeping()
     assert gate.job_ids == [job.id]
+
+
+def test_migration_0005_settles_the_studies_already_classified(engine: Engine) -> None:
+    from alembic import command
+    from alembic.config import Config
+
+    from services.core.db.engine import MIGRATIONS_DIR
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.downgrade(config, "0004")
+        connection.execute(
+            text(
+                "INSERT INTO study_arrivals (study_uid, instance_count, last_arrival, "
+                "classified_count) VALUES ('1.1', 4, CURRENT_TIMESTAMP, 4), "
+                "('1.2', 4, CURRENT_TIMESTAMP, 3)"
+            )
+        )
+        command.upgrade(config, "head")
+        settled = connection.execute(
+            text("SELECT study_uid FROM study_arrivals WHERE settled_at IS NOT NULL")
+        ).scalars()
+        assert list(settled) == ["1.1"]

@@ -211,7 +211,18 @@ class StudyArrival(Base):
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
     last_arrival: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     classified_count: Mapped[int] = mapped_column(Integer, default=0)  # count at last auto job
-    settled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
+    settled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+# housekeeping reads the unsettled studies only: this index holds just those rows, so that read
+# costs the same however many settled studies the index has (and whatever the statistics say)
+_UNSETTLED = StudyArrival.settled_at.is_(None)
+Index(
+    "ix_study_arrivals_unsettled",
+    StudyArrival.study_uid,
+    sqlite_where=_UNSETTLED,
+    postgresql_where=_UNSETTLED,
+)
 
 
 class Sweep(Base):

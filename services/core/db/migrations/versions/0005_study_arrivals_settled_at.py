@@ -19,7 +19,11 @@ def upgrade() -> None:
     with op.batch_alter_table("study_arrivals", schema=None) as batch_op:
         batch_op.add_column(sa.Column("settled_at", sa.DateTime(timezone=True), nullable=True))
         batch_op.create_index(
-            batch_op.f("ix_study_arrivals_settled_at"), ["settled_at"], unique=False
+            "ix_study_arrivals_unsettled",
+            ["study_uid"],
+            unique=False,
+            sqlite_where=sa.text("settled_at IS NULL"),
+            postgresql_where=sa.text("settled_at IS NULL"),
         )
     # studies already classified with every instance are settled; the others are looked at once
     op.execute(
@@ -30,5 +34,5 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     with op.batch_alter_table("study_arrivals", schema=None) as batch_op:
-        batch_op.drop_index(batch_op.f("ix_study_arrivals_settled_at"))
+        batch_op.drop_index("ix_study_arrivals_unsettled")
         batch_op.drop_column("settled_at")
