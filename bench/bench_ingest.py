@@ -214,11 +214,13 @@ def stored_files(out: Path) -> set[Path]:
 # -- inputs ---------------------------------------------------------------------------------------
 
 
-def make_study(directory: Path) -> list[Path]:
+def make_study(directory: Path, size: tuple[int, int] | None = None) -> list[Path]:
+    """One phantom study's 4 views, full size or ``size`` (width, height)."""
     from services.lab.phantom import PhantomConfig, generate_study
 
     directory.mkdir(parents=True, exist_ok=True)
-    study = generate_study(0, seed=7, config=PhantomConfig())
+    config = PhantomConfig(width=size[0], height=size[1]) if size else PhantomConfig()
+    study = generate_study(0, seed=7, config=config)
     paths = []
     for view, ds in study.datasets.items():
         path = directory / f"{view}.dcm"
@@ -314,12 +316,16 @@ def stow_push(url: str, key: str, groups: list[list[Path]]) -> float:
 
 
 @contextlib.contextmanager
-def crgate_process(command: str, data_dir: Path, **ports: int) -> Iterator[subprocess.Popen[bytes]]:
+def crgate_process(
+    command: str, data_dir: Path, settings: dict[str, str] | None = None, **ports: int
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`crgate COMMAND` on ``data_dir``; ``settings``: CRGATE_* variables it gets (no others)."""
     args = [str(CRGATE), command, "--data-dir", str(data_dir)]
     for name, port in ports.items():
         args += [f"--{name.replace('_', '-')}", str(port)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("CRGATE_")}
     env["CRGATE_LOG_LEVEL"] = "WARNING"
+    env.update(settings or {})
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
     try:
         yield proc

@@ -174,7 +174,8 @@ def worker(
     beat: Annotated[
         bool,
         typer.Option(
-            "--beat/--no-beat", help="also run the periodic sweep (quiet studies, stale jobs)"
+            "--beat/--no-beat",
+            help="also run the housekeeping pass (ready studies, stale jobs and sweeps)",
         ),
     ] = True,
     queues: Annotated[

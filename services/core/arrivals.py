@@ -1,68 +1,163 @@
 """Study arrival: when is a study ready, and auto-classification of ready studies.
 
-Instances are grouped by Study Instance UID. A study is ready when its policy's expected
-instance count is reached, or after the policy's quiet period with no new instance (checked by
-``sweep``), or when classify is called. With ``auto_classify`` a ready study is classified at the
-policy's CR. A late instance changes the study's instance set, hence the job's idempotency key:
-it makes a new job and a new result, never a changed old one.
+Instances are grouped by Study Instance UID. The ingest observer (``ArrivalTracker.__call__``,
+before the acknowledgement) only records the arrival: one upsert of the study's row (instances so
+far, last arrival) that also clears its settled mark. It reads no policy, model card or file.
+
+Housekeeping (``ArrivalTracker.housekeeping``, every CRGATE_ARRIVAL_SWEEP_SECONDS) decides, for
+unsettled studies only: is there an ``auto_classify`` policy that acts on the study (its
+mammograms' modality, body part and pediatric), and is the study ready: the policy's expected
+instance count reached, or its quiet period over with no new instance. A ready study becomes a
+job at the policy's CR. A study no policy acts on, or whose job was made, is settled: housekeeping
+does not look at it again until a new instance arrives; a study still waiting stays unsettled.
+A late instance changes the study's instance set, hence the job's idempotency key: it makes a new
+job and a new result, never a changed old one. Housekeeping also sends again jobs whose worker
+died or whose message was lost. (A study can always be classified on request: POST classify.)
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import cast
 
-from sqlalchemy import select, update
+from sqlalchemy import Table, bindparam, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from services.core import jobs
+from services.core import classify, jobs
 from services.core.classify import (
     CLASSIFIABLE_MODALITY,
     JobContext,
-    prepare,
     resolve_study_policy,
 )
-from services.core.contracts import ClassifyPayload, JobQueue, JobTrigger
-from services.core.db.repository import insert_ignore
-from services.core.db.tables import StudyArrival
+from services.core.contracts import ClassifyPayload, JobQueue, JobTrigger, SweepPayload
+from services.core.db.repository import insert_or_update
+from services.core.db.tables import Policy, Series, StudyArrival
 from services.core.errors import CrgateError
 from services.core.ingest import Channel, IngestResult, Outcome
+from services.core.policies import ANY, ResolvedPolicy
 
 log = logging.getLogger(__name__)
 
+_IN_CHUNK = 500  # study UIDs per IN (...) list
+_ARRIVALS = cast(Table, StudyArrival.__table__)
 
-def record_arrival(sessions: sessionmaker[Session], study_uid: str) -> tuple[int, int]:
-    """Count one more instance of the study; safe when instances arrive in parallel.
 
-    Returns (instances so far, instances at the last auto-classification).
-    """
+@dataclass(frozen=True)
+class Arrival:
+    """An unsettled study as housekeeping read it."""
+
+    study_uid: str
+    count: int  # instances so far
+    classified: int  # instances at the last auto job
+    last: datetime  # the last arrival (UTC)
+
+
+def record_arrival(sessions: sessionmaker[Session], study_uid: str) -> None:
+    """Count one more instance of the study and unsettle it: one upsert, safe when instances of
+    the study arrive in parallel (several associations or STOW requests)."""
+    now = datetime.now(UTC)
     with sessions() as session, session.begin():
-        insert_ignore(
+        insert_or_update(
             session,
-            StudyArrival.__table__,
+            _ARRIVALS,
             {
                 "study_uid": study_uid,
-                "instance_count": 0,
+                "instance_count": 1,
                 "classified_count": 0,
-                "last_arrival": datetime.now(UTC),
+                "last_arrival": now,
+                "settled_at": None,
+            },
+            key=["study_uid"],
+            changes={
+                "instance_count": _ARRIVALS.c.instance_count + 1,
+                "last_arrival": now,
+                "settled_at": None,
             },
         )
+
+
+def unsettled(sessions: sessionmaker[Session]) -> list[Arrival]:
+    """The studies housekeeping has to look at (an indexed read: settled ones cost nothing)."""
+    with sessions() as session:
+        rows = session.execute(
+            select(
+                StudyArrival.study_uid,
+                StudyArrival.instance_count,
+                StudyArrival.classified_count,
+                StudyArrival.last_arrival,
+            ).where(StudyArrival.settled_at.is_(None))
+        ).all()
+    return [
+        Arrival(uid, count, classified, last if last.tzinfo else last.replace(tzinfo=UTC))
+        for uid, count, classified, last in rows
+    ]
+
+
+def settle(sessions: sessionmaker[Session], arrivals: Iterable[Arrival]) -> None:
+    """Mark the studies settled, each only if no instance arrived since it was read."""
+    params = [{"uid": a.study_uid, "count": a.count} for a in arrivals]
+    if not params:
+        return
+    statement = (
+        update(_ARRIVALS)
+        .where(
+            _ARRIVALS.c.study_uid == bindparam("uid"),
+            _ARRIVALS.c.instance_count == bindparam("count"),
+        )
+        .values(settled_at=datetime.now(UTC))
+    )
+    with sessions() as session, session.begin():
+        session.execute(statement, params)
+
+
+def _mark_classified(sessions: sessionmaker[Session], arrival: Arrival) -> None:
+    with sessions() as session, session.begin():
         session.execute(
             update(StudyArrival)
-            .where(StudyArrival.study_uid == study_uid)
-            .values(instance_count=StudyArrival.instance_count + 1, last_arrival=datetime.now(UTC))
-        )
-        row = session.execute(
-            select(StudyArrival.instance_count, StudyArrival.classified_count).where(
-                StudyArrival.study_uid == study_uid
+            .where(
+                StudyArrival.study_uid == arrival.study_uid,
+                StudyArrival.classified_count < arrival.count,
             )
-        ).one()
-        return int(row[0]), int(row[1])
+            .values(classified_count=arrival.count)
+        )
+
+
+def _auto_policies(session: Session) -> list[Policy]:
+    """The policies that auto-classify mammograms of some body part."""
+    query = select(Policy).where(
+        Policy.auto_classify.is_(True), Policy.modality.in_([ANY, CLASSIFIABLE_MODALITY])
+    )
+    return list(session.scalars(query))
+
+
+def _mammogram_body_parts(session: Session, study_uids: list[str]) -> dict[str, set[str]]:
+    """Each study's body parts of its mammogram series (studies without one are left out)."""
+    parts: dict[str, set[str]] = {}
+    for start in range(0, len(study_uids), _IN_CHUNK):
+        rows = session.execute(
+            select(Series.study_uid, Series.body_part_examined).where(
+                Series.study_uid.in_(study_uids[start : start + _IN_CHUNK]),
+                Series.modality == CLASSIFIABLE_MODALITY,
+            )
+        )
+        for uid, part in rows:
+            parts.setdefault(uid, set()).add((part or "").strip().upper())
+    return parts
+
+
+def _could_act(policies: list[Policy], body_parts: set[str] | None) -> bool:
+    """Whether one of the auto policies could be the study's (the pediatric part is left to the
+    full resolution: it reads a header)."""
+    if body_parts is None:  # no mammogram: nothing to classify
+        return False
+    return any(p.body_part == ANY or p.body_part in body_parts for p in policies)
 
 
 class ArrivalTracker:
-    """Called by the ingest path after each stored instance; enqueues ready studies."""
+    """Records arrivals (as an ingest observer) and makes jobs of ready studies (housekeeping)."""
 
     def __init__(self, ctx: JobContext, queue: JobQueue) -> None:
         self.ctx = ctx
@@ -71,82 +166,88 @@ class ArrivalTracker:
     def __call__(self, result: IngestResult, channel: Channel) -> None:
         if channel is Channel.WORKER or result.outcome is Outcome.DUPLICATE:
             return
-        count, classified = record_arrival(self.ctx.sessions, result.study_uid)
-        self._maybe_classify(result.study_uid, count, classified)
+        record_arrival(self.ctx.sessions, result.study_uid)
 
-    def sweep(self) -> list[str]:
-        """Classify quiet studies (auto policies); send again jobs whose worker died and jobs
-        queued too long (their message was lost, or sending it failed)."""
-        started: list[str] = []
-        for job_id in jobs.stale_jobs(
-            self.ctx.sessions, older_than_s=self.ctx.settings.job_stale_seconds
-        ):
-            log.warning("job %s: worker stopped responding or message lost; sent again", job_id)
-            self.queue.enqueue(ClassifyPayload(job_id=job_id))
+    def housekeeping(self) -> list[str]:
+        """One periodic pass: send again jobs whose worker died and jobs queued too long (their
+        message was lost, or sending it failed); make jobs of ready unsettled studies, settle
+        the studies nothing is left to do for. Returns the ids of the jobs of ready studies."""
+        self._send_again()
+        waiting = unsettled(self.ctx.sessions)
+        if not waiting:
+            return []
         with self.ctx.sessions() as session:
-            pending = session.scalars(
-                select(StudyArrival).where(
-                    StudyArrival.instance_count > StudyArrival.classified_count
-                )
-            ).all()
-            waiting = [
-                (r.study_uid, r.instance_count, r.classified_count, r.last_arrival) for r in pending
-            ]
-        for study_uid, count, classified, last in waiting:
-            last = last if last.tzinfo else last.replace(tzinfo=UTC)
-            queued = self._maybe_classify(study_uid, count, classified, last_arrival=last)
-            if queued:
-                started.append(queued)
+            auto = _auto_policies(session)
+            parts = _mammogram_body_parts(session, [a.study_uid for a in waiting]) if auto else {}
+        started: list[str] = []
+        done: list[Arrival] = []
+        try:
+            for arrival in waiting:
+                if arrival.count > arrival.classified and _could_act(
+                    auto, parts.get(arrival.study_uid)
+                ):
+                    made, handled = self._consider(arrival)
+                    if made is not None:
+                        started.append(made)
+                    if not handled:
+                        continue  # waiting for more instances or for its quiet period
+                done.append(arrival)
+        finally:
+            settle(self.ctx.sessions, done)
         return started
 
-    def _maybe_classify(
-        self,
-        study_uid: str,
-        count: int,
-        classified: int,
-        *,
-        last_arrival: datetime | None = None,
-    ) -> str | None:
-        if count <= classified:
-            return None
-        try:
-            request = prepare(
-                self.ctx,
-                study_uid,
-                cr=None,
-                syntax=None,
-                model=None,
-                trigger=JobTrigger.ARRIVAL,
-                requested_by="arrival",
-            )
-        except CrgateError as exc:  # not a mammography study, no policy...: nothing to do
-            log.debug("study %s not auto-classified: %s", study_uid, exc)
-            return None
-        policy = self._policy(study_uid)
+    def _consider(self, arrival: Arrival) -> tuple[str | None, bool]:
+        """(the job made, whether the study is handled) for a study an auto policy may act on."""
+        policy = self._policy(arrival.study_uid)
         if policy is None or not policy.auto_classify:
-            return None
+            return None, True
         expected = policy.expected_instances
-        ready = expected is not None and count >= expected
-        if not ready and last_arrival is not None:
-            ready = datetime.now(UTC) - last_arrival >= timedelta(seconds=policy.quiet_seconds)
-        if not ready:
-            return None
-        job, created = jobs.submit(self.ctx.sessions, request)
-        with self.ctx.sessions() as session, session.begin():
-            row = session.get(StudyArrival, study_uid)
-            if row is not None:
-                row.classified_count = max(row.classified_count, count)
-        if created:
-            log.info("study %s ready (%d instances): job %s queued", study_uid, count, job.id)
-            self.queue.enqueue(ClassifyPayload(job_id=job.id))
+        ready = expected is not None and arrival.count >= expected
+        quiet = datetime.now(UTC) - arrival.last >= timedelta(seconds=policy.quiet_seconds)
+        if not (ready or quiet):
+            return None, False
+        try:
+            job_id = self._request_job(arrival.study_uid)
+        except CrgateError as exc:  # its images went, the model is not installed...
+            log.warning("study %s not auto-classified: %s", arrival.study_uid, exc)
+            return None, True
+        _mark_classified(self.ctx.sessions, arrival)
+        log.info("study %s ready (%d instances): job %s", arrival.study_uid, arrival.count, job_id)
+        return job_id, True
+
+    def _request_job(self, study_uid: str) -> str:
+        """Ask for the ready study's classification at its policy's CR (a job that exists
+        already for the same instance set and parameters is not sent again)."""
+        job, _created = classify.request(
+            self.ctx,
+            self.queue,
+            study_uid,
+            cr=None,
+            syntax=None,
+            model=None,
+            trigger=JobTrigger.ARRIVAL,
+            requested_by="arrival",
+        )
         return job.id
 
-    def _policy(self, study_uid: str) -> Any:
+    def _send_again(self) -> None:
+        """Jobs and sweeps whose worker died, and those queued too long (their message was
+        lost, or sending it failed), go to the queue again."""
+        older_than_s = self.ctx.settings.job_stale_seconds
+        for job_id in jobs.JOBS.stale(self.ctx.sessions, older_than_s=older_than_s):
+            log.warning("job %s: worker stopped responding or message lost; sent again", job_id)
+            jobs.hand_over(self.queue, ClassifyPayload(job_id=job_id), f"job {job_id}")
+        for sweep_id in jobs.SWEEPS.stale(self.ctx.sessions, older_than_s=older_than_s):
+            log.warning("sweep %s: worker stopped responding or message lost; sent again", sweep_id)
+            jobs.hand_over(self.queue, SweepPayload(sweep_id=sweep_id), f"sweep {sweep_id}")
+
+    def _policy(self, study_uid: str) -> ResolvedPolicy | None:
         with self.ctx.sessions() as session:
             try:
-                return resolve_study_policy(session, study_uid, self.ctx.store)
+                policy: ResolvedPolicy = resolve_study_policy(session, study_uid, self.ctx.store)
             except CrgateError:
                 return None
+            return policy
 
 
-__all__ = ["CLASSIFIABLE_MODALITY", "ArrivalTracker"]
+__all__ = ["CLASSIFIABLE_MODALITY", "ArrivalTracker", "record_arrival"]

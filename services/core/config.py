@@ -72,7 +72,10 @@ class Settings(BaseSettings):
         "", description="send every result's DICOM objects here by C-STORE: AET@host:port"
     )
     arrival_sweep_seconds: float = Field(
-        10.0, gt=0, description="how often quiet studies and stale jobs are checked"
+        10.0,
+        gt=0,
+        description="the housekeeping interval: how often arrived studies (ready? quiet?) and "
+        "stale jobs are checked (env CRGATE_ARRIVAL_SWEEP_SECONDS, name kept for users)",
     )
 
     @property

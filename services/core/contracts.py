@@ -12,7 +12,7 @@ from typing import Final, Protocol
 from pydantic import BaseModel, Field
 
 TASK_CLASSIFY: Final = "crgate.classify_study"
-TASK_SWEEP_ARRIVALS: Final = "crgate.sweep_arrivals"
+TASK_HOUSEKEEPING: Final = "crgate.housekeeping"  # the periodic pass (arrivals, stale jobs)
 TASK_CR_SWEEP: Final = "crgate.cr_sweep"
 QUEUE_CLASSIFY: Final = "crgate.classify"
 QUEUE_SWEEP: Final = "crgate.sweep"  # CR safety studies: long, apart from classifications

@@ -92,7 +92,7 @@ def build_runtime(settings: Settings, *, create: bool = False) -> Runtime:
         recovered = queue.recover()
         if recovered:
             log.warning("queued %d unfinished job(s) again", len(recovered))
-        queue.start_sweeper(tracker.sweep, settings.arrival_sweep_seconds)
+        queue.start_housekeeping(tracker.housekeeping, settings.arrival_sweep_seconds)
     return Runtime(
         settings=settings,
         engine=index.engine,

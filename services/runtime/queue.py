@@ -116,15 +116,15 @@ class InProcessJobQueue:
             self.enqueue(SweepPayload(sweep_id=sweep_id))
         return [*job_ids, *sweep_ids]
 
-    def start_sweeper(self, sweep: Any, every_s: float) -> None:
+    def start_housekeeping(self, housekeeping: Any, every_s: float) -> None:
         def loop() -> None:
             while not self._stop.wait(every_s):
                 try:
-                    sweep()
+                    housekeeping()
                 except Exception:
-                    log.exception("arrival sweep failed")
+                    log.exception("housekeeping failed")
 
-        threading.Thread(target=loop, name="crgate-sweeper", daemon=True).start()
+        threading.Thread(target=loop, name="crgate-housekeeping", daemon=True).start()
 
     def close(self) -> None:
         self._stop.set()

@@ -25,7 +25,7 @@ from services.core.contracts import (
     QUEUE_SWEEP,
     TASK_CLASSIFY,
     TASK_CR_SWEEP,
-    TASK_SWEEP_ARRIVALS,
+    TASK_HOUSEKEEPING,
 )
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ def _options(settings: Settings) -> dict[str, Any]:
         "worker_hijack_root_logger": False,
         "beat_schedule": {
             "housekeeping": {
-                "task": TASK_SWEEP_ARRIVALS,
+                "task": TASK_HOUSEKEEPING,
                 "schedule": settings.arrival_sweep_seconds,
             }
         },

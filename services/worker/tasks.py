@@ -21,7 +21,7 @@ from services.core.classify import JobContext
 from services.core.contracts import (
     TASK_CLASSIFY,
     TASK_CR_SWEEP,
-    TASK_SWEEP_ARRIVALS,
+    TASK_HOUSEKEEPING,
     Payload,
 )
 from services.runtime.queue import send
@@ -116,11 +116,12 @@ def run_sweep_job(self: SweepTask, sweep_id: str) -> dict[str, Any] | None:
     return result
 
 
-@celery_app.task(name=TASK_SWEEP_ARRIVALS)  # type: ignore[untyped-decorator]
-def sweep_arrivals() -> list[str]:
+@celery_app.task(name=TASK_HOUSEKEEPING)  # type: ignore[untyped-decorator]
+def housekeeping() -> list[str]:
+    """The periodic pass (beat): jobs of ready studies, stale jobs sent again."""
     from services.core.arrivals import ArrivalTracker
 
-    started: Any = ArrivalTracker(context(), _Requeue()).sweep()
+    started: Any = ArrivalTracker(context(), _Requeue()).housekeeping()
     return list(started)
 
 

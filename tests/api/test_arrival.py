@@ -1,5 +1,7 @@
-"""Study arrival: auto-classification when the policy's expected count is reached, after its
-quiet period, and a late instance making a new result (in-process queue, real classifier)."""
+"""Study arrival: auto-classification by housekeeping when the policy's expected count is
+reached, after its quiet period, and a late instance making a new result (in-process queue,
+real classifier). The passes are run by hand here; `crgate serve` runs one every
+CRGATE_ARRIVAL_SWEEP_SECONDS, a worker's beat likewise."""
 
 from __future__ import annotations
 
@@ -40,11 +42,14 @@ def test_expected_count_reached_classifies_at_the_policy_cr(
     client: TestClient, state: Runtime, mg_study_files: list[Path]
 ) -> None:
     mg_policy(state, cr=20, auto_classify=True, expected_instances=4, quiet_seconds=3600)
+    tracker = ArrivalTracker(state.job_context, state.queue)
     for path in mg_study_files[:3]:
         study_uid = _ingest(state, path)
+    assert tracker.housekeeping() == []  # 3 of 4: not ready
     time.sleep(0.5)
-    assert client.get(f"/studies/{study_uid}/results").json() == []  # 3 of 4: not ready
+    assert client.get(f"/studies/{study_uid}/results").json() == []
     _ingest(state, mg_study_files[3])
+    assert len(tracker.housekeeping()) == 1
     (result,) = results_when(client, study_uid, 1)
     assert result["applied_cr"] == 20 and result["requested_cr"] is None
     assert result["policy"].startswith("policy ")
@@ -58,9 +63,9 @@ def test_quiet_period_makes_a_study_ready(
     for path in mg_study_files:
         study_uid = _ingest(state, path)
     tracker = ArrivalTracker(state.job_context, state.queue)
-    assert tracker.sweep() == []  # the study is still within its quiet period
+    assert tracker.housekeeping() == []  # the study is still within its quiet period
     time.sleep(1.2)
-    started = tracker.sweep()
+    started = tracker.housekeeping()
     assert len(started) == 1
     (result,) = results_when(client, study_uid, 1)
     assert result["applied_cr"] == 15 and len(result["images"]) == 4
@@ -70,10 +75,13 @@ def test_late_instance_makes_a_new_result_and_keeps_the_old(
     client: TestClient, state: Runtime, mg_study_files: list[Path]
 ) -> None:
     mg_policy(state, cr=25, auto_classify=True, expected_instances=3, quiet_seconds=3600)
+    tracker = ArrivalTracker(state.job_context, state.queue)
     for path in mg_study_files[:3]:
         study_uid = _ingest(state, path)
+    tracker.housekeeping()
     (first,) = results_when(client, study_uid, 1)
     _ingest(state, mg_study_files[3])  # the late fourth view
+    tracker.housekeeping()
     newest, older = results_when(client, study_uid, 2)
     assert older["result_id"] == first["result_id"]
     assert len(older["images"]) == 3 and older == first
@@ -86,7 +94,7 @@ def test_no_auto_classify_means_no_job(
     mg_policy(state, cr=25, auto_classify=False, expected_instances=4)
     for path in mg_study_files:
         study_uid = _ingest(state, path)
-    assert ArrivalTracker(state.job_context, state.queue).sweep() == []
+    assert ArrivalTracker(state.job_context, state.queue).housekeeping() == []
     time.sleep(0.5)
     assert client.get(f"/studies/{study_uid}/results").json() == []
 
@@ -109,11 +117,11 @@ class BrokerDown:
         raise ConnectionError("the broker did not take the task: connection refused")
 
 
-def test_sweep_sends_again_a_job_whose_message_was_lost(
+def test_housekeeping_sends_again_a_job_whose_message_was_lost(
     client: TestClient, state: Runtime, mg_study_files: list[Path]
 ) -> None:
     """Sending the task failed after the job was made (broker down): it would stay queued
-    forever; once queued longer than CRGATE_JOB_STALE_SECONDS the sweep sends it again."""
+    forever; once queued longer than CRGATE_JOB_STALE_SECONDS housekeeping sends it again."""
     for path in mg_study_files:
         study_uid = _ingest(state, path)
     job, created = classify.request(  # the broker is down: the job is recorded, not sent
@@ -128,7 +136,7 @@ def test_sweep_sends_again_a_job_whose_message_was_lost(
     )
     assert created
     tracker = ArrivalTracker(state.job_context, state.queue)
-    tracker.sweep()  # queued only just now: left alone
+    tracker.housekeeping()  # queued only just now: left alone
     time.sleep(0.5)
     assert client.get(f"/jobs/{job.id}").json()["status"] == "queued"
     stale = state.settings.job_stale_seconds + 1
@@ -138,7 +146,7 @@ def test_sweep_sends_again_a_job_whose_message_was_lost(
             .where(Job.id == job.id)
             .values(queued_at=jobs.now() - timedelta(seconds=stale))
         )
-    tracker.sweep()
+    tracker.housekeeping()
     (result,) = results_when(client, study_uid, 1)
     assert result["job_id"] == job.id
     view = client.get(f"/jobs/{job.id}").json()

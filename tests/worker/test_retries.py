@@ -19,6 +19,7 @@ from sqlalchemy import Engine, create_engine, text, update
 from sqlalchemy.engine import make_url
 
 from services.core import classify, jobs
+from services.core.arrivals import ArrivalTracker
 from services.core.classify import JobContext
 from services.core.config import Settings
 from services.core.contracts import JobStatus, JobTrigger, SweepPayload
@@ -205,12 +206,16 @@ def test_a_sweep_that_fails_unexpectedly_is_failed_with_the_reason(
     assert "see the worker log" in row.reason
 
 
-def test_a_lost_sweep_is_due_to_be_sent_again(ctx: JobContext, sweep_id: str) -> None:
-    assert jobs.SWEEPS.stale(ctx.sessions, older_than_s=60) == []
+def test_housekeeping_sends_a_lost_sweep_again(ctx: JobContext, sweep_id: str) -> None:
+    """Before: a sweep whose message was lost (broker restarted empty) stayed queued for ever."""
+    queue = HeldQueue()
+    ArrivalTracker(ctx, queue).housekeeping()
+    assert queue.payloads == []  # queued only just now: left alone
     with ctx.sessions() as session, session.begin():
         session.execute(
             update(Sweep)
             .where(Sweep.id == sweep_id)
             .values(queued_at=jobs.now() - timedelta(minutes=5))
         )
-    assert jobs.SWEEPS.stale(ctx.sessions, older_than_s=60) == [sweep_id]
+    ArrivalTracker(ctx, queue).housekeeping()
+    assert queue.payloads == [SweepPayload(sweep_id=sweep_id)]

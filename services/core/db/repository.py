@@ -70,14 +70,32 @@ def instances_in(
 
 def insert_ignore(session: Session, table: Any, values: dict[str, Any]) -> None:
     """INSERT ... ON CONFLICT DO NOTHING on SQLite and PostgreSQL (first writer wins)."""
+    session.execute(_insert(session, table).values(**values).on_conflict_do_nothing())
+
+
+def insert_or_update(
+    session: Session,
+    table: Any,
+    values: dict[str, Any],
+    *,
+    key: list[str],
+    changes: dict[str, Any],
+) -> None:
+    """INSERT ... ON CONFLICT (key) DO UPDATE SET changes, on SQLite and PostgreSQL: one
+    atomic statement, safe when writers race for the same key. ``changes`` may use the table's
+    columns (the row as it was), e.g. ``{"n": table.c.n + 1}``."""
+    statement = _insert(session, table).values(**values)
+    session.execute(statement.on_conflict_do_update(index_elements=key, set_=changes))
+
+
+def _insert(session: Session, table: Any) -> Any:
     dialect = session.get_bind().dialect.name
     tbl: Table = table
     if dialect == "postgresql":
-        session.execute(postgresql.insert(tbl).values(**values).on_conflict_do_nothing())
-    elif dialect == "sqlite":
-        session.execute(sqlite.insert(tbl).values(**values).on_conflict_do_nothing())
-    else:  # pragma: no cover - only SQLite and PostgreSQL are supported
-        raise RuntimeError(f"unsupported database dialect {dialect}")
+        return postgresql.insert(tbl)
+    if dialect == "sqlite":
+        return sqlite.insert(tbl)
+    raise RuntimeError(f"unsupported database dialect {dialect}")  # pragma: no cover
 
 
 def _text(ds: Dataset, keyword: str, limit: int) -> str | None:

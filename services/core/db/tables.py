@@ -199,7 +199,11 @@ class Result(Base):
 
 
 class StudyArrival(Base):
-    """When a study's instances last arrived, for the readiness tracker."""
+    """When a study's instances last arrived, for the readiness tracker.
+
+    ``settled_at`` is set by housekeeping once nothing is left to do for the study (no policy
+    auto-classifies it, or its job was made); an arriving instance clears it.
+    """
 
     __tablename__ = "study_arrivals"
 
@@ -207,6 +211,18 @@ class StudyArrival(Base):
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
     last_arrival: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     classified_count: Mapped[int] = mapped_column(Integer, default=0)  # count at last auto job
+    settled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+# housekeeping reads the unsettled studies only: this index holds just those rows, so that read
+# costs the same however many settled studies the index has (and whatever the statistics say)
+_UNSETTLED = StudyArrival.settled_at.is_(None)
+Index(
+    "ix_study_arrivals_unsettled",
+    StudyArrival.study_uid,
+    sqlite_where=_UNSETTLED,
+    postgresql_where=_UNSETTLED,
+)
 
 
 class Sweep(Base):
