@@ -105,5 +105,6 @@ def build_runtime(settings: Settings, *, create: bool = False) -> Runtime:
 
 
 def start_scp(runtime: Runtime) -> ScpServer:
-    """The DICOM SCP on the runtime's ingest path (OSError when the port is taken)."""
-    return start_server(runtime.settings, runtime.ingestor)
+    """The DICOM SCP on the runtime's ingest path (OSError when the port is taken); each
+    association that ends nudges housekeeping, so a complete study starts at once."""
+    return start_server(runtime.settings, runtime.ingestor, on_closed=runtime.queue.nudge)

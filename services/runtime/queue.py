@@ -20,6 +20,7 @@ from services.core.contracts import (
     QUEUE_SWEEP,
     TASK_CLASSIFY,
     TASK_CR_SWEEP,
+    TASK_HOUSEKEEPING,
     ClassifyPayload,
     JobStatus,
     Payload,
@@ -67,6 +68,16 @@ class CeleryJobQueue:
     def enqueue(self, payload: Payload) -> None:
         send(self.app, payload, self.settings)
 
+    def nudge(self) -> None:
+        """Instances arrived (an association or a STOW request ended): ask a worker for a
+        housekeeping pass now; best effort (the beat runs one soon anyway)."""
+        from kombu.exceptions import OperationalError
+
+        try:
+            self.app.send_task(TASK_HOUSEKEEPING, queue=QUEUE_CLASSIFY)
+        except OperationalError as exc:
+            log.warning("housekeeping not asked for (%s); the beat runs it", type(exc).__name__)
+
     def close(self) -> None:
         self.app.close()
 
@@ -79,6 +90,7 @@ class InProcessJobQueue:
         self.ctx = ctx
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="crgate-job")
         self._stop = threading.Event()
+        self._wake = threading.Event()
 
     def enqueue(self, payload: Payload) -> None:
         if isinstance(payload, SweepPayload):
@@ -117,8 +129,14 @@ class InProcessJobQueue:
         return [*job_ids, *sweep_ids]
 
     def start_housekeeping(self, housekeeping: Any, every_s: float) -> None:
+        """Run the housekeeping pass every ``every_s`` seconds, and soon after a nudge."""
+
         def loop() -> None:
-            while not self._stop.wait(every_s):
+            while not self._stop.is_set():
+                self._wake.wait(every_s)
+                self._wake.clear()
+                if self._stop.is_set():
+                    return
                 try:
                     housekeeping()
                 except Exception:
@@ -126,6 +144,12 @@ class InProcessJobQueue:
 
         threading.Thread(target=loop, name="crgate-housekeeping", daemon=True).start()
 
+    def nudge(self) -> None:
+        """Instances arrived (an association or a STOW request ended): run housekeeping now, so
+        that a study that reached its expected count does not wait for the next period."""
+        self._wake.set()
+
     def close(self) -> None:
         self._stop.set()
+        self._wake.set()
         self.executor.shutdown(wait=True, cancel_futures=False)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from pydicom.dataset import Dataset
@@ -198,3 +199,11 @@ def handle_conn_close(event: Event, transfers: Transfers) -> None:
             _peer(event.assoc),
             dropped,
         )
+
+
+def notify_closed(event: Event, callback: Callable[[], None]) -> None:
+    """Tell the process an association ended (its instances are stored): best effort."""
+    try:
+        callback()
+    except Exception:  # a nudge is never worth an error on the association
+        log.debug("association-closed callback failed", exc_info=True)

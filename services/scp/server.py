@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from pydicom.uid import (
@@ -125,8 +126,18 @@ def create_ae(settings: Settings) -> AE:
     return ae
 
 
-def start_server(settings: Settings, ingestor: Ingestor, *, host: str = "0.0.0.0") -> ScpServer:
-    """Listen on ``host``:``settings.dicom_port`` (non-blocking); OSError if the port is taken."""
+def start_server(
+    settings: Settings,
+    ingestor: Ingestor,
+    *,
+    host: str = "0.0.0.0",
+    on_closed: Callable[[], None] | None = None,
+) -> ScpServer:
+    """Listen on ``host``:``settings.dicom_port`` (non-blocking); OSError if the port is taken.
+
+    ``on_closed`` is called after each association's connection closes (what arrived in it is
+    stored by then): the runtime nudges housekeeping with it.
+    """
     ae = create_ae(settings)
     transfers = staging.register(ae, ingestor.store.incoming)
     handlers_: list[Any] = [
@@ -138,6 +149,8 @@ def start_server(settings: Settings, ingestor: Ingestor, *, host: str = "0.0.0.0
         (evt.EVT_ABORTED, handlers.handle_aborted),
         (evt.EVT_CONN_CLOSE, handlers.handle_conn_close, [transfers]),
     ]
+    if on_closed is not None:
+        handlers_.append((evt.EVT_CONN_CLOSE, handlers.notify_closed, [on_closed]))
     try:
         server = ae.start_server((host, settings.dicom_port), block=False, evt_handlers=handlers_)
     except OSError:

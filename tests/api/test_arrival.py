@@ -10,17 +10,21 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import pydicom
 from fastapi.testclient import TestClient
 from sqlalchemy import update
 
+from services.api.app import create_app
 from services.core import classify, jobs
 from services.core.arrivals import ArrivalTracker
+from services.core.config import Settings
 from services.core.contracts import JobTrigger, Payload
 from services.core.db.tables import Job
 from services.core.policies import PolicyKey, set_policy
 from services.core.ratio import CompressionRatio
-from services.runtime import Runtime
+from services.runtime import Runtime, build_runtime
 from tests.api.conftest import _ingest
+from tests.api.test_stow import stow
 
 
 def mg_policy(state: Runtime, **changes: Any) -> None:
@@ -151,3 +155,29 @@ def test_housekeeping_sends_again_a_job_whose_message_was_lost(
     assert result["job_id"] == job.id
     view = client.get(f"/jobs/{job.id}").json()
     assert view["status"] == "succeeded" and view["attempts"] == 1
+
+
+def test_a_complete_study_starts_when_it_arrived_not_at_the_next_period(
+    settings: Settings, mg_study_files: list[Path]
+) -> None:
+    """The observer only records arrivals; a STOW request (or an association) that stored
+    instances nudges housekeeping, so a study that reached its expected count does not wait
+    for the period (an hour here)."""
+    runtime = build_runtime(
+        settings.model_copy(update={"arrival_sweep_seconds": 3600}), create=True
+    )
+    try:
+        mg_policy(runtime, cr=20, auto_classify=True, expected_instances=4, quiet_seconds=3600)
+        key = (settings.data_dir / "admin.key").read_text().strip()
+        app = create_app(state=runtime)
+        with TestClient(app, headers={"Authorization": f"Bearer {key}"}) as client:
+            for path in mg_study_files:  # one STOW request per image, as some senders do
+                posted = stow(client, path.read_bytes())
+                assert posted.status_code == 200, posted.text
+            study_uid = str(
+                pydicom.dcmread(mg_study_files[0], stop_before_pixels=True).StudyInstanceUID
+            )
+            (result,) = results_when(client, study_uid, 1, timeout=60)
+            assert result["applied_cr"] == 20 and len(result["images"]) == 4
+    finally:
+        runtime.close()

@@ -99,6 +99,9 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
         CRGATE_DICOM_PORT=str(dicom_port),
         CRGATE_ALLOWED_AE="STORESCU",
         CRGATE_THREADS="1",
+        # the beat's period is an hour: a complete study starts because the scp nudges
+        # housekeeping when the association ends, not because a period came round
+        CRGATE_ARRIVAL_SWEEP_SECONDS="3600",
     )
     migrate = subprocess.run([str(CRGATE), "migrate"], env=env, capture_output=True, text=True)
     assert migrate.returncode == 0, migrate.stderr

@@ -128,6 +128,8 @@ async def _store(request: Request, study: str | None) -> Response:
             await _ingest(state.ingestor, part, study, host, outcome)
     finally:
         _discard(parts)
+    if outcome.stored:  # a complete study starts now, not at the next housekeeping period
+        await run_in_threadpool(state.queue.nudge)
     return _response(request, study, outcome)
 
 
