@@ -102,28 +102,17 @@ def tracker_on(url: str, data_dir: Path, settled: int) -> Any:
     """A tracker on a fresh index at ``url`` holding ``settled`` settled studies and an MG
     auto-classify policy (so the pass has work it could do); its queue drops what it is sent."""
     from services.core.arrivals import ArrivalTracker
-    from services.core.classify import JobContext
     from services.core.config import Settings
-    from services.core.db.engine import make_engine, migrate, session_factory
-    from services.core.ingest import Ingestor
-    from services.core.policies import ensure_default_policy
-    from services.core.storage import InstanceStore
+    from services.runtime import build_job_context
 
     class Drop:
         def enqueue(self, payload: Any) -> None:
             pass
 
-    engine = make_engine(url)
-    migrate(engine)
-    sessions = session_factory(engine)
-    settings = Settings(data_dir=data_dir, database_url=url)
-    store = InstanceStore(settings.data_dir)
-    store.ensure()
-    with sessions.begin() as session:
-        ensure_default_policy(session, settings)
-    set_mg_policy(sessions, auto=True)
-    add_settled(sessions, settled)
-    return ArrivalTracker(JobContext(settings, sessions, store, Ingestor(store, sessions)), Drop())
+    ctx = build_job_context(Settings(data_dir=data_dir, database_url=url), create=True)
+    set_mg_policy(ctx.sessions, auto=True)
+    add_settled(ctx.sessions, settled)
+    return ArrivalTracker(ctx, Drop())
 
 
 def bench_housekeeping(backend: str, work: Path, passes: int) -> dict[int, float]:

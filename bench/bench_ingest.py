@@ -53,21 +53,14 @@ def serve_crgate(out: Path, port: int) -> None:
     import logging
 
     from services.core.config import Settings
-    from services.core.db.engine import make_engine, migrate, session_factory
-    from services.core.ingest import Ingestor
-    from services.core.storage import InstanceStore
-    from services.scp.server import start_server
+    from services.runtime import build_runtime, start_scp
 
     logging.basicConfig(level=logging.WARNING)
-    settings = Settings(data_dir=out, dicom_port=port)
-    store = InstanceStore(out)
-    store.ensure()
-    engine = make_engine(settings.effective_database_url)
-    migrate(engine)
-    server = start_server(settings, Ingestor(store, session_factory(engine)), host="127.0.0.1")
+    runtime = build_runtime(Settings(data_dir=out, dicom_port=port), create=True)
+    server = start_scp(runtime)
     wait_for_sigterm()
     server.shutdown(drain_seconds=1)
-    engine.dispose()
+    runtime.close()
 
 
 def serve_bare(out: Path, port: int) -> None:
@@ -326,6 +319,9 @@ def crgate_process(
     env = {k: v for k, v in os.environ.items() if not k.startswith("CRGATE_")}
     env["CRGATE_LOG_LEVEL"] = "WARNING"
     env.update(settings or {})
+    if command != "serve":  # as compose does: the data directory first, then the service
+        migrate = [str(CRGATE), "migrate", "--data-dir", str(data_dir)]
+        subprocess.run(migrate, cwd=ROOT, env=env, check=True, capture_output=True)
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
     try:
         yield proc
