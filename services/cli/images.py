@@ -67,11 +67,12 @@ def transcode(
 
     results: list[dict[str, Any]] = []
     failures: list[tuple[Path, CrgateError]] = []
+    written: dict[Path, Path] = {}  # this batch's outputs: none overwrites another
     with progress(len(files) > 1 and not as_json) as bar:
         task = bar.add_task("transcoding", total=len(files))
         for path in files:
             try:
-                result = _transcode_one(path, output, target_dir, ratio, chosen, n_threads)
+                result = _transcode_one(path, output, target_dir, ratio, chosen, n_threads, written)
             except CrgateError as exc:
                 failures.append((path, exc))
                 err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
@@ -110,11 +111,14 @@ def _transcode_one(
     cr: CompressionRatio,
     syntax: OutputSyntax,
     threads: int,
+    written: dict[Path, Path],
 ) -> dict[str, Any]:
     from services.core.pipeline import transcode_file
 
     out_dir = None if output is not None else target_dir
-    result = transcode_file(path, output, cr=cr, out_dir=out_dir, syntax=syntax, threads=threads)
+    result = transcode_file(
+        path, output, cr=cr, out_dir=out_dir, syntax=syntax, threads=threads, batch=written
+    )
     return result.as_dict()
 
 

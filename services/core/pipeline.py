@@ -148,9 +148,14 @@ def transcode_file(
     out_dir: Path | None = None,
     syntax: OutputSyntax | str | None = None,
     threads: int = 0,
+    batch: dict[Path, Path] | None = None,
 ) -> TranscodeResult:
     """Read ``path``, transcode it, write the output atomically (nothing partial on failure):
-    to ``out_path``, or into ``out_dir`` named ``<output SOP Instance UID>.dcm``."""
+    to ``out_path``, or into ``out_dir`` named ``<output SOP Instance UID>.dcm``.
+
+    ``batch`` maps the outputs a batch wrote so far to their inputs: an output that would
+    overwrite one of them (two inputs with one SOP Instance UID, kept at CR 1) is refused.
+    """
     if (out_path is None) == (out_dir is None):
         raise InvalidParameter("give exactly one of an output file and an output folder")
     ds = read_dataset(path)
@@ -159,7 +164,15 @@ def transcode_file(
     destination = out_path or Path(str(out_dir)) / f"{result.output_sop_instance_uid}.dcm"
     if destination.resolve() == path.resolve():
         raise OutputError(f"{destination}: refusing to overwrite the input file")
+    earlier = None if batch is None else batch.get(destination.resolve())
+    if earlier is not None:
+        raise OutputError(
+            f"{path}: its output {destination} would overwrite that of {earlier} (the same SOP "
+            "Instance UID); transcode inputs with one UID into separate folders"
+        )
     write_dataset(result.dataset, destination)
+    if batch is not None:
+        batch[destination.resolve()] = path
     return replace(result, output=str(destination))
 
 

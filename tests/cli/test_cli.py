@@ -480,6 +480,23 @@ def test_batch_json_reports_the_error_in_line(tmp_path: Path) -> None:
     assert lines(result.stderr)[-1] == f"1 of 3 file(s) failed: {bad}"
 
 
+def test_a_batch_never_overwrites_its_own_outputs(tmp_path: Path) -> None:
+    """Before: at CR 1 an output keeps its SOP Instance UID, so two inputs with one UID wrote
+    one file, and the JSON lines listed two outputs of which one was gone."""
+    first = copy_bundled("CT_small.dcm", tmp_path / "a")
+    again = copy_bundled("CT_small.dcm", tmp_path / "b")  # the same instance, sent twice
+    out_dir = tmp_path / "out"
+
+    result = invoke("transcode", first, again, "--cr", "1", "--out-dir", out_dir, "--json")
+    assert result.exit_code == 5, result.output
+    done, refused = json_records(result.stdout)
+    assert Path(done["output"]).is_file() and "error" not in done
+    assert refused["source"] == str(again) and "would overwrite that of" in refused["error"]
+    assert str(first) in refused["error"]
+    assert all_files(out_dir) == [Path(done["output"])]
+    assert lines(result.stderr)[-1] == f"1 of 2 file(s) failed: {again}"
+
+
 def test_folder_is_walked_and_non_dicom_files_skipped(tmp_path: Path) -> None:
     inputs = tmp_path / "in"
     ct = copy_bundled("CT_small.dcm", inputs)
