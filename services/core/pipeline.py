@@ -16,7 +16,7 @@ from pydicom.uid import UID
 
 from services.core import metrics
 from services.core.codecs import OutputSyntax
-from services.core.codecs.jpeg2000 import encode_image
+from services.core.codecs.jpeg2000 import EncodedImage, encode_image
 from services.core.codecs.openjpeg import decode_codestream
 from services.core.dicom.derive import build_output
 from services.core.dicom.io import read_dataset, write_dataset
@@ -85,6 +85,8 @@ def transcode_dataset(
     encoded = encode_image(
         pixels.frame_list(), layout, cr, lossless=out_syntax.lossless, threads=threads
     )
+    if not encoded.reached:
+        encoded, out_syntax = _lossless_if_within_budget(pixels, encoded, out_syntax, threads)
     output = build_output(ds, encoded, out_syntax, pixels.photometric)
     encoded_at = time.perf_counter()
 
@@ -119,6 +121,26 @@ def transcode_dataset(
         dataset=output,
         decoded=decoded,
     )
+
+
+def _lossless_if_within_budget(
+    pixels: ImagePixels, lossy: EncodedImage, syntax: OutputSyntax, threads: int
+) -> tuple[EncodedImage, OutputSyntax]:
+    """The lossy search missed its target; when a lossless encode takes no more bytes than
+    the target allows, that one is written instead: exact pixels, not marked lossy, UIDs
+    kept. Otherwise the lossy result stands, with its note."""
+    layout = pixels.layout
+    lossless = encode_image(pixels.frame_list(), layout, 1, lossless=True, threads=threads)
+    budget = layout.uncompressed_bytes / lossy.target_cr
+    if lossless.compressed_bytes > budget:
+        return lossy, syntax
+    note = (
+        f"CR {lossy.target_cr:g} not reached lossy (best {lossy.achieved_cr:.2f}); the lossless "
+        f"encode ({lossless.compressed_bytes} bytes, CR {lossless.achieved_cr:.2f}) fits the "
+        "budget and was written instead: exact pixels, not marked lossy"
+    )
+    fallback = replace(lossless, target_cr=lossy.target_cr, reached=True, note=note)
+    return fallback, OutputSyntax.J2K_LOSSLESS
 
 
 def decode_frames(codestreams: list[bytes], threads: int = 0) -> np.ndarray[Any, Any]:

@@ -26,6 +26,7 @@ from services.core.dicom.io import read_dataset, write_dataset
 from services.core.dicom.pixels import load_pixels
 from services.core.errors import CodecError, NoPixelData, NotDicom, UnsupportedSyntax
 from services.core.pipeline import TranscodeResult, decode_frames, transcode_dataset, transcode_file
+from services.core.ratio import CompressionRatio
 from services.lab.phantom import PhantomConfig, generate_study
 from tests.dicomtools import dciodvfy_new_errors, gdcm_decode
 
@@ -110,7 +111,8 @@ def test_transcode_real_files(name: str, cr: float, tmp_path: Path) -> None:
     offsets = parse_basic_offsets(written.PixelData)
     assert len(offsets) == int(written.get("NumberOfFrames", 1) or 1)
 
-    if cr == 1:
+    if cr == 1 or result.lossless:  # lossless asked, or it fit the budget the lossy search missed
+        assert result.bytes_out <= result.bytes_in / cr
         assert written.file_meta.TransferSyntaxUID == JPEG2000Lossless
         assert written.SOPInstanceUID == original.SOPInstanceUID
         assert result.lossless and result.psnr_db == 100.0 and result.max_abs_error == 0
@@ -128,7 +130,7 @@ def test_transcode_real_files(name: str, cr: float, tmp_path: Path) -> None:
         assert ref.ReferencedSOPInstanceUID == original.SOPInstanceUID
         assert ref.ReferencedSOPClassUID == original.SOPClassUID
     if original.get("SamplesPerPixel", 1) == 3:
-        assert written.PhotometricInterpretation == ("YBR_RCT" if cr == 1 else "YBR_ICT")
+        assert written.PhotometricInterpretation == ("YBR_RCT" if result.lossless else "YBR_ICT")
         assert written.PlanarConfiguration == 0
 
 
@@ -209,6 +211,28 @@ def test_multiframe_cr_is_over_all_frames() -> None:
     assert len(encapsulated_frames(result.dataset)) == 30
     assert result.bytes_in == 240 * 320 * 3 * 30
     assert result.achieved_cr == pytest.approx(result.bytes_in / result.bytes_out)
+
+
+@pytest.mark.parametrize(("name", "cr"), [("SC_rgb_rle.dcm", 10), ("MR_small.dcm", 1.5)])
+def test_lossless_is_written_when_it_fits_the_budget_the_lossy_search_missed(
+    name: str, cr: float, tmp_path: Path
+) -> None:
+    """Before: SC_rgb_rle at CR 10 was written lossy (2,460 bytes, marked lossy, new UID) when
+    its lossless encode takes 1,122 bytes; at CR 1.5 the lossy search overshoots every rate."""
+    ds = pydicom.dcmread(TEST_FILES / name)
+    result = transcode_dataset(ds, cr=CompressionRatio(cr))
+    out = result.dataset
+    assert out is not None
+    assert result.lossless and result.output_syntax == JPEG2000Lossless
+    assert out.file_meta.TransferSyntaxUID == JPEG2000Lossless
+    assert result.bytes_out <= result.bytes_in / cr and result.achieved_cr >= cr
+    assert out.SOPInstanceUID == ds.SOPInstanceUID  # not a new, lossy instance
+    assert out.get("LossyImageCompression", "00") == "00"
+    assert "LossyImageCompressionRatio" not in out
+    assert result.max_abs_error == 0
+    assert result.note is not None and "lossless encode" in result.note
+    write_dataset(out, tmp_path / "out.dcm")
+    assert np.array_equal(pydicom.dcmread(tmp_path / "out.dcm").pixel_array, ds.pixel_array)
 
 
 def test_unreached_target_labels_the_true_ratio() -> None:
