@@ -235,6 +235,40 @@ def test_lossless_is_written_when_it_fits_the_budget_the_lossy_search_missed(
     assert np.array_equal(pydicom.dcmread(tmp_path / "out.dcm").pixel_array, ds.pixel_array)
 
 
+@pytest.mark.parametrize(
+    ("name", "earlier"),
+    [
+        ("JPEG2000.dcm", [("2097", "ISO_15444_1")]),  # a ratio, no method: from the syntax
+        ("SC_rgb_jpeg_lossy_gdcm.dcm", [("9.05250452625226", "ISO_10918_1")]),
+        ("SC_jpeg_no_color_transform.dcm", [(None, "ISO_10918_1")]),  # a method, no ratio
+        ("SC_rgb_jpeg.dcm", [("10", "ISO_10918_1")]),  # both: kept as they are
+    ],
+)
+@pytest.mark.parametrize("cr", [1, 10])
+def test_lossy_ratio_and_method_always_pair_up(
+    name: str, earlier: list[tuple[str | None, str]], cr: float
+) -> None:
+    """Before: 9 of the bundled files' outputs had more ratios than methods or the reverse
+    (PS3.3 C.7.6.1.1.5 asks for the same number of values)."""
+    ds = pydicom.dcmread(TEST_FILES / name)
+    out = transcode_dataset(ds, cr=CompressionRatio(cr)).dataset
+    assert out is not None
+    ratios, methods = (
+        values(out, "LossyImageCompressionRatio"),
+        values(out, "LossyImageCompressionMethod"),
+    )
+    assert len(ratios) == len(methods) >= len(earlier)
+    for (ratio, method), (got_ratio, got_method) in zip(
+        earlier, zip(ratios, methods, strict=True), strict=False
+    ):
+        assert got_method == method
+        if ratio is not None:
+            assert float(got_ratio) == float(ratio)
+        else:  # the input's own: uncompressed bytes over its stored bytes
+            assert float(got_ratio) > 1
+    assert out.LossyImageCompression == "01"
+
+
 def test_unreached_target_labels_the_true_ratio() -> None:
     ds = pydicom.dcmread(TEST_FILES / "MR_small.dcm")
     result = transcode_dataset(ds, cr=5000)

@@ -25,6 +25,15 @@ from services.core.dicom.values import as_strings
 IMPLEMENTATION_VERSION = "CRGATE_01"
 IMPLEMENTATION_CLASS_UID = stable_uid("crgate", "implementation", 1)
 LOSSY_METHOD = "ISO_15444_1"
+#: Lossy Image Compression Method (PS3.3 C.7.6.1.1.5.1) of the lossy transfer syntaxes
+SYNTAX_METHODS = {
+    "1.2.840.10008.1.2.4.50": "ISO_10918_1",  # JPEG baseline
+    "1.2.840.10008.1.2.4.51": "ISO_10918_1",  # JPEG extended
+    "1.2.840.10008.1.2.4.81": "ISO_14495_1",  # JPEG-LS near-lossless
+    "1.2.840.10008.1.2.4.91": "ISO_15444_1",  # JPEG 2000
+    "1.2.840.10008.1.2.4.93": "ISO_15444_2",  # JPEG 2000 Part 2 multi-component
+    "1.2.840.10008.1.2.4.203": "ISO_15444_15",  # HTJ2K
+}
 # PS3.16 CID 7202 Source Image Purposes of Reference, CID 7203 Image Derivation
 _UNCOMPRESSED_PREDECESSOR = ("121320", "DCM", "Uncompressed predecessor")
 _LOSSY_COMPRESSED_PREDECESSOR = ("121330", "DCM", "Lossy compressed predecessor")
@@ -44,6 +53,7 @@ def build_output(
         if element.tag != 0x7FE00010:
             ds.add(copy.deepcopy(element))
     was_lossy = str(source.get("LossyImageCompression", "00")) == "01"
+    ratios, methods = earlier_compression(source, encoded.achieved_cr * encoded.compressed_bytes)
 
     if photometric == "RGB":
         ds.PhotometricInterpretation = "YBR_RCT" if syntax.lossless else "YBR_ICT"
@@ -54,8 +64,18 @@ def build_output(
     if syntax.lossless:
         if "LossyImageCompression" not in ds:
             ds.LossyImageCompression = "00"
+        for keyword, values in (
+            ("LossyImageCompressionRatio", ratios),
+            ("LossyImageCompressionMethod", methods),
+        ):
+            if values:
+                setattr(ds, keyword, values)
+            elif keyword in ds:
+                del ds[keyword]
     else:
         _mark_lossy(ds, source, encoded, was_lossy)
+        ds.LossyImageCompressionRatio = [*ratios, _ratio(encoded)]
+        ds.LossyImageCompressionMethod = [*methods, LOSSY_METHOD]
 
     ds.PixelData = encapsulate(encoded.frames, has_bot=True)
     ds["PixelData"].VR = "OB"
@@ -65,8 +85,12 @@ def build_output(
     return ds
 
 
+def _ratio(encoded: EncodedImage) -> str:
+    return str(format_number_as_ds(round(encoded.achieved_cr, 2)))
+
+
 def _mark_lossy(ds: Dataset, source: Dataset, encoded: EncodedImage, was_lossy: bool) -> None:
-    ratio = format_number_as_ds(round(encoded.achieved_cr, 2))
+    ratio = _ratio(encoded)
     now = datetime.now(UTC)
     ds.SOPInstanceUID = new_uid()
     ds.InstanceCreationDate = now.strftime("%Y%m%d")
@@ -77,11 +101,6 @@ def _mark_lossy(ds: Dataset, source: Dataset, encoded: EncodedImage, was_lossy: 
     ds.ImageType = image_type
 
     ds.LossyImageCompression = "01"
-    ds.LossyImageCompressionRatio = [*as_strings(source.get("LossyImageCompressionRatio")), ratio]
-    ds.LossyImageCompressionMethod = [
-        *as_strings(source.get("LossyImageCompressionMethod")),
-        LOSSY_METHOD,
-    ]
     for attr in ("SmallestImagePixelValue", "LargestImagePixelValue"):
         if attr in ds:  # no longer true of the lossy pixels
             del ds[attr]
@@ -102,6 +121,29 @@ def _mark_lossy(ds: Dataset, source: Dataset, encoded: EncodedImage, was_lossy: 
     purpose = _LOSSY_COMPRESSED_PREDECESSOR if was_lossy else _UNCOMPRESSED_PREDECESSOR
     reference.PurposeOfReferenceCodeSequence = Sequence([_code(*purpose)])
     ds.SourceImageSequence = Sequence([reference])
+
+
+def earlier_compression(source: Dataset, uncompressed_bytes: float) -> tuple[list[str], list[str]]:
+    """The input's earlier lossy compressions as (ratios, methods) of the same length, as PS3.3
+    C.7.6.1.1.5 requires of the output (inputs often carry one without the other).
+
+    A ratio without its method takes the method of the input's transfer syntax; a method
+    without its ratio takes the ratio of the input's stored pixel data (uncompressed bytes over
+    stored bytes) when its transfer syntax is that method. What cannot be completed so is left
+    out, pairs kept in order.
+    """
+    ratios = as_strings(source.get("LossyImageCompressionRatio"))
+    methods = as_strings(source.get("LossyImageCompressionMethod"))
+    syntax = str(getattr(getattr(source, "file_meta", None), "TransferSyntaxUID", ""))
+    method = SYNTAX_METHODS.get(syntax)
+    if len(ratios) == len(methods) + 1 and method is not None:
+        methods.append(method)
+    elif len(methods) == len(ratios) + 1 and method is not None and methods[-1] == method:
+        stored = len(source.PixelData) if "PixelData" in source else 0
+        if stored:
+            ratios.append(format_number_as_ds(round(uncompressed_bytes / stored, 2)))
+    kept = min(len(ratios), len(methods))
+    return ratios[:kept], methods[:kept]
 
 
 def _code(value: str, scheme: str, meaning: str) -> Dataset:
