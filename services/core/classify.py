@@ -39,12 +39,7 @@ from services.core.config import DuplicatePolicy, Settings
 from services.core.contracts import ClassifyPayload, JobQueue, JobStatus, JobTrigger
 from services.core.db.tables import Instance, Job, Result, Series, Study
 from services.core.dicom.io import read_dataset
-from services.core.errors import (
-    CrgateError,
-    InvalidInput,
-    InvalidParameter,
-    NotFound,
-)
+from services.core.errors import CrgateError, InvalidInput, InvalidParameter, NotFound
 from services.core.inference.card import ModelCard, load_card
 from services.core.inference.runtime import Classifier, get_classifier
 from services.core.ingest import Channel, Ingestor

@@ -33,11 +33,20 @@ class Runtime:
 
     settings: Settings
     engine: Engine
-    sessions: sessionmaker[Session]
-    store: InstanceStore
-    ingestor: Ingestor
     job_context: JobContext
     queue: CeleryJobQueue | InProcessJobQueue
+
+    @property
+    def sessions(self) -> sessionmaker[Session]:
+        return self.job_context.sessions
+
+    @property
+    def store(self) -> InstanceStore:
+        return self.job_context.store
+
+    @property
+    def ingestor(self) -> Ingestor:
+        return self.job_context.ingestor
 
     def close(self) -> None:
         self.queue.close()
@@ -49,17 +58,16 @@ def build_job_context(
     *,
     create: bool = False,
     engine: Engine | None = None,
-    store: InstanceStore | None = None,
 ) -> JobContext:
     """What a job needs: the index, the store, the ingest path, the forwarder.
 
     ``engine`` replaces the one made from the settings (a test's engine with a lock timeout).
     """
-    return _job_context(settings, open_index(settings, create=create, engine=engine), store)
+    return _job_context(settings, open_index(settings, create=create, engine=engine))
 
 
-def _job_context(settings: Settings, index: Index, store: InstanceStore | None) -> JobContext:
-    store = store or open_store(settings)
+def _job_context(settings: Settings, index: Index) -> JobContext:
+    store = open_store(settings)
     return JobContext(
         settings=settings,
         sessions=index.sessions,
@@ -79,7 +87,7 @@ def build_runtime(settings: Settings, *, create: bool = False) -> Runtime:
         log.warning("created a new crgate data directory in %s", settings.data_dir.resolve())
     if index.key_file is not None:
         log.warning("no API key existed: created an admin key in %s (mode 0600)", index.key_file)
-    ctx = _job_context(settings, index, None)
+    ctx = _job_context(settings, index)
     queue: CeleryJobQueue | InProcessJobQueue
     if settings.broker_url:
         queue = CeleryJobQueue(settings)
@@ -93,15 +101,7 @@ def build_runtime(settings: Settings, *, create: bool = False) -> Runtime:
         if recovered:
             log.warning("queued %d unfinished job(s) again", len(recovered))
         queue.start_housekeeping(tracker.housekeeping, settings.arrival_sweep_seconds)
-    return Runtime(
-        settings=settings,
-        engine=index.engine,
-        sessions=ctx.sessions,
-        store=ctx.store,
-        ingestor=ctx.ingestor,
-        job_context=ctx,
-        queue=queue,
-    )
+    return Runtime(settings=settings, engine=index.engine, job_context=ctx, queue=queue)
 
 
 def start_scp(runtime: Runtime) -> ScpServer:

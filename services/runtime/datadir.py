@@ -54,46 +54,62 @@ def describe_database(settings: Settings) -> str:
 
 
 def index_exists(settings: Settings) -> bool:
-    """Whether the data directory's index database exists and holds crgate's schema.
-
-    A SQLite file is looked for without connecting (connecting would create it).
-    """
-    url = make_url(settings.effective_database_url)
-    on_disk = url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:")
-    if on_disk and not Path(str(url.database)).is_file():
+    """Whether the data directory's index database exists and holds crgate's schema."""
+    if not _file_present(settings):
         return False
     engine = make_engine(settings.effective_database_url)
+    try:
+        return _schema_present(engine, settings)
+    finally:
+        engine.dispose()
+
+
+def _file_present(settings: Settings) -> bool:
+    """False for a SQLite file that is not there, looked for without connecting (connecting
+    would create it); True for any other database (the schema check tells)."""
+    url = make_url(settings.effective_database_url)
+    on_disk = url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:")
+    return not on_disk or Path(str(url.database)).is_file()
+
+
+def _schema_present(engine: Engine, settings: Settings) -> bool:
     try:
         with engine.connect() as connection:
             return inspect(connection).has_table("alembic_version")
     except OperationalError as exc:
         where = describe_database(settings)
         raise OutputError(f"database {where} is unreachable: {exc.orig}") from None
-    finally:
-        engine.dispose()
 
 
 def require_index(settings: Settings) -> None:
     """:class:`DataDirMissing` unless the data directory's index database exists."""
     if not index_exists(settings):
-        raise DataDirMissing(
-            f"no crgate data directory at {settings.data_dir.resolve()}: its index database "
-            f"({describe_database(settings)}) does not exist; pass --data-dir (or set "
-            "CRGATE_DATA_DIR / CRGATE_DATABASE_URL) where crgate keeps its data, or create one "
-            "with `crgate migrate` or `crgate serve`"
-        )
+        raise _missing(settings)
+
+
+def _missing(settings: Settings) -> DataDirMissing:
+    return DataDirMissing(
+        f"no crgate data directory at {settings.data_dir.resolve()}: its index database "
+        f"({describe_database(settings)}) does not exist; pass --data-dir (or set "
+        "CRGATE_DATA_DIR / CRGATE_DATABASE_URL) where crgate keeps its data, or create one "
+        "with `crgate migrate` or `crgate serve`"
+    )
 
 
 def open_index(settings: Settings, *, create: bool, engine: Engine | None = None) -> Index:
     """Open the index (migrated to the newest schema, default policy and first admin key in
     place); with ``create`` False a missing one is :class:`DataDirMissing`."""
-    if create:
-        existed = index_exists(settings)
-    else:
-        require_index(settings)
-        existed = True
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    file_present = _file_present(settings)
+    if not file_present and not create:
+        raise _missing(settings)
+    owned = engine is None
     engine = engine or make_engine(settings.effective_database_url)
+    existed = file_present and _schema_present(engine, settings)
+    if not existed and not create:
+        if owned:
+            engine.dispose()
+        raise _missing(settings)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
     migrate(engine)
     sessions = session_factory(engine)
     with sessions.begin() as session:
