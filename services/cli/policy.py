@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from services.cli.common import DataDir, err, fail, out, settings_from
 from services.core import policies
+from services.core.codecs import SYNTAX_HELP
 from services.core.errors import CrgateError
 from services.core.policies import PolicyChanges, PolicyKey
 
@@ -106,9 +107,7 @@ def set_cmd(
         float | None,
         typer.Option("--cr", help="compression ratio (1 = lossless); needed for a new policy"),
     ] = None,
-    syntax: Annotated[
-        str | None, typer.Option("--syntax", help="j2k or j2k-lossless; left out: from the CR")
-    ] = None,
+    syntax: Annotated[str | None, typer.Option("--syntax", help=SYNTAX_HELP)] = None,
     auto_classify: Annotated[
         bool | None,
         typer.Option(

@@ -191,18 +191,7 @@ class ResolvedPolicy:
 
 
 def _syntax_for(cr: float, syntax: str | None) -> str:
-    if syntax is None:
-        return OutputSyntax.for_cr(cr).value
-    try:
-        chosen = OutputSyntax(syntax)
-    except ValueError:
-        names = ", ".join(s.value for s in OutputSyntax)
-        raise InvalidParameter(f"unknown syntax {syntax!r}: use one of {names}") from None
-    if chosen.lossless and cr != 1:
-        raise InvalidParameter(f"syntax j2k-lossless means CR 1, not CR {cr:g}: use CR 1 or j2k")
-    if not chosen.lossless and cr == 1:
-        raise InvalidParameter("CR 1 means lossless: use syntax j2k-lossless or a CR above 1")
-    return chosen.value
+    return OutputSyntax.for_cr(cr, syntax).value
 
 
 def _expected(value: int | None) -> int | None:

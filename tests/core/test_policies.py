@@ -397,7 +397,7 @@ def test_update_that_changes_nothing_is_not_logged(session: Session) -> None:
         ({"pediatric": "maybe"}, "use yes, no"),
         ({"cr": 0}, "out of range"),
         ({"cr": float("nan")}, "out of range"),
-        ({"cr": 20, "syntax": "j2k-lossless"}, "j2k-lossless means CR 1"),
+        ({"cr": 20, "syntax": "j2k-lossless"}, "j2k-lossless is lossless and cannot give CR 20"),
         ({"cr": 1, "syntax": "j2k"}, "CR 1 means lossless"),
         ({"syntax": "jpeg"}, "unknown syntax"),
         ({"expected_instances": 0}, "expected instances 0"),

@@ -14,6 +14,7 @@ from services.api.deps import SessionDep, StateDep, require
 from services.core import classify, jobs
 from services.core.auth import Principal, Role
 from services.core.classify import job_view
+from services.core.codecs import SYNTAX_HELP
 from services.core.contracts import JobTrigger
 from services.core.db.tables import Result
 from services.core.dicom.uids import validate_uid
@@ -41,9 +42,7 @@ async def post_classify(
         float | None, Query(description="compression ratio; 1 = lossless; omit for the policy")
     ] = None,
     model: Annotated[str | None, Query(description="model name (default: the site's)")] = None,
-    syntax: Annotated[
-        str | None, Query(description="j2k or j2k-lossless (default: from the CR)")
-    ] = None,
+    syntax: Annotated[str | None, Query(description=SYNTAX_HELP)] = None,
     wait: Annotated[
         float, Query(ge=0, le=MAX_WAIT_S, description="seconds to wait for the result")
     ] = 0,

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from services.api.deps import SessionDep, require
 from services.core import audit, policies
 from services.core.auth import Principal, Role
-from services.core.codecs import OutputSyntax
+from services.core.codecs import SYNTAX_HELP, OutputSyntax
 from services.core.db.tables import AuditEntry, Policy
 from services.core.policies import PolicyChanges, PolicyKey, PolicySpec
 
@@ -26,8 +26,7 @@ READ = require(Role.OPERATOR)
 ADMIN = require(Role.ADMIN)
 AdminDep = Annotated[Principal | None, Depends(ADMIN)]
 
-CR_HELP = "compression ratio: 1 = lossless, above 1 = irreversible JPEG 2000 at that ratio"
-SYNTAX_HELP = "output syntax; left out, it follows the CR (j2k-lossless for CR 1, else j2k)"
+CR_HELP = "compression ratio: 1 = lossless, above 1 = irreversible coding at that ratio"
 REASON_HELP = "why the CR may exceed the guideline maximum; required when it does"
 
 
