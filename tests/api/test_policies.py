@@ -103,7 +103,7 @@ def test_invalid_bodies_are_problems(client: TestClient) -> None:
     invalid = status_of(InvalidParameter("x"))  # the edge's mapping for a bad parameter
     cases = [
         ({"modality": "MG", "cr": 0}, invalid, "out of range"),
-        ({"modality": "MG", "cr": 20, "syntax": "j2k-lossless"}, invalid, "means CR 1"),
+        ({"modality": "MG", "cr": 20, "syntax": "j2k-lossless"}, invalid, "cannot give CR 20"),
         ({"modality": "CR DX", "cr": 20}, invalid, "not a DICOM code"),
         ({"modality": "MG", "cr": 20, "syntax": "jpeg"}, 422, "syntax"),
         ({"modality": "MG", "cr": 20, "quiet_seconds": -1}, 422, "quiet_seconds"),
