@@ -196,7 +196,9 @@ def _search_step(
         tried.append((step, size, codestreams))
         achieved = layout.uncompressed_bytes / size
         if abs(achieved / target_cr - 1) <= tolerance:
-            return EncodedImage(codestreams, False, target_cr, achieved, True, None, len(tried))
+            return EncodedImage(
+                codestreams, False, target_cr, achieved, True, None, len(tried), step
+            )
         next_step = _next_step(tried, target_bytes)
         if next_step is None or not low <= next_step <= high:
             break
@@ -215,7 +217,7 @@ def _search_step(
         )
     else:
         note = _unreached_note(target_cr, achieved, target_bytes, size, best_step)
-    return EncodedImage(codestreams, False, target_cr, achieved, False, note, len(tried))
+    return EncodedImage(codestreams, False, target_cr, achieved, False, note, len(tried), best_step)
 
 
 def _first_step(bits_per_sample: float) -> float:

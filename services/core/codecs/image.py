@@ -48,6 +48,9 @@ class EncodedImage:
     reached: bool
     note: str | None
     attempts: int
+    step: float | None = None
+    """HTJ2K: the quantisation step the search settled on (None for reversible coding and for
+    OpenJPEG, whose rate is not a step)."""
 
     @property
     def compressed_bytes(self) -> int:
