@@ -37,7 +37,7 @@ from pydicom.dataset import Dataset
 from services.core.codecs import htj2k, jpeg2000
 from services.core.codecs.openjpeg import decode_codestream, openjpeg_version
 from services.core.dicom.pixels import load_pixels
-from services.core.pipeline import transcode_dataset
+from services.core.pipeline import TranscodeResult, transcode_dataset
 from services.core.ratio import CompressionRatio
 from services.lab.phantom import PhantomConfig, generate_study
 
@@ -91,10 +91,12 @@ def bench_image(name: str, ds: Dataset, cr: float, repeats: int, threads: int, t
     target = CompressionRatio(cr)
     results: dict[str, Any] = {}
     for syntax in ("htj2k", "j2k"):
-        results[syntax] = transcode_dataset(ds, cr=target, syntax=syntax, threads=threads)
-        results[f"{syntax} s"] = median_seconds(
-            lambda s=syntax: transcode_dataset(ds, cr=target, syntax=s, threads=threads), repeats
-        )
+
+        def transcode(syntax: str = syntax) -> TranscodeResult:
+            return transcode_dataset(ds, cr=target, syntax=syntax, threads=threads)
+
+        results[syntax] = transcode()
+        results[f"{syntax} s"] = median_seconds(transcode, repeats)
     ht, j2k = results["htj2k"], results["j2k"]
     print(f"## {name}: {layout.columns}x{layout.rows}, {layout.bits_stored} bits stored, CR {cr:g}")
     print(f"{'full transcode':<34}{'seconds':>9}{'CR':>9}{'PSNR dB':>9}{'encodes':>8}")

@@ -1,6 +1,7 @@
 """Study latency, throughput and worker memory of the classification service, one run.
 
-    .venv/bin/python bench/bench_study.py [--cr 20] [--studies 3] [--size 3328x4096] [--syntax htj2k]
+    .venv/bin/python bench/bench_study.py [--cr 20] [--studies 3] [--size 3328x4096]
+        [--syntax htj2k]
 
 Starts what docker-compose starts (`crgate migrate`, `api`, `scp`, `worker`) as local processes
 on the local PostgreSQL and Redis, sets an MG policy (auto-classify, 4 views), and pushes
