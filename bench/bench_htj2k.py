@@ -32,7 +32,8 @@ from typing import Any
 
 import imagecodecs
 import numpy as np
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian
 
 from services.core.codecs import htj2k, jpeg2000
 from services.core.codecs.openjpeg import decode_codestream, openjpeg_version
@@ -73,8 +74,8 @@ def ct_slice(size: int = 512, seed: int = 3) -> Dataset:
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 1
     ds.PixelData = pixels.tobytes()
-    ds.file_meta = Dataset()
-    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     return ds
 
 
