@@ -140,6 +140,11 @@ class OutputSyntax(StrEnum):
         """The syntax crgate writes with this transfer syntax UID, if any."""
         return next((s for s in cls if s.uid == uid), None)
 
+    def holds(self, stored: str) -> bool:
+        """True when codestreams stored in ``stored`` are valid in this syntax as they are
+        (a reversible JPEG 2000 codestream is valid JPEG 2000; an RPCL HT one is valid HT)."""
+        return stored == self.uid or stored in _ALSO_VALID_IN.get(self.value, ())
+
 
 def _j2k(lossless: bool) -> Encoder:
     def encode(
@@ -158,6 +163,13 @@ def _ht(lossless: bool, rpcl: bool = False) -> Encoder:
 
     return encode
 
+
+_ALSO_VALID_IN = {
+    "j2k": ("1.2.840.10008.1.2.4.90",),
+    "htj2k": ("1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202"),
+    "htj2k-lossless": ("1.2.840.10008.1.2.4.202",),
+}
+"""Syntax name -> stored syntaxes whose codestreams it holds as they are."""
 
 _OPENJPEG = (
     "install the Debian package libopenjp2-7 (OpenJPEG >= 2.4) and the Python package glymur"
