@@ -182,6 +182,44 @@ def test_viewer_cannot_start_a_job(
     assert response.status_code == 403
 
 
+def test_a_cr_above_the_ceiling_needs_an_admin_and_a_reason_and_is_audited(
+    client: TestClient,
+    anon_client: TestClient,
+    make_key: Callable[..., str],
+    state: Runtime,
+    mg_study: str,
+) -> None:
+    """Found as an operator would: any operator could classify at CR 500 and store that copy
+    in the patient's study. RCR's MG/BREAST maximum is 20."""
+    assert client.post("/policies/presets/RCR").status_code == 200
+    operator = {"Authorization": f"Bearer {make_key(Role.OPERATOR)}"}
+    refused = anon_client.post(
+        f"/studies/{mg_study}/classify", params={"cr": 500}, headers=operator
+    )
+    assert refused.status_code == 403, refused.text
+    problem = refused.json()
+    assert "above the maximum 20 set by preset RCR" in problem["detail"]
+    assert (problem["max_cr"], problem["preset"]) == (20, "RCR")
+    within = anon_client.post(f"/studies/{mg_study}/classify", params={"cr": 20}, headers=operator)
+    assert within.status_code == 202, within.text
+
+    no_reason = client.post(f"/studies/{mg_study}/classify", params={"cr": 500})
+    assert no_reason.status_code == 422 and "give a reason" in no_reason.json()["detail"]
+    granted = client.post(
+        f"/studies/{mg_study}/classify", params={"cr": 500, "reason": "reader study arm B"}
+    )
+    assert granted.status_code == 202, granted.text
+    job_id = granted.json()["job"]["id"]
+    (entry,) = client.get("/audit", params={"entity": "job"}).json()["items"]
+    assert (entry["action"], entry["entity_id"], entry["reason"]) == (
+        "override",
+        job_id,
+        "reader study arm B",
+    )
+    assert entry["after"]["cr"] == 500 and entry["after"]["max_cr"] == 20
+    assert entry["actor"] == "first admin (admin.key)"
+
+
 def worker_objects(state: Runtime) -> set[str]:
     with state.sessions() as session:
         rows = session.scalars(select(Instance).where(Instance.channel == "worker")).all()
@@ -310,7 +348,7 @@ def test_pediatric_policy_applies_to_a_pediatric_study(
         ingest_path(state, tmp_path / f"{view}.dcm")
 
     def policy_of(study_uid: str) -> tuple[float, str]:
-        request = prepare(
+        request, _ = prepare(
             state.job_context,
             study_uid,
             cr=None,

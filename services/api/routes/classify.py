@@ -46,6 +46,14 @@ async def post_classify(
     wait: Annotated[
         float, Query(ge=0, le=MAX_WAIT_S, description="seconds to wait for the result")
     ] = 0,
+    reason: Annotated[
+        str | None,
+        Query(
+            max_length=1024,
+            description="why the CR may exceed the ceiling of the study's policy: needed (with "
+            "the admin role) above it, and audit-logged",
+        ),
+    ] = None,
 ) -> JSONResponse:
     principal: Principal | None = getattr(request.state, "principal", None)
     validate_uid(study_uid, "Study Instance UID")
@@ -59,6 +67,8 @@ async def post_classify(
         model=model,
         trigger=JobTrigger.API,
         requested_by=principal.name if principal else None,
+        may_exceed_ceiling=principal is not None and principal.role is Role.ADMIN,
+        reason=reason,
     )
     view = await _wait_for(state, job.id, wait)
     body: dict[str, Any] = {"job": view, "status_url": f"/jobs/{job.id}"}
