@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from services.cli.common import DataDir, err, fail, out, settings_from
+from services.cli.common import DataDir, actor, err, fail, out, settings_from
 from services.core.errors import CrgateError
 
 keys_app = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
@@ -33,7 +33,7 @@ def keys_create(
     try:
         sessions = _key_sessions(data_dir)
         with sessions() as session, session.begin():
-            row, token = create_key(session, name=name, role=parse_role(role))
+            row, token = create_key(session, name=name, role=parse_role(role), actor=actor())
             key_id = row.id
     except CrgateError as exc:
         raise fail(str(exc), exc.exit_code) from None
@@ -77,7 +77,7 @@ def keys_revoke(
     try:
         sessions = _key_sessions(data_dir)
         with sessions() as session, session.begin():
-            row = revoke_key(session, key=key)
+            row = revoke_key(session, key=key, actor=actor())
             key_id, name = row.id, row.name
     except CrgateError as exc:
         raise fail(str(exc), exc.exit_code) from None

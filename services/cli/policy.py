@@ -6,8 +6,6 @@ the exit code of services/core/errors.py.
 
 from __future__ import annotations
 
-import getpass
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -15,7 +13,7 @@ import typer
 from rich.table import Table
 from sqlalchemy.orm import Session, sessionmaker
 
-from services.cli.common import DataDir, err, fail, out, settings_from
+from services.cli.common import DataDir, actor, err, fail, out, settings_from
 from services.core import policies
 from services.core.codecs import SYNTAX_HELP
 from services.core.errors import CrgateError
@@ -24,14 +22,6 @@ from services.core.policies import PolicyChanges, PolicyKey
 policy_app = typer.Typer(
     help="List and change CR policies; apply guideline presets.", no_args_is_help=True
 )
-
-
-def actor() -> str:
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):  # no passwd entry (containers)
-        user = str(os.getuid())
-    return f"cli:{user}"
 
 
 def _sessions(data_dir: Path | None) -> sessionmaker[Session]:

@@ -43,8 +43,10 @@ def test_default_policy_exists_at_start(client: TestClient) -> None:
     assert (default["cr"], default["syntax"], default["max_cr"]) == (25, "j2k", None)
     assert default["source"] == f"policy {default['id']} (default)"
     assert default["created_at"].endswith(("Z", "+00:00"))
-    (entry,) = _audit(client)
+    (entry,) = _audit(client, entity="policy")
     assert (entry["actor"], entry["action"], entry["entity"]) == ("system", "create", "policy")
+    (key,) = _audit(client, entity="key")  # the first admin key, created at start
+    assert (key["actor"], key["action"], key["after"]["role"]) == ("system", "create", "admin")
 
 
 def test_create_read_update_delete(client: TestClient) -> None:
@@ -186,10 +188,10 @@ def test_resolve_shows_the_policy_that_applies(client: TestClient) -> None:
 def test_audit_pages_newest_first(client: TestClient) -> None:
     for modality in ("US", "NM", "XA"):
         client.post("/policies", json={"modality": modality, "cr": 10})
-    page = client.get("/audit", params={"limit": 2, "offset": 1}).json()
+    page = client.get("/audit", params={"limit": 2, "offset": 1, "entity": "policy"}).json()
     assert (page["total"], page["limit"], page["offset"]) == (4, 2, 1)
     assert [e["after"]["modality"] for e in page["items"]] == ["NM", "US"]
-    assert client.get("/audit", params={"entity": "key"}).json()["total"] == 0
+    assert client.get("/audit", params={"entity": "job"}).json()["total"] == 0
     assert client.get("/audit", params={"limit": 0}).status_code == 422
 
 
@@ -222,7 +224,7 @@ def test_actor_is_the_key_name_and_roles_are_enforced(
 
 
 def _audit_as(client: TestClient, headers: dict[str, str]) -> list[dict[str, Any]]:
-    response = client.get("/audit", headers=headers)
+    response = client.get("/audit", headers=headers, params={"entity": "policy"})
     assert response.status_code == 200, response.text
     items: list[dict[str, Any]] = response.json()["items"]
     return items
@@ -259,3 +261,11 @@ def test_preset_over_http_keeps_stricter_values_and_lists_violations(client: Tes
     assert client.get("/readyz").json()["policy_violations"] == 0
     forced = client.post("/policies/presets/CAR", params={"force": True}).json()
     assert strict.json()["id"] in forced["updated"] and forced["skipped"] == []
+
+
+def test_audit_filters_by_a_known_entity_and_time(client: TestClient) -> None:
+    assert client.post("/policies", json={"modality": "CT", "cr": 8}).status_code == 201
+    unknown = client.get("/audit", params={"entity": "studies"})
+    assert unknown.status_code in (400, 422) and "use one of job, key, policy" in unknown.text
+    assert _audit(client, entity="policy", since="2999-01-01T00:00:00") == []
+    assert [e["entity"] for e in _audit(client, entity="policy", since="2000-01-01")]

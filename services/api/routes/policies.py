@@ -387,11 +387,16 @@ def delete_policy(policy_id: int, session: SessionDep, principal: AdminDep) -> R
 )
 def list_audit(
     session: SessionDep,
-    entity: Annotated[str | None, Query(description="only this entity, like policy")] = None,
+    entity: Annotated[
+        str | None, Query(description=f"only this entity: {', '.join(audit.ENTITIES)}")
+    ] = None,
+    since: Annotated[
+        datetime | None, Query(description="only entries at or after this time (ISO 8601)")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=audit.MAX_LIMIT)] = 100,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> AuditPage:
-    rows, total = audit.entries(session, entity=entity, limit=limit, offset=offset)
+    rows, total = audit.entries(session, entity=entity, since=since, limit=limit, offset=offset)
     return AuditPage(items=[_audit_out(r) for r in rows], total=total, limit=limit, offset=offset)
 
 
