@@ -509,7 +509,11 @@ def _store_outputs(
                 )
             )
     if ctx.forward is not None:
-        stored["forwarded"] = ctx.forward(files)
+        try:
+            stored["forwarded"] = ctx.forward(files)
+        except Exception as exc:  # forwarding never fails a stored result
+            log.warning("forwarding failed: %s", type(exc).__name__)
+            stored["forwarded"] = {"sent": 0, "error": f"forwarding failed: {type(exc).__name__}"}
     return stored
 
 
