@@ -5,7 +5,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-DEB_PACKAGES := libopenjp2-7 libopenjp2-tools dcmtk libgdcm-tools dicom3tools orthanc orthanc-dicomweb
+DEB_PACKAGES := libopenjp2-7 libopenjp2-tools dcmtk libgdcm-tools dicom3tools orthanc orthanc-dicomweb chromium chromium-driver
 DEMO := var/demo
 
 .PHONY: run test lint typecheck unit bench deps clean services

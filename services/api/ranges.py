@@ -1,0 +1,109 @@
+"""HTTP range requests (RFC 9110 section 14) on a body whose bytes are known before it is sent.
+
+A body is a list of segments, each bytes or a whole file read when sent, so a stored instance
+is never held in memory. One ``bytes=first-last``, ``bytes=first-`` or ``bytes=-suffix`` range
+is answered 206 with Content-Range; a range that starts past the end 416 with
+``Content-Range: bytes */<length>``; several ranges, a malformed header, or an If-Range (there
+is no validator to compare it with) get the whole body, 200, as RFC 9110 allows. Every answer
+says ``Accept-Ranges: bytes``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+from fastapi import Request, Response
+from fastapi.responses import StreamingResponse
+
+from services.api.problems import problem
+
+Segment = bytes | Path
+CHUNK_BYTES = 1 << 20
+
+
+class Unsatisfiable(Exception):
+    """The range starts at or past the end of the body."""
+
+
+def parse_range(header: str | None, length: int) -> tuple[int, int] | None:
+    """The one range asked for as (first, end exclusive), or None to send the whole body."""
+    if header is None:
+        return None
+    unit, _, spec = header.strip().partition("=")
+    if unit.strip().lower() != "bytes" or "," in spec:
+        return None
+    first_text, dash, last_text = spec.strip().partition("-")
+    first_text, last_text = first_text.strip(), last_text.strip()
+    if not dash or not (first_text.isdigit() or (not first_text and last_text.isdigit())):
+        return None
+    if last_text and not last_text.isdigit():
+        return None
+    if not first_text:  # a suffix: the last N bytes
+        suffix = int(last_text)
+        if suffix == 0 or length == 0:
+            raise Unsatisfiable
+        return max(0, length - suffix), length
+    first = int(first_text)
+    if last_text and int(last_text) < first:
+        return None  # invalid: ignore it
+    if first >= length:
+        raise Unsatisfiable
+    end = min(length, int(last_text) + 1) if last_text else length
+    return first, end
+
+
+def _size(segment: Segment) -> int:
+    return len(segment) if isinstance(segment, bytes) else segment.stat().st_size
+
+
+def iter_segments(segments: Sequence[Segment], first: int, end: int) -> Iterator[bytes]:
+    """The bytes from ``first`` to ``end`` (exclusive) of the concatenated segments."""
+    position = 0
+    for segment in segments:
+        size = _size(segment)
+        lo, hi = max(first, position), min(end, position + size)
+        offset = position
+        position += size
+        if lo >= hi:
+            continue
+        if isinstance(segment, bytes):
+            yield segment[lo - offset : hi - offset]
+            continue
+        with segment.open("rb") as fh:
+            fh.seek(lo - offset)
+            left = hi - lo
+            while left > 0 and (data := fh.read(min(CHUNK_BYTES, left))):
+                left -= len(data)
+                yield data
+
+
+def ranged_response(
+    request: Request,
+    segments: Sequence[Segment],
+    media_type: str,
+    headers: Mapping[str, str] | None = None,
+) -> Response:
+    """The body (200) or the byte range the request asks for (206, or 416)."""
+    length = sum(_size(s) for s in segments)
+    out = {"Accept-Ranges": "bytes", **(headers or {})}
+    header = None if "if-range" in request.headers else request.headers.get("range")
+    try:
+        wanted = parse_range(header, length)
+    except Unsatisfiable:
+        response = problem(
+            416,
+            "Range Not Satisfiable",
+            f"the range {header!r} starts past the end of the {length}-byte body",
+        )
+        response.headers.update({**out, "Content-Range": f"bytes */{length}"})
+        return response
+    first, end = wanted if wanted is not None else (0, length)
+    out["Content-Length"] = str(end - first)
+    status = 200
+    if wanted is not None:
+        status = 206
+        out["Content-Range"] = f"bytes {first}-{end - 1}/{length}"
+    return StreamingResponse(
+        iter_segments(segments, first, end), status_code=status, media_type=media_type, headers=out
+    )
