@@ -17,7 +17,7 @@ from services.core.sessions import SECRET_FILE_NAME, SessionSigner, load_secret
 from services.runtime import Runtime
 
 FORM = {"content-type": "application/x-www-form-urlencoded"}
-POLICY = {"name": "browser-test", "modality": "MG", "cr": 10}
+POLICY = {"modality": "MG", "cr": 10}
 
 
 @pytest.fixture

@@ -2,11 +2,12 @@
 
 The Swagger UI and ReDoc bundles come from the installed ``fastapi-offline`` package (a main
 dependency) and are served by crgate under ``/docs/assets/``: the pages load nothing from
-another host (no CDN, no web fonts, no validator badge).
+another host (no CDN, no web fonts, no validator badge, ReDoc's logo pointed at a local image).
 """
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from fastapi.openapi.docs import (
     get_swagger_ui_oauth2_redirect_html,
 )
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import FileResponse, HTMLResponse
+from fastapi.responses import HTMLResponse, Response
 from fastapi.routing import APIRoute
 
 from services.api.deps import PUBLIC, SESSION_COOKIE, Access
@@ -38,12 +39,25 @@ COOKIE = "sessionCookie"
 router = APIRouter(dependencies=[Depends(PUBLIC)], include_in_schema=False)
 
 
+# the one outside URL a bundle loads by itself (ReDoc's sidebar logo), pointed at our own asset
+REWRITES = {"redoc.standalone.js": (b"https://cdn.redoc.ly/redoc/logo-mini.svg", b"favicon.png")}
+
+
+@lru_cache(maxsize=len(ASSETS))
+def _asset_bytes(name: str) -> bytes:
+    data = (ASSETS_DIR / name).read_bytes()
+    if name in REWRITES:
+        outside, local = REWRITES[name]
+        data = data.replace(outside, b"/docs/assets/" + local)
+    return data
+
+
 @router.get("/docs/assets/{name}")
-def docs_asset(name: str) -> FileResponse:
+def docs_asset(name: str) -> Response:
     if name not in ASSETS:
         raise NotFound(f"no documentation asset {name!r}")
-    return FileResponse(
-        ASSETS_DIR / name,
+    return Response(
+        _asset_bytes(name),
         media_type=ASSETS[name],
         headers={"Cache-Control": "public, max-age=86400"},
     )
