@@ -111,15 +111,15 @@ class Access:
         return principal
 
     def _from_cookie(self, request: Request, state: Runtime) -> Principal:
-        if SESSION_COOKIE in request.cookies:
-            verified = session_of(request)
-            if verified is None:
-                raise _unauthorized("session expired or its key revoked: log in again at /login")
+        verified = session_of(request)
+        if verified is not None:
             if request.method not in SAFE_METHODS:
                 check_csrf(request, verified, request.headers.get(CSRF_HEADER))
             return verified.principal
         if self.anonymous_read and state.settings.anonymous_read and self.role is Role.VIEWER:
             return Principal(name="anonymous", role=Role.VIEWER, key_id=None)
+        if SESSION_COOKIE in request.cookies:
+            raise _unauthorized("session expired or its key revoked: log in again at /login")
         raise _unauthorized(
             "missing API key: send 'Authorization: Bearer <key>' or log in at /login"
         )

@@ -10,11 +10,13 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+from services.api.app import create_app
 from services.api.deps import CSRF_COOKIE, SESSION_COOKIE
 from services.core.auth import Role, create_key, revoke_key
+from services.core.config import Settings
 from services.core.errors import InvalidParameter
 from services.core.sessions import SECRET_FILE_NAME, SessionSigner, load_secret
-from services.runtime import Runtime
+from services.runtime import Runtime, build_runtime
 
 FORM = {"content-type": "application/x-www-form-urlencoded"}
 POLICY = {"modality": "MG", "cr": 10}
@@ -180,3 +182,17 @@ def test_session_secret_file_and_configured_secret(tmp_path: Path) -> None:
     assert load_secret("c" * 32, tmp_path) == b"c" * 32
     with pytest.raises(InvalidParameter, match="at least 32"):
         load_secret("short", tmp_path)
+
+
+def test_a_stale_cookie_falls_back_to_anonymous_read_when_enabled(
+    tmp_path: Path, database_url: str
+) -> None:
+    settings = Settings(data_dir=tmp_path / "var", database_url=database_url, anonymous_read=True)
+    state = build_runtime(settings, create=True)
+    try:
+        with TestClient(create_app(state=state), base_url="http://crgate.test") as browser:
+            browser.cookies.set(SESSION_COOKIE, "1.1.x.y", domain="crgate.test")
+            assert browser.get("/dicomweb/studies").status_code == 200  # anonymous viewer
+            assert browser.get("/policies").status_code == 401  # not a DICOMweb read
+    finally:
+        state.close()
