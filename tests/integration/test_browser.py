@@ -24,13 +24,18 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pydicom
 import pytest
+from pydicom.data import get_testdata_file
+from pydicom.encaps import get_frame
+from pydicom.uid import JPEG2000
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.wait import WebDriverWait
 
+from tests.api.test_stow import STOW_TYPE, multipart
 from tests.conftest import free_port
 from tests.processes import in_own_session, require_proc, session_processes
 
@@ -184,12 +189,17 @@ def processes_naming(text: str) -> dict[int, str]:
 
 
 def fetch(driver: webdriver.Chrome, url: str, **init: Any) -> dict[str, Any]:
-    """``fetch(url, init)`` in the page: status and body text, or the error a browser reports."""
+    """``fetch(url, init)`` in the page: status, headers it may read, body size and text, or the
+    error a browser reports."""
     script = """
         const [url, init, done] = arguments;
         fetch(url, init).then(
-            async r => done({status: r.status, body: await r.text(),
-                             headers: Object.fromEntries(r.headers.entries())}),
+            async r => {
+                const data = await r.arrayBuffer();
+                done({status: r.status, size: data.byteLength,
+                      body: new TextDecoder().decode(data),
+                      headers: Object.fromEntries(r.headers.entries())});
+            },
             e => done({error: String(e)}));
     """
     result: dict[str, Any] = driver.execute_async_script(script, url, init)
@@ -321,3 +331,39 @@ def test_docs_render_swagger_ui_offline(server: Server, browser: webdriver.Chrom
     assert not outside, f"requests left the server: {outside}"
     failed = [r for r in requests if r.get("status", 200) >= 400]
     assert not failed, failed
+
+
+def test_viewer_style_frame_requests_from_an_allowed_origin(
+    server: Server, browser: webdriver.Chrome
+) -> None:
+    """What OHIF asks, from another origin: the stored J2K codestream, a byte range of it, and the
+    headers a viewer must read (exposed to the page's script)."""
+    path = Path(str(get_testdata_file("JPEG2000.dcm")))
+    original = pydicom.dcmread(path)
+    stored = get_frame(original.PixelData, 0, number_of_frames=1)
+    bearer = {"Authorization": f"Bearer {server.admin_key}"}
+    stow = httpx.post(
+        f"{server.url}/dicomweb/studies",
+        content=multipart(path.read_bytes()),
+        headers={**bearer, "Content-Type": STOW_TYPE},
+    )
+    assert stow.status_code == 200, stow.text
+    frame_url = (
+        f"{server.url}/dicomweb/studies/{original.StudyInstanceUID}/series/"
+        f"{original.SeriesInstanceUID}/instances/{original.SOPInstanceUID}/frames/1"
+    )
+    browser.get(server.allowed_origin)
+    ohif = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
+    multi = fetch(browser, frame_url, headers={**bearer, "Accept": ohif})
+    assert multi.get("status") == 200, multi
+    assert f"transfer-syntax={JPEG2000}" in multi["headers"]["content-type"]
+    assert len(stored) < multi["size"] < len(stored) + 400  # the codestream and its framing
+    bare = {
+        **bearer,
+        "Accept": "application/octet-stream; transfer-syntax=*",
+        "Range": "bytes=0-99",
+    }
+    part = fetch(browser, frame_url, headers=bare)
+    assert part.get("status") == 206, part
+    assert part["headers"]["content-range"] == f"bytes 0-99/{len(stored)}"
+    assert part["headers"]["accept-ranges"] == "bytes" and part["size"] == 100
