@@ -70,7 +70,7 @@ def check_csrf(request: Request, verified: Verified, sent: str | None) -> None:
     """403 unless ``sent`` is the session's CSRF token and the request comes from this origin."""
     if not same_origin(request):
         raise HTTPException(403, detail="cross-origin request with a session cookie refused")
-    if not sent or not hmac.compare_digest(sent, verified.csrf):
+    if not sent or not hmac.compare_digest(sent.encode(), verified.csrf.encode()):
         raise HTTPException(
             403,
             detail=f"missing or wrong {CSRF_HEADER} header: a state-changing request signed in "

@@ -29,6 +29,11 @@ from services.core.errors import InvalidParameter, OutputError
 
 SECRET_FILE_NAME = "session.secret"
 MIN_SECRET_CHARS = 32
+MAX_KEY_ID = 2**31  # row ids are 32-bit integers: a larger one is no key (and no query)
+
+
+def _is_number(text: str) -> bool:
+    return text.isascii() and text.isdigit() and len(text) <= 12
 
 
 def load_secret(configured: str, data_dir: Path) -> bytes:
@@ -110,15 +115,16 @@ class SessionSigner:
     def verify(self, session: Session, token: str, *, now: float | None = None) -> Verified | None:
         """The session's principal, or None when the token is forged, expired or its key revoked."""
         parts = token.split(".")
-        if len(parts) != 4 or not parts[0].isdigit() or not parts[1].isdigit():
+        if len(parts) != 4 or not all(_is_number(p) for p in parts[:2]) or not token.isascii():
             return None
         key_id, expires, nonce, mac = int(parts[0]), int(parts[1]), parts[2], parts[3]
-        if expires <= (now if now is not None else time.time()):
+        if key_id >= MAX_KEY_ID or expires <= (now if now is not None else time.time()):
             return None
         row = session.get(ApiKey, key_id)
         if row is None or row.revoked_at is not None:
             return None
-        if not hmac.compare_digest(mac, self._mac(f"{key_id}.{expires}.{nonce}", row.key_hash)):
+        expected = self._mac(f"{key_id}.{expires}.{nonce}", row.key_hash)
+        if not hmac.compare_digest(mac.encode(), expected.encode()):
             return None
         principal = Principal(name=row.name, role=Role(row.role), key_id=row.id)
         return Verified(principal=principal, csrf=self.csrf_of(nonce), expires=expires)
