@@ -26,6 +26,10 @@ class Unsatisfiable(Exception):
     """The range starts at or past the end of the body."""
 
 
+def _digits(text: str) -> bool:
+    return text.isascii() and text.isdigit()
+
+
 def parse_range(header: str | None, length: int) -> tuple[int, int] | None:
     """The one range asked for as (first, end exclusive), or None to send the whole body."""
     if header is None:
@@ -35,9 +39,9 @@ def parse_range(header: str | None, length: int) -> tuple[int, int] | None:
         return None
     first_text, dash, last_text = spec.strip().partition("-")
     first_text, last_text = first_text.strip(), last_text.strip()
-    if not dash or not (first_text.isdigit() or (not first_text and last_text.isdigit())):
+    if not dash or not (_digits(first_text) or (not first_text and _digits(last_text))):
         return None
-    if last_text and not last_text.isdigit():
+    if last_text and not _digits(last_text):
         return None
     if not first_text:  # a suffix: the last N bytes
         suffix = int(last_text)

@@ -380,6 +380,7 @@ def test_frame_numbers_out_of_range_or_malformed(
     problem(client.get(url(ds, "/frames/1,2/rendered")), 400)
     problem(client.get(url(ds, "/frames/0")), 400)
     problem(client.get(url(ds, "/frames/x")), 400)
+    problem(client.get(url(ds, "/frames/%C2%B2")), 400)  # a digit to Python, not to int()
     problem(client.get(url(ds, "/frames/2/rendered")), 404)
 
 
@@ -531,10 +532,9 @@ def test_byte_ranges_on_frames_bulk_data_and_instances(
         headers={"Accept": "application/octet-stream", "Range": f"bytes={len(whole)}-"},
     )
     assert beyond.status_code == 416 and beyond.headers["content-range"] == f"bytes */{len(whole)}"
-    for ignored in ("bytes=0-1,5-9", "items=0-1", "bytes=9-2"):
-        full = client.get(
-            url(ds, "/frames/1"), headers={"Accept": "application/octet-stream", "Range": ignored}
-        )
+    for ignored in ("bytes=0-1,5-9", "items=0-1", "bytes=9-2", "bytes=\u00b2-"):
+        octet_range = {"Accept": b"application/octet-stream", "Range": ignored.encode("latin-1")}
+        full = client.get(url(ds, "/frames/1"), headers=octet_range)
         assert full.status_code == 200 and full.content == whole, ignored
 
     # multipart answers are the same bytes each time, so ranges of them fit together

@@ -28,7 +28,7 @@ def parse_frame_list(text: str) -> list[int]:
     numbers = []
     for item in text.split(","):
         item = item.strip()
-        if not item.isdigit() or int(item) < 1:
+        if not (item.isascii() and item.isdigit()) or int(item) < 1:
             raise InvalidQuery(
                 f"frame list {text!r}: use comma-separated frame numbers from 1, e.g. 1,2"
             )
