@@ -5,7 +5,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-DEB_PACKAGES := libopenjp2-7 libopenjp2-tools dcmtk libgdcm-tools dicom3tools orthanc orthanc-dicomweb chromium chromium-driver
+DEB_PACKAGES := libopenjp2-7 libopenjp2-tools dcmtk libgdcm-tools dicom3tools orthanc orthanc-dicomweb openjph-tools chromium chromium-driver
 DEMO := var/demo
 
 .PHONY: run test lint typecheck unit bench deps clean services
@@ -76,6 +76,7 @@ test: deps lint typecheck services
 
 bench: deps
 	$(BIN)/python bench/bench_transcode.py
+	$(BIN)/python bench/bench_htj2k.py
 	$(BIN)/python bench/bench_metrics.py
 	$(BIN)/python bench/bench_inference.py
 	$(BIN)/python bench/bench_ingest.py

@@ -103,7 +103,7 @@ def test_invalid_bodies_are_problems(client: TestClient) -> None:
     invalid = status_of(InvalidParameter("x"))  # the edge's mapping for a bad parameter
     cases = [
         ({"modality": "MG", "cr": 0}, invalid, "out of range"),
-        ({"modality": "MG", "cr": 20, "syntax": "j2k-lossless"}, invalid, "means CR 1"),
+        ({"modality": "MG", "cr": 20, "syntax": "j2k-lossless"}, invalid, "cannot give CR 20"),
         ({"modality": "CR DX", "cr": 20}, invalid, "not a DICOM code"),
         ({"modality": "MG", "cr": 20, "syntax": "jpeg"}, 422, "syntax"),
         ({"modality": "MG", "cr": 20, "quiet_seconds": -1}, 422, "quiet_seconds"),
@@ -234,3 +234,28 @@ def test_openapi_documents_the_fields(client: TestClient) -> None:
     for name in ("modality", "body_part", "pediatric", "cr", "syntax", "override_reason"):
         assert fields[name].get("description"), name
     assert "/policies/presets/{name}" in client.get("/openapi.json").json()["paths"]
+
+
+def test_preset_over_http_keeps_stricter_values_and_lists_violations(client: TestClient) -> None:
+    strict = client.post("/policies", json={"modality": "CT", "pediatric": True, "cr": 4})
+    loose = client.post("/policies", json={"modality": "MG", "body_part": "*", "cr": 40})
+    assert strict.status_code == loose.status_code == 201, loose.text
+    applied = client.post("/policies/presets/CAR")
+    assert applied.status_code == 200, applied.text
+    body = applied.json()
+    (skipped,) = [s for s in body["skipped"] if s["policy_id"] == strict.json()["id"]]
+    assert (skipped["cr"], skipped["preset_cr"]) == (4, 15) and "force" in skipped["reason"]
+    assert any(f"policy {loose.json()['id']} (MG/*)" in v for v in body["violations"])
+    listed = {p["id"]: p for p in _policies(client)}
+    assert "above the maximum 25 of preset CAR" in listed[loose.json()["id"]]["violation"]
+    assert listed[strict.json()["id"]]["violation"] is None
+    assert listed[strict.json()["id"]]["cr"] == 4
+    ready = client.get("/readyz").json()
+    assert ready["policy_violations"] == 1
+    fixed = client.put(
+        f"/policies/{loose.json()['id']}", json={"override_reason": "research protocol 7"}
+    )
+    assert fixed.status_code == 200 and fixed.json()["violation"] is None
+    assert client.get("/readyz").json()["policy_violations"] == 0
+    forced = client.post("/policies/presets/CAR", params={"force": True}).json()
+    assert strict.json()["id"] in forced["updated"] and forced["skipped"] == []

@@ -23,6 +23,7 @@ from services.api.dicomweb import stow as stow_routes
 from services.core.db.tables import Instance
 from services.core.dicom.multipart import iter_multipart
 from services.core.dicom.uids import new_uid
+from services.core.pipeline import transcode_file
 from services.runtime import Runtime
 
 BOUNDARY = "crgate-test-boundary"
@@ -150,6 +151,25 @@ def test_stores_every_part_and_answers_with_references(
         assert row is not None and row.channel == "stow" and row.source == "testclient"
     assert stored_files(state)[0].read_bytes() in {p.read_bytes() for p in tiny_study_files}
     assert_nothing_left(state)
+
+
+@SQLITE_ONLY
+def test_htj2k_parts_are_stored_as_received(
+    client: TestClient, state: Runtime, tiny_study_files: list[Path], tmp_path: Path
+) -> None:
+    sent = []
+    for syntax, cr in (("htj2k", 10), ("htj2k-lossless", 1), ("htj2k-rpcl", 1)):
+        out = tmp_path / f"{syntax}.dcm"
+        transcode_file(tiny_study_files[0], out, cr=cr, syntax=syntax)
+        if syntax != "htj2k":  # a lossless copy keeps its UID: give each its own
+            ds = pydicom.dcmread(out)
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = new_uid()
+            ds.save_as(out, enforce_file_format=True)
+        sent.append(out.read_bytes())
+    response = stow(client, *sent)
+    assert response.status_code == 200, response.text
+    assert FAILED_SOP_SEQUENCE not in response.json() and len(referenced(response)) == 3
+    assert sorted(p.read_bytes() for p in stored_files(state)) == sorted(sent)
 
 
 @SQLITE_ONLY

@@ -22,8 +22,16 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.encaps import get_frame
-from pydicom.uid import JPEG2000, ExplicitVRLittleEndian, JPEG2000Lossless
+from pydicom.uid import (
+    HTJ2K,
+    JPEG2000,
+    ExplicitVRLittleEndian,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    JPEG2000Lossless,
+)
 
+from services.core.codecs.codestream import read_main_header
 from services.core.codecs.openjpeg import decode_codestream
 from services.core.ingest import Channel
 from services.runtime import Runtime
@@ -213,6 +221,29 @@ def test_jpeg2000_transfer_syntaxes_are_lossless_and_gdcm_decodes_them(
     for d in j2k:
         assert d.file_meta.TransferSyntaxUID == JPEG2000
         assert np.array_equal(d.pixel_array, study[str(d.SOPInstanceUID)].pixel_array)
+
+
+@pytest.mark.parametrize(
+    ("uid", "rpcl"),
+    [(HTJ2KLossless, False), (HTJ2KLosslessRPCL, True), (HTJ2K, False)],
+)
+def test_htj2k_transfer_syntaxes_are_lossless(
+    study: dict[str, Dataset], client: TestClient, uid: str, rpcl: bool
+) -> None:
+    """Each HTJ2K syntax (dicomweb-client 0.59 does not know them: plain HTTP); pixels come back
+    exact (reversible HT, under .203 as well), .202 with its RPCL options, the UID kept."""
+    ds = first(study)
+    response = client.get(url(ds), headers={"Accept": DICOM_TS.format(uid)})
+    assert response.status_code == 200, response.text
+    ((ctype, body),) = split_multipart(response)
+    assert ctype == f"application/dicom; transfer-syntax={uid}"
+    got = pydicom.dcmread(io.BytesIO(body))
+    assert got.file_meta.TransferSyntaxUID == uid
+    assert got.SOPInstanceUID == ds.SOPInstanceUID and got.LossyImageCompression == "00"
+    assert np.array_equal(got.pixel_array, ds.pixel_array)
+    header = read_main_header(get_frame(got.PixelData, 0, number_of_frames=1))
+    assert header.high_throughput and header.reversible and header.tlm == rpcl
+    assert header.precision == (int(ds.BitsStored),)
 
 
 def test_stored_jpeg2000_instance_as_stored_and_decompressed(

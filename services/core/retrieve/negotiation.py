@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from pydicom.uid import JPEG2000, UID, ExplicitVRLittleEndian, JPEG2000Lossless
 
+from services.core.codecs import OutputSyntax
 from services.core.dicom.mediatype import (
     DICOM,
     DICOM_JSON,
@@ -24,7 +25,8 @@ from services.core.retrieve.errors import NotAcceptable
 
 AS_STORED = "*"
 J2K_SYNTAXES = frozenset({JPEG2000Lossless, JPEG2000})
-TRANSCODABLE = (ExplicitVRLittleEndian, JPEG2000Lossless, JPEG2000)
+TRANSCODABLE = (ExplicitVRLittleEndian, *(s.uid for s in OutputSyntax))
+"""Whole instances can be sent in these (pixels coded reversibly); any other only as stored."""
 
 
 @dataclass(frozen=True)
