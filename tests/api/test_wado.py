@@ -31,9 +31,12 @@ from pydicom.uid import (
     JPEG2000Lossless,
 )
 
+from services.core.codecs import OutputSyntax
 from services.core.codecs.codestream import read_main_header
 from services.core.codecs.openjpeg import decode_codestream
 from services.core.ingest import Channel
+from services.core.pipeline import transcode_file
+from services.core.ratio import CompressionRatio
 from services.runtime import Runtime
 from tests.dicomtools import gdcm_decode
 
@@ -580,3 +583,20 @@ def test_byte_ranges_on_frames_bulk_data_and_instances(
         assert [h.status_code for h in halves] == [206, 206], tail
         assert halves[0].content + halves[1].content == body, tail
         assert halves[1].headers["content-type"] == full.headers["content-type"], tail
+
+
+def test_htj2k_frames_go_out_as_stored_for_transfer_syntax_star(
+    state: Runtime, client: TestClient, tiny_study_files: list[Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "ht.dcm"
+    transcode_file(tiny_study_files[0], out, cr=CompressionRatio(10), syntax=OutputSyntax.HTJ2K)
+    original = ingest(state, out)
+    syntax = str(original.file_meta.TransferSyntaxUID)
+    assert syntax in (HTJ2K, HTJ2KLossless)  # lossless when it fits the CR's byte budget
+    response = client.get(url(original, "/frames/1"), headers={"Accept": OHIF_FRAMES})
+    assert split_multipart(response) == [
+        (
+            f"application/octet-stream; transfer-syntax={syntax}",
+            get_frame(original.PixelData, 0, number_of_frames=1),
+        )
+    ]
