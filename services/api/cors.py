@@ -20,8 +20,10 @@ from starlette.routing import Route
 
 from services.api.problems import problem
 
-ALLOW_HEADERS = "Authorization, Accept, Content-Type, Range"
-EXPOSE_HEADERS = "Content-Type, Warning, Location, Content-Location, Content-Range, Accept-Ranges"
+ALLOW_HEADERS = "Authorization, Accept, Content-Type, Range, If-Range, If-None-Match"
+EXPOSE_HEADERS = (
+    "Content-Type, Warning, Location, Content-Location, Content-Range, Accept-Ranges, ETag"
+)
 MAX_AGE_SECONDS = 600
 
 

@@ -1,16 +1,17 @@
 """HTTP range requests (RFC 9110 section 14) on a body whose bytes are known before it is sent.
 
 A body is a list of segments, each bytes or a whole file read when sent, so a stored instance
-is never held in memory. One ``bytes=first-last``, ``bytes=first-`` or ``bytes=-suffix`` range
-is answered 206 with Content-Range; a range that starts past the end 416 with
-``Content-Range: bytes */<length>``; several ranges, a malformed header, or an If-Range (there
-is no validator to compare it with) get the whole body, 200, as RFC 9110 allows. Every answer
-says ``Accept-Ranges: bytes``.
+is never held in memory; an entity tag names its exact bytes. One ``bytes=first-last``,
+``bytes=first-`` or ``bytes=-suffix`` range is answered 206 with Content-Range; a range that
+starts past the end 416 with ``Content-Range: bytes */<length>``; several ranges, a malformed
+header, or an If-Range that is not the current ETag get the whole body, 200, as RFC 9110
+allows. If-None-Match with the current ETag gets 304. Every answer says
+``Accept-Ranges: bytes``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from fastapi import Request, Response
@@ -82,16 +83,29 @@ def iter_segments(segments: Sequence[Segment], first: int, end: int) -> Iterator
                 yield data
 
 
+def _matches(header: str | None, tag: str) -> bool:
+    """If-None-Match: ``*`` or any of its entity tags, compared weakly (RFC 9110 13.1.2)."""
+    if header is None:
+        return False
+    tags = [t.strip().removeprefix("W/") for t in header.split(",")]
+    return "*" in tags or tag in tags
+
+
 def ranged_response(
     request: Request,
     segments: Sequence[Segment],
     media_type: str,
-    headers: Mapping[str, str] | None = None,
+    etag: str,
 ) -> Response:
-    """The body (200) or the byte range the request asks for (206, or 416)."""
+    """The body (200), the byte range the request asks for (206, or 416), or 304 when the
+    client's copy (If-None-Match) is current; ``etag`` names these exact bytes."""
+    tag = f'"{etag}"'
+    out = {"Accept-Ranges": "bytes", "ETag": tag}
+    if _matches(request.headers.get("if-none-match"), tag):
+        return Response(status_code=304, headers=out)
     length = sum(_size(s) for s in segments)
-    out = {"Accept-Ranges": "bytes", **(headers or {})}
-    header = None if "if-range" in request.headers else request.headers.get("range")
+    if_range = request.headers.get("if-range")
+    header = request.headers.get("range") if if_range in (None, tag) else None
     try:
         wanted = parse_range(header, length)
     except Unsatisfiable:

@@ -48,7 +48,9 @@ def test_preflight_from_an_allowed_origin_header_by_header(cors_client: TestClie
     h = response.headers
     assert h["access-control-allow-origin"] == ALLOWED
     assert h["access-control-allow-methods"] == "GET, OPTIONS, POST"
-    assert h["access-control-allow-headers"] == "Authorization, Accept, Content-Type, Range"
+    assert h["access-control-allow-headers"] == (
+        "Authorization, Accept, Content-Type, Range, If-Range, If-None-Match"
+    )
     assert h["access-control-max-age"] == "600"
     exposed = [v.strip() for v in h["access-control-expose-headers"].split(",")]
     assert exposed[:4] == ["Content-Type", "Warning", "Location", "Content-Location"]

@@ -583,6 +583,18 @@ def test_byte_ranges_on_frames_bulk_data_and_instances(
         assert [h.status_code for h in halves] == [206, 206], tail
         assert halves[0].content + halves[1].content == body, tail
         assert halves[1].headers["content-type"] == full.headers["content-type"], tail
+        # the ETag names these bytes: revalidation, and If-Range against it
+        etag = full.headers["etag"]
+        assert etag.startswith('"') and halves[0].headers["etag"] == etag, tail
+        assert client.get(url(ds, tail), headers={"If-None-Match": etag}).status_code == 304
+        assert client.get(url(ds, tail), headers={"If-None-Match": '"old"'}).status_code == 200
+        current = client.get(url(ds, tail), headers={"Range": "bytes=0-9", "If-Range": etag})
+        assert current.status_code == 206 and current.content == body[:10], tail
+        stale = client.get(url(ds, tail), headers={"Range": "bytes=0-9", "If-Range": '"old"'})
+        assert stale.status_code == 200 and stale.content == body, tail
+    bare = client.get(url(ds, "/frames/1"), headers={"Accept": "application/octet-stream"})
+    multi = client.get(url(ds, "/frames/1"))
+    assert bare.headers["etag"] != multi.headers["etag"]  # two representations, two tags
 
 
 def test_htj2k_frames_go_out_as_stored_for_transfer_syntax_star(

@@ -301,7 +301,9 @@ def test_cors_from_an_allowed_origin_and_a_refused_one(
     h = preflight.headers
     assert h["access-control-allow-origin"] == server.allowed_origin
     assert h["access-control-allow-methods"] == "GET, OPTIONS, POST"
-    assert h["access-control-allow-headers"] == "Authorization, Accept, Content-Type, Range"
+    assert h["access-control-allow-headers"] == (
+        "Authorization, Accept, Content-Type, Range, If-Range, If-None-Match"
+    )
     assert h["access-control-max-age"] == "600"
     assert h["access-control-expose-headers"].startswith(
         "Content-Type, Warning, Location, Content-Location"

@@ -109,12 +109,12 @@ def _frames_response(request: Request, data: list[bytes], fmt: FrameFormat) -> R
     """Frames or bulk data: a bare part when asked so, else multipart; byte ranges either way."""
     if fmt.single_part:
         _check_single(fmt, len(data))
-        return ranged_response(request, data, fmt.content_type)
-    boundary = stable_boundary(*data)
+        etag = stable_boundary("single part", fmt.content_type, *data)
+        return ranged_response(request, data, fmt.content_type, etag)
+    boundary = stable_boundary(fmt.content_type, *data)  # also the ETag: it fixes the bytes
     body = _framed([(fmt.content_type, d) for d in data], boundary)
-    return ranged_response(
-        request, body, _related_type(fmt.media_type, boundary, fmt.transfer_syntax)
-    )
+    media_type = _related_type(fmt.media_type, boundary, fmt.transfer_syntax)
+    return ranged_response(request, body, media_type, boundary)
 
 
 # -- instances ---------------------------------------------------------------------------------
@@ -155,10 +155,9 @@ async def _instances_response(
     first = await run_in_threadpool(_dicom_part, instances[0], target, threads)
     if len(instances) == 1 or all(target in (AS_STORED, i.transfer_syntax_uid) for i in instances):
         parts = [first] + [_dicom_part(i, target, threads) for i in instances[1:]]
-        boundary = stable_boundary(*(_identity(body) for _, body in parts))
-        return ranged_response(
-            request, _framed(parts, boundary), _related_type(DICOM, boundary, syntax)
-        )
+        boundary = stable_boundary(target, *(_identity(body) for _, body in parts))
+        media_type = _related_type(DICOM, boundary, syntax)
+        return ranged_response(request, _framed(parts, boundary), media_type, boundary)
     rest = (_streamed(_dicom_part(i, target, threads)) for i in instances[1:])
     boundary = new_boundary()
     what = f"sop={sop}" if sop else f"series={series}" if series else f"study={study}"
