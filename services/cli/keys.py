@@ -71,7 +71,8 @@ def keys_revoke(
     key: Annotated[str, typer.Argument(help="the key's id or prefix (see `crgate keys list`)")],
     data_dir: DataDir = None,
 ) -> None:
-    """Revoke a key: requests with it get 401 from now on."""
+    """Revoke a key: requests with it, and browser sessions logged in with it, get 401 from now
+    on."""
     from services.core.auth import revoke_key
 
     try:
@@ -81,4 +82,4 @@ def keys_revoke(
             key_id, name = row.id, row.name
     except CrgateError as exc:
         raise fail(str(exc), exc.exit_code) from None
-    err.print(f"revoked key {key_id} ({name!r})")
+    err.print(f"revoked key {key_id} ({name!r}); its browser sessions end too")

@@ -78,6 +78,23 @@ class Settings(BaseSettings):
         "stale jobs are checked (env CRGATE_ARRIVAL_SWEEP_SECONDS, name kept for users)",
     )
 
+    cors_origins: str = Field(
+        "",
+        description="comma-separated origins (scheme://host[:port]) whose pages may call the "
+        "API with a Bearer key (CORS); empty allows none",
+    )
+    session_hours: float = Field(
+        8.0, gt=0, le=24 * 30, description="how long a browser session (/login) lasts"
+    )
+    session_secret: str = Field(
+        "",
+        description="key that signs session cookies; empty = <data-dir>/session.secret, "
+        "created on first use (give every API process of one deployment the same)",
+    )
+    secure_cookies: bool = Field(
+        False, description="mark session cookies Secure (set when crgate is reached over HTTPS)"
+    )
+
     @property
     def effective_database_url(self) -> str:
         if self.database_url:
@@ -91,6 +108,11 @@ class Settings(BaseSettings):
     @property
     def allowed_host_set(self) -> frozenset[str]:
         return frozenset(t.strip() for t in self.allowed_hosts.split(",") if t.strip())
+
+    @property
+    def cors_origin_set(self) -> frozenset[str]:
+        """The CORS allow-list, each origin without a trailing slash."""
+        return frozenset(o.strip().rstrip("/") for o in self.cors_origins.split(",") if o.strip())
 
 
 @lru_cache(maxsize=1)

@@ -28,7 +28,7 @@ def parse_frame_list(text: str) -> list[int]:
     numbers = []
     for item in text.split(","):
         item = item.strip()
-        if not item.isdigit() or int(item) < 1:
+        if not (item.isascii() and item.isdigit()) or int(item) < 1:
             raise InvalidQuery(
                 f"frame list {text!r}: use comma-separated frame numbers from 1, e.g. 1,2"
             )
@@ -51,18 +51,20 @@ def check_frames(instance: StoredInstance, numbers: Sequence[int]) -> None:
 def extract_frames(
     instance: StoredInstance, numbers: Sequence[int], fmt: FrameFormat, *, threads: int = 0
 ) -> list[bytes]:
-    """The requested frames (1-based) as ``fmt`` says: raw little endian or J2K codestreams."""
+    """The requested frames (1-based) as ``fmt`` says: raw little endian, the stored
+    codestreams (``fmt`` names the stored encapsulated syntax) or J2K codestreams."""
     check_frames(instance, numbers)
     ds = read_instance(instance)
-    if fmt.media_type == OCTET:
-        return [_native_frame(ds, n - 1, instance.source) for n in numbers]
     stored = UID(ds.file_meta.TransferSyntaxUID)
-    reuse = stored == fmt.transfer_syntax or (
-        stored == JPEG2000Lossless and fmt.transfer_syntax == JPEG2000
+    reuse = stored.is_encapsulated and (
+        stored == fmt.transfer_syntax
+        or (stored == JPEG2000Lossless and fmt.transfer_syntax == JPEG2000)
     )
-    if reuse:
+    if reuse:  # the stored codestream as it is: nothing decoded, whatever the codec
         frames = instance.frames
         return [get_frame(ds.PixelData, n - 1, number_of_frames=frames) for n in numbers]
+    if fmt.media_type == OCTET:
+        return [_native_frame(ds, n - 1, instance.source) for n in numbers]
     layout = replace(layout_of(ds, instance.source), frames=1)
     out = []
     for n in numbers:

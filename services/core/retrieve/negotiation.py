@@ -6,7 +6,7 @@ import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
-from pydicom.uid import JPEG2000, ExplicitVRLittleEndian, JPEG2000Lossless
+from pydicom.uid import JPEG2000, UID, ExplicitVRLittleEndian, JPEG2000Lossless
 
 from services.core.codecs import OutputSyntax
 from services.core.dicom.mediatype import (
@@ -116,7 +116,8 @@ class FrameFormat:
     """How frames (and Pixel Data as bulk data) are sent."""
 
     media_type: str  # OCTET or JP2
-    transfer_syntax: str
+    transfer_syntax: str  # a compressed one: the stored fragments as they are (or J2K made)
+    single_part: bool = False  # the client asked for the bare frame, not multipart/related
 
     @property
     def content_type(self) -> str:
@@ -127,32 +128,34 @@ FRAME_OFFERS = [
     multipart_offer(OCTET, ExplicitVRLittleEndian),
     multipart_offer(JP2, JPEG2000Lossless),
     multipart_offer(JP2, JPEG2000),
+    multipart_offer(OCTET, AS_STORED),
 ]
+_SINGLE_PART = (OCTET, JP2)
 
 
 def negotiate_frames(accept: str | None, stored: str) -> FrameFormat:
-    """Uncompressed by default; JPEG 2000 (as stored when it is) for image/jp2 or a J2K syntax."""
-    uncompressed = FrameFormat(OCTET, ExplicitVRLittleEndian)
+    """Uncompressed by default; the stored codestream for ``transfer-syntax=*`` or the stored
+    syntax named; JPEG 2000 (as stored when it is) for image/jp2 or a J2K syntax. A bare
+    ``application/octet-stream`` or ``image/jp2`` (no multipart) asks for a single part."""
+    encapsulated = bool(stored) and UID(stored).is_encapsulated
     stored_j2k = stored if stored in J2K_SYNTAXES else None
     for r in parse_accept(accept, FRAME_OFFERS) or [MediaRange("*/*", {}, 1.0)]:
-        part = _part_type(r, OCTET)
+        single = r.media_type in _SINGLE_PART
+        part = r.media_type if single else _part_type(r, OCTET)
         syntax = r.params.get("transfer-syntax")
-        if part == OCTET and syntax in (None, AS_STORED, ExplicitVRLittleEndian):
+        uncompressed = FrameFormat(OCTET, ExplicitVRLittleEndian, single)
+        if encapsulated and syntax in (AS_STORED, stored):
+            if part in (OCTET, JP2) and (part == OCTET or stored_j2k):
+                return FrameFormat(str(part), stored, single)
+            if part == "*/*":
+                return FrameFormat(JP2 if stored_j2k else OCTET, stored, single)
+        if part in (OCTET, "*/*") and syntax in (None, AS_STORED, ExplicitVRLittleEndian):
             return uncompressed
-        if part in (JP2, "image/*"):
-            if syntax is None:
-                return FrameFormat(JP2, stored_j2k or JPEG2000Lossless)
-            if syntax == AS_STORED and stored_j2k:
-                return FrameFormat(JP2, stored_j2k)
+        if part in (JP2, "image/*", "*/*"):
+            if syntax is None and part != "*/*":
+                return FrameFormat(JP2, stored_j2k or JPEG2000Lossless, single)
             if syntax in J2K_SYNTAXES:
-                return FrameFormat(JP2, syntax)
-        if part == "*/*":
-            if syntax in (None, ExplicitVRLittleEndian):
-                return uncompressed
-            if syntax == AS_STORED:
-                return FrameFormat(JP2, stored_j2k) if stored_j2k else uncompressed
-            if syntax in J2K_SYNTAXES:
-                return FrameFormat(JP2, syntax)
+                return FrameFormat(JP2, str(syntax), single)
     raise NotAcceptable(f"cannot send frames as {accept!r}", FRAME_OFFERS)
 
 
