@@ -612,3 +612,44 @@ def test_htj2k_frames_go_out_as_stored_for_transfer_syntax_star(
             get_frame(original.PixelData, 0, number_of_frames=1),
         )
     ]
+
+
+@pytest.mark.parametrize(
+    ("accept", "media", "syntax"),
+    [
+        ('multipart/related; type="image/jphc"', "image/jphc", HTJ2KLossless),
+        ('multipart/related; type="image/jhc"', "image/jhc", HTJ2KLossless),
+        (
+            f'multipart/related; type="image/jphc"; transfer-syntax={HTJ2KLosslessRPCL}',
+            "image/jphc",
+            HTJ2KLosslessRPCL,
+        ),
+        (f'multipart/related; type="*/*"; transfer-syntax={HTJ2K}', "image/jphc", HTJ2K),
+    ],
+)
+def test_frames_as_htj2k_codestreams(
+    study: dict[str, Dataset], client: TestClient, accept: str, media: str, syntax: str
+) -> None:
+    """Frames of a natively stored instance, asked for as HTJ2K (image/jphc, or image/jhc as
+    some viewers send it): a lossless HT codestream declaring Bits Stored, exact pixels."""
+    ds = first(study)
+    response = client.get(url(ds, "/frames/1"), headers={"Accept": accept})
+    assert response.status_code == 200, response.text
+    ((ctype, body),) = split_multipart(response)
+    assert ctype == f"{media}; transfer-syntax={syntax}"
+    header = read_main_header(body)
+    assert header.high_throughput and header.reversible
+    assert header.precision == (int(ds.BitsStored),)
+    assert header.tlm == (syntax == HTJ2KLosslessRPCL)
+    np.testing.assert_array_equal(decode_codestream(body), ds.pixel_array)
+
+
+def test_a_bare_image_jphc_answers_the_frame(study: dict[str, Dataset], client: TestClient) -> None:
+    ds = first(study)
+    response = client.get(url(ds, "/frames/1"), headers={"Accept": "image/jphc"})
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == f"image/jphc; transfer-syntax={HTJ2KLossless}"
+    np.testing.assert_array_equal(decode_codestream(response.content), ds.pixel_array)
+    refused = client.get(url(ds, "/frames/1"), headers={"Accept": "image/webp"})
+    assert refused.status_code == 406
+    assert any("image/jphc" in offer for offer in refused.json()["offered"])

@@ -6,14 +6,24 @@ import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
-from pydicom.uid import JPEG2000, UID, ExplicitVRLittleEndian, JPEG2000Lossless
+from pydicom.uid import (
+    HTJ2K,
+    JPEG2000,
+    UID,
+    ExplicitVRLittleEndian,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    JPEG2000Lossless,
+)
 
 from services.core.codecs import OutputSyntax
 from services.core.dicom.mediatype import (
     DICOM,
     DICOM_JSON,
+    JHC,
     JP2,
     JPEG,
+    JPHC,
     OCTET,
     PNG,
     is_media_type,
@@ -115,7 +125,7 @@ def negotiate_instances(accept: str | None, stored: Collection[str]) -> str:
 class FrameFormat:
     """How frames (and Pixel Data as bulk data) are sent."""
 
-    media_type: str  # OCTET or JP2
+    media_type: str  # OCTET, or a codestream type (image/jp2, image/jphc, image/jhc)
     transfer_syntax: str  # a compressed one: the stored fragments as they are (or J2K made)
     single_part: bool = False  # the client asked for the bare frame, not multipart/related
 
@@ -128,34 +138,55 @@ FRAME_OFFERS = [
     multipart_offer(OCTET, ExplicitVRLittleEndian),
     multipart_offer(JP2, JPEG2000Lossless),
     multipart_offer(JP2, JPEG2000),
+    multipart_offer(JPHC, HTJ2KLossless),
+    multipart_offer(JPHC, HTJ2KLosslessRPCL),
+    multipart_offer(JPHC, HTJ2K),
     multipart_offer(OCTET, AS_STORED),
 ]
-_SINGLE_PART = (OCTET, JP2)
+CODESTREAM_SYNTAXES = {
+    JP2: (JPEG2000Lossless, JPEG2000),
+    JPHC: (HTJ2KLossless, HTJ2KLosslessRPCL, HTJ2K),
+    JHC: (HTJ2KLossless, HTJ2KLosslessRPCL, HTJ2K),
+}
+"""Frame media types that carry codestreams, and their syntaxes (the first is the default)."""
+_SINGLE_PART = (OCTET, *CODESTREAM_SYNTAXES)
+
+
+def _family(syntax: str | None) -> str | None:
+    """The codestream media type of a syntax (image/jp2 or image/jphc), if it has one."""
+    return next((m for m, family in CODESTREAM_SYNTAXES.items() if syntax in family), None)
 
 
 def negotiate_frames(accept: str | None, stored: str) -> FrameFormat:
     """Uncompressed by default; the stored codestream for ``transfer-syntax=*`` or the stored
-    syntax named; JPEG 2000 (as stored when it is) for image/jp2 or a J2K syntax. A bare
-    ``application/octet-stream`` or ``image/jp2`` (no multipart) asks for a single part."""
+    syntax named; JPEG 2000 for image/jp2 and HTJ2K for image/jphc (or image/jhc), as stored
+    when it is of that family, else a lossless encode. A bare ``application/octet-stream``,
+    ``image/jp2`` or ``image/jphc`` (no multipart) asks for a single part."""
     encapsulated = bool(stored) and UID(stored).is_encapsulated
-    stored_j2k = stored if stored in J2K_SYNTAXES else None
     for r in parse_accept(accept, FRAME_OFFERS) or [MediaRange("*/*", {}, 1.0)]:
         single = r.media_type in _SINGLE_PART
         part = r.media_type if single else _part_type(r, OCTET)
         syntax = r.params.get("transfer-syntax")
         uncompressed = FrameFormat(OCTET, ExplicitVRLittleEndian, single)
+        family = CODESTREAM_SYNTAXES.get(str(part), ())
         if encapsulated and syntax in (AS_STORED, stored):
-            if part in (OCTET, JP2) and (part == OCTET or stored_j2k):
+            if part == OCTET or stored in family:
                 return FrameFormat(str(part), stored, single)
             if part == "*/*":
-                return FrameFormat(JP2 if stored_j2k else OCTET, stored, single)
+                return FrameFormat(_family(stored) or OCTET, stored, single)
         if part in (OCTET, "*/*") and syntax in (None, AS_STORED, ExplicitVRLittleEndian):
             return uncompressed
-        if part in (JP2, "image/*", "*/*"):
-            if syntax is None and part != "*/*":
-                return FrameFormat(JP2, stored_j2k or JPEG2000Lossless, single)
-            if syntax in J2K_SYNTAXES:
-                return FrameFormat(JP2, str(syntax), single)
+        if family:
+            if syntax is None:
+                return FrameFormat(str(part), stored if stored in family else family[0], single)
+            if syntax in family:
+                return FrameFormat(str(part), str(syntax), single)
+        if part in ("image/*", "*/*"):
+            media = _family(syntax)
+            if syntax is None and part == "image/*":
+                return FrameFormat(JP2, stored if stored in J2K_SYNTAXES else JPEG2000Lossless)
+            if media is not None:
+                return FrameFormat(media, str(syntax), single)
     raise NotAcceptable(f"cannot send frames as {accept!r}", FRAME_OFFERS)
 
 
