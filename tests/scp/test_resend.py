@@ -1,6 +1,7 @@
 """Re-sends through dcmtk's storescu: the same instance in another transfer syntax is a
 duplicate (success, nothing rewritten); other content under a stored SOP Instance UID follows
-CRGATE_DUPLICATE_POLICY (keep-first: warning 0xB000 with a comment; refuse: 0xC010)."""
+CRGATE_DUPLICATE_POLICY (keep-first: warning 0xB000 with a comment; refuse, 0xC010:
+tests/scp/test_store.py)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,6 @@ import pydicom
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
-from services.core.config import DuplicatePolicy
-from services.core.ingest import Ingestor
 from services.core.storage import InstanceStore
 from services.scp.server import ScpServer
 from tests.scp.conftest import stored_rows
@@ -74,26 +73,5 @@ def test_other_content_keeps_the_stored_instance_with_a_warning(
     (status,) = statuses(text)
     assert status.startswith("0xb000"), text
     assert "already stored with other content; stored one kept" in text
-    (row,) = stored_rows(sessions)
-    assert store.absolute(row.path).read_bytes() == before
-
-
-def test_other_content_is_refused_with_policy_refuse(
-    scp: ScpServer,
-    ingestor: Ingestor,
-    tiny_study_files: list[Path],
-    sessions: sessionmaker[Session],
-    store: InstanceStore,
-    tmp_path: Path,
-) -> None:
-    ingestor.duplicate_policy = DuplicatePolicy.REFUSE  # what CRGATE_DUPLICATE_POLICY=refuse builds
-    first = storescu(scp.port, tiny_study_files[:1])
-    assert stored_ok(first, 1), output(first)
-    (row,) = stored_rows(sessions)
-    before = store.absolute(row.path).read_bytes()
-    again = storescu(scp.port, [_altered(tiny_study_files[0], tmp_path)])
-    (status,) = statuses(output(again))
-    assert status.startswith("0xc010"), output(again)
-    assert "already stored with other content" in output(again)
     (row,) = stored_rows(sessions)
     assert store.absolute(row.path).read_bytes() == before
