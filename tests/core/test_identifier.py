@@ -85,6 +85,15 @@ def test_what_cannot_be_answered_names_the_element(
     assert raised.value.tags
 
 
+def test_a_bad_patient_value_is_not_repeated_in_the_error() -> None:
+    with pytest.raises(IdentifierError, match="PatientBirthDate") as raised:
+        find_request(
+            identifier(QueryRetrieveLevel="STUDY", PatientBirthDate="19701301-19711231"),
+            Model.STUDY_ROOT,
+        )
+    assert "1970" not in str(raised.value) and "1971" not in str(raised.value)
+
+
 def test_sequence_matching_is_refused() -> None:
     item = identifier(CodeValue="123")
     with pytest.raises(IdentifierError, match="sequence") as raised:

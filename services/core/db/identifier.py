@@ -15,6 +15,7 @@ the matches.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -176,10 +177,22 @@ def _add_matching(query: Query, matching: list[tuple[DataElement, str]]) -> None
             attr = matching_attribute(element.keyword, query.level)
             values = match_values(attr, [text])
         except InvalidParameter as exc:
-            raise IdentifierError(str(exc), [element.tag]) from None
+            message = _without_patient_data(str(exc), element, text)
+            raise IdentifierError(message, [element.tag]) from None
         query.fields.add(attr.keyword)
         if values:
             query.filters.append((attr, values))
+
+
+def _without_patient_data(message: str, element: DataElement, text: str) -> str:
+    """``message`` with the value of a patient attribute blanked out: errors are logged and sent
+    back, and neither carries a patient's name, ID or birth date."""
+    if not element.keyword.startswith("Patient"):
+        return message
+    for piece in sorted(re.split(r"[-\\,]", text), key=len, reverse=True):
+        if piece:
+            message = message.replace(piece, "...")
+    return message
 
 
 def _text(element: DataElement) -> str:
