@@ -412,3 +412,52 @@ def test_a_missing_file_is_one_failed_sub_operation(
     assert final_status(text) == "0xb000", text
     assert suboperations(proc) == {"Remaining": 0, "Completed": 3, "Failed": 1, "Warning": 0}
     assert lost.sop_instance_uid not in _received(tmp_path / "got")
+
+
+def test_c_cancel_stops_a_get(scp: ScpServer, studies: list[Path]) -> None:
+    """A pynetdicom C-GET SCU sends C-CANCEL while it receives the first instance: Cancel
+    (0xFE00) with the counts, and no further instance arrives."""
+    first = pydicom.dcmread(studies[0])
+    received: list[str] = []
+    context_id: list[int] = []
+
+    def on_store(event: Any) -> int:
+        received.append(str(event.request.AffectedSOPInstanceUID))
+        if len(received) == 1:
+            event.assoc.send_c_cancel(1, context_id[0])
+        return 0x0000
+
+    ae = AE(ae_title="GETTER")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    ae.add_requested_context(first.SOPClassUID, ExplicitVRLittleEndian)
+    assoc = ae.associate(
+        "127.0.0.1",
+        scp.port,
+        ae_title="CRGATE",
+        ext_neg=[build_role(first.SOPClassUID, scp_role=True)],
+        evt_handlers=[(evt.EVT_C_STORE, on_store)],
+    )
+    assert assoc.is_established
+    context_id.extend(
+        cx.context_id
+        for cx in assoc.accepted_contexts
+        if cx.abstract_syntax == StudyRootQueryRetrieveInformationModelGet
+    )
+    identifier = pydicom.Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.StudyInstanceUID = first.StudyInstanceUID
+    try:
+        answers = [
+            status
+            for status, _ in assoc.send_c_get(
+                identifier, StudyRootQueryRetrieveInformationModelGet, msg_id=1
+            )
+            if status
+        ]
+    finally:
+        assoc.release()
+    final = answers[-1]
+    assert final.Status == 0xFE00, [hex(a.Status) for a in answers]
+    assert len(received) < 4
+    assert final.NumberOfCompletedSuboperations == len(received)
+    assert final.NumberOfRemainingSuboperations == 4 - len(received)
