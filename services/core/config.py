@@ -11,10 +11,15 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class DuplicatePolicy(StrEnum):
-    """What a second, different instance with an already stored SOP Instance UID does."""
+    """What a second, different instance with an already stored SOP Instance UID does.
 
-    KEEP_FIRST = "keep-first"  # refuse it with a clear reason
+    The same data set again (in any transfer syntax) is always a duplicate: success, nothing
+    rewritten. This policy is only about different content under a stored UID.
+    """
+
+    KEEP_FIRST = "keep-first"  # keep the stored one; answer with a warning (C-STORE 0xB000)
     REPLACE = "replace"  # store it; the old file is kept under <data-dir>/replaced/
+    REFUSE = "refuse"  # refuse it with a clear reason (C-STORE 0xC010, STOW 0x0111)
 
 
 class Settings(BaseSettings):
@@ -35,7 +40,7 @@ class Settings(BaseSettings):
         "", description="SQLAlchemy URL; empty = SQLite at <data-dir>/crgate.db"
     )
     duplicate_policy: DuplicatePolicy = Field(
-        DuplicatePolicy.KEEP_FIRST, description="same SOP Instance UID with different bytes"
+        DuplicatePolicy.KEEP_FIRST, description="same SOP Instance UID with different content"
     )
     http_port: int = Field(8080, ge=1, le=65535, description="HTTP port of `crgate api|serve`")
     http_host: str = Field("0.0.0.0", description="HTTP bind address")

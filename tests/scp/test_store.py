@@ -16,6 +16,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from sqlalchemy.orm import Session, sessionmaker
 
+from services.core.config import DuplicatePolicy
 from services.core.ingest import Channel, Ingestor
 from services.core.pipeline import transcode_file
 from services.core.storage import InstanceStore
@@ -143,9 +144,15 @@ def test_missing_pixel_data_is_refused_with_a_comment_and_the_next_association_w
 
 
 @SQLITE_ONLY
-def test_same_uid_other_content_is_refused_as_a_conflict(
-    scp: ScpServer, tiny_study_files: list[Path], sessions: sessionmaker[Session], tmp_path: Path
+def test_same_uid_other_content_is_refused_as_a_conflict_with_policy_refuse(
+    scp: ScpServer,
+    ingestor: Ingestor,
+    tiny_study_files: list[Path],
+    sessions: sessionmaker[Session],
+    tmp_path: Path,
 ) -> None:
+    """CRGATE_DUPLICATE_POLICY=refuse (keep-first, the default: tests/scp/test_resend.py)."""
+    ingestor.duplicate_policy = DuplicatePolicy.REFUSE
     ds = pydicom.dcmread(tiny_study_files[0])
     ds.SeriesDescription = "changed"
     changed = tmp_path / "changed.dcm"
