@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from services.core.errors import CrgateError, OutputError
+from services.core.inference.card import ModelCard
 from services.lab.safety.analysis import StudyResult, analyse
 from services.lab.safety.copies import CopyCache
 from services.lab.safety.labels import load_labelled_set
-from services.lab.safety.panel import SaliencyPanel, pick_case, saliency_panel
+from services.lab.safety.panel import SaliencyPanel, panel_crs, pick_case, saliency_panel
 from services.lab.safety.report import write_report
 from services.lab.safety.sweep import (
     Progress,
@@ -35,6 +36,23 @@ class SafetyStudyRun:
     sweep: SweepOutcome
     files: dict[str, str]
     out_dir: Path
+
+
+NOT_CLINICAL = "not for clinical use"
+
+
+def card_summary(card: ModelCard) -> dict[str, Any]:
+    """What the card says the model is for and was trained on (the report's top lines)."""
+    training = card.training.get("data")
+    phantom = card.training.get("phantom")
+    preset = phantom.get("preset") if isinstance(phantom, dict) else None
+    said = f"{card.intended_use} {training or ''}".lower()
+    return {
+        "intended_use": card.intended_use,
+        "training_data": None if training is None else str(training),
+        "training_preset": preset,
+        "not_for_clinical_use": NOT_CLINICAL in said,
+    }
 
 
 def run_safety_study(
@@ -78,6 +96,7 @@ def run_safety_study(
             "architecture": card.architecture,
             "saliency": classifier.saliency_method,
             "provider": classifier.provider,
+            **card_summary(card),
         },
         "data": {
             "dir": str(data_dir),
@@ -97,6 +116,7 @@ def run_safety_study(
             "encoder": config.encoder,
             "encoder_tag": cache.tag,
             "seed": config.seed,
+            "min_per_class": config.min_per_class,
         },
         "notes": notes,
     }
@@ -104,7 +124,7 @@ def run_safety_study(
     panel: SaliencyPanel | None = None
     try:
         case = pick_case(labelled.breasts, list(result.probabilities[result.crs.index(1.0)]))
-        panel = saliency_panel(classifier, case, cache)
+        panel = saliency_panel(classifier, case, cache, panel_crs(config.crs))
     except CrgateError as exc:
         notes.append(f"no saliency panel: {exc}")
     meta["run"] = {
