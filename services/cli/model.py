@@ -50,6 +50,7 @@ def classify(
     """Classify mammograms locally: transcode at the CR, infer on the compressed copy and on the
     original, print per breast both probabilities and per image the cost of the compression."""
     from services.core.dicom.io import read_dataset
+    from services.core.inference.fit import geometry_warnings
     from services.core.inference.runtime import get_classifier
     from services.core.pipeline import classify_datasets
 
@@ -62,6 +63,8 @@ def classify(
         if not files:
             raise InvalidParameter("no DICOM input files")
         datasets = [(str(f), read_dataset(f)) for f in files]
+        for line in geometry_warnings(classifier.card, datasets):
+            err.print(f"warning: {line}", markup=False, highlight=False, soft_wrap=True)
         result = classify_datasets(
             datasets,
             classifier,
