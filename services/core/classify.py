@@ -41,6 +41,7 @@ from services.core.db.tables import Instance, Job, Result, Series, Study
 from services.core.dicom.io import read_dataset
 from services.core.errors import CrgateError, InvalidInput, InvalidParameter, NotFound
 from services.core.inference.card import ModelCard, load_card
+from services.core.inference.registry import find_card
 from services.core.inference.runtime import Classifier, get_classifier
 from services.core.ingest import Channel, Ingestor
 from services.core.pipeline import Classification, TranscodeResult, classify_datasets
@@ -66,13 +67,10 @@ class JobContext:
     forward: Callable[[list[Path]], dict[str, Any]] | None = None  # C-STORE to a PACS
 
     def card_path(self, model: str) -> Path:
-        path = self.settings.models_dir / f"{model}.json"
-        if not path.is_file():
-            known = sorted(p.stem for p in self.settings.models_dir.glob("*.json"))
-            raise InvalidParameter(
-                f"unknown model {model!r}; installed models: {', '.join(known) or 'none'}"
-            )
-        return path
+        try:
+            return find_card(self.settings.models_dir, model)
+        except NotFound as exc:  # a request naming a model that is not there: a bad parameter
+            raise InvalidParameter(f"unknown model: {exc}") from None
 
     def card(self, model: str) -> ModelCard:
         return load_card(self.card_path(model))

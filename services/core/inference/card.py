@@ -73,6 +73,9 @@ class ModelCard(BaseModel):
     input_name: str = INPUT_NAME
     input_shape: list[int | str] = Field(description="[N, 1, H, W]; N is dynamic")
     outputs: dict[str, list[int | str]] = Field(description="output name -> shape")
+    probability_output: str = Field(
+        PROBABILITY_OUTPUT, description="the output that is the malignancy probability, [N]"
+    )
     saliency: str = Field(
         description="the map the service shows: gradcam or hirescam (outputs of the graph) "
         "or occlusion (computed by the runtime)"
