@@ -41,7 +41,7 @@ from services.core.db.tables import Instance, Job, Result, Series, Study
 from services.core.dicom.io import read_dataset
 from services.core.errors import CrgateError, InvalidInput, InvalidParameter, NotFound
 from services.core.inference.card import ModelCard, load_card
-from services.core.inference.registry import find_card
+from services.core.inference.registry import find_card, installed
 from services.core.inference.runtime import Classifier, get_classifier
 from services.core.ingest import Channel, Ingestor
 from services.core.pipeline import Classification, TranscodeResult, classify_datasets
@@ -69,8 +69,11 @@ class JobContext:
     def card_path(self, model: str) -> Path:
         try:
             return find_card(self.settings.models_dir, model)
-        except NotFound as exc:  # a request naming a model that is not there: a bad parameter
-            raise InvalidParameter(f"unknown model: {exc}") from None
+        except NotFound:  # a request naming a model that is not there: a bad parameter
+            known = installed(self.settings.models_dir)
+            raise InvalidParameter(
+                f"unknown model {model!r}; installed models: {', '.join(known) or 'none'}"
+            ) from None
 
     def card(self, model: str) -> ModelCard:
         return load_card(self.card_path(model))
