@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The seed study's geometry (issue 15): CNN3 trained on 3328x4096 phantoms of the subtle preset
+# (small, faint lesions closer to real findings), each view scaled to 30 % (998x1229, as the
+# seed study) before the crop, with compression augmentation over the study's CRs up to 11K
+# (the original plus one copy per breast at a drawn CR), tested at ten CRs; then the same-CR
+# experiment (one model per CR, trained and tested at that CR) on the same phantoms.
+#
+# Cost measured on 2 shared CPU cores (docs/cr-study.md, "The seed study's geometry"):
+# COST_PLACEHOLDER
+# A GPU (torch picks CUDA; onnxruntime-gpu for the tests: pip install -e '.[gpu]') and 16 cores
+# for the copies (--workers 16) are what the full count needs. The model is not shipped unless it
+# beats cnn3-phantom-v2 on the subtle preset. STUDIES, EPOCHS, STEPS, OUT override the counts.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+CRGATE=${CRGATE:-.venv/bin/crgate}
+STUDIES=${STUDIES:-700}
+EPOCHS=${EPOCHS:-18}
+STEPS=${STEPS:-800}
+OUT=${OUT:-var/seed-geometry}
+DATA=${DATA:-var/train/phantoms-3328x4096-subtle-n$STUDIES}
+test -f "$DATA/truth.csv" || "$CRGATE" synth --out-dir "$DATA" --studies "$STUDIES" \
+  --size 3328x4096 --seed 2026 --preset subtle >&2
+"$CRGATE" train --data-dir "$DATA" --arch cnn3 --name cnn3-seed-geometry --version v1 \
+  --crs 1,15,20,25,50,100,500,1000,5000,10000,11000 --lossy-copies 1 \
+  --test-crs 1,15,25,100,1000,5000,10000,11000 --resize-fraction 0.3 --align 32 --view-gap 64 \
+  --epochs "$EPOCHS" --seed 0 --out-dir "$OUT/model" --cache-dir "$OUT/cache" "$@"
+"$CRGATE" experiment same-cr --data-dir "$DATA" --out "$OUT/experiments" \
+  --crs 1,15,100,1000,5000,11000 --steps "$STEPS" --cache-dir "$OUT/cache" "$@"
