@@ -50,6 +50,19 @@ def test_cards_were_trained_on_the_default_preset(name: str) -> None:
     )
 
 
+def test_card_records_auroc_per_cr_on_both_presets() -> None:
+    extra = load_card(MODELS / "cnn3-phantom-v2.json").model_extra or {}
+    checks = {c["preset"]: c for c in extra["phantom_checks"]}
+    assert set(checks) == {"default", "subtle"}
+    for check in checks.values():
+        crs = [row["cr"] for row in check["auroc"]]
+        assert crs == [1.0, 15.0, 25.0, 100.0, 1000.0, 5000.0, 11000.0]
+        assert all(r["ci_low"] <= r["value"] <= r["ci_high"] for r in check["auroc"])
+    default = {r["cr"]: r for r in checks["default"]["auroc"]}
+    assert default[1.0]["value"] >= 0.85 and default[25.0]["value"] >= 0.85
+    assert checks["subtle"]["study_status"] == "no-recommendation"
+
+
 def test_subtle_preset_keeps_the_harder_lesions(tmp_path: Path) -> None:
     subtle = PhantomConfig.from_overrides({}, preset="subtle")
     default = PhantomConfig()
