@@ -178,6 +178,8 @@ def test_results_are_consistent(study: Study) -> None:
     rcr = next(g for g in data["guidelines"]["presets"] if g["preset"] == "RCR")
     assert rcr["tested"] and rcr["non_inferior"] == verdicts[20.0]
     assert rcr["within_recommendation"] is None
+    assert data["data"]["phantom_preset"] == "default"
+    assert not any("preset" in note for note in data["notes"])  # the model's own preset
     assert data["model"]["not_for_clinical_use"] is True
     assert data["model"]["intended_use"] == card.intended_use
     assert data["model"]["training_data"] == card.training["data"]
@@ -189,9 +191,11 @@ def test_results_are_consistent(study: Study) -> None:
 
 
 def test_two_studies_get_no_recommendation(tmp_path: Path) -> None:
-    """The issue's case: 2 studies (4 breasts) printed a big green "recommended CR: 100"."""
+    """The issue's case: 2 studies (4 breasts) of the generator's then defaults (now the subtle
+    preset) printed a big green "recommended CR: 100"."""
     data = tmp_path / "phantoms"
-    assert_ok(invoke("synth", "--out-dir", data, "--studies", "2", "--size", "416x512"))
+    synth = ("synth", "--out-dir", data, "--studies", "2", "--size", "416x512")
+    assert_ok(invoke(*synth, "--preset", "subtle"))
     out = tmp_path / "report"
     args = ["study", "--data", data, "--out", out, "--crs", "25,100", "--bootstrap", "100"]
     result = invoke(*args, "--cache-dir", tmp_path / "cache", "--workers", "1")
@@ -208,6 +212,9 @@ def test_two_studies_get_no_recommendation(tmp_path: Path) -> None:
     assert re.search(r"^NO RECOMMENDATION: too few breasts", result.stdout, re.M)
     assert "NOT FOR CLINICAL USE" in result.stdout
     html = (out / "report.html").read_text()
+    assert results["data"]["phantom_preset"] == "subtle"
+    mismatch = "the phantoms are of preset 'subtle' but the model was trained on preset 'default'"
+    assert any(note.startswith(mismatch) for note in results["notes"]), results["notes"]
     assert "recommended CR: " not in html  # the headline of a recommendation
     assert "class='box no-recommendation'" in html
     assert "no recommendation: the data cannot support one" in html

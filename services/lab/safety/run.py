@@ -7,6 +7,7 @@ The sweep's per-CR partial results are written before any statistics, so an inte
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -55,6 +56,16 @@ def card_summary(card: ModelCard) -> dict[str, Any]:
     }
 
 
+def phantom_preset(data_dir: Path) -> str | None:
+    """The preset a `crgate synth` folder was made with (its phantom.json), when it says."""
+    try:
+        record = json.loads((data_dir / "phantom.json").read_text())
+    except (OSError, ValueError):
+        return None
+    preset = record.get("preset") if isinstance(record, dict) else None
+    return preset if isinstance(preset, str) else None
+
+
 def run_safety_study(
     data_dir: Path,
     labels: Path | None,
@@ -84,6 +95,14 @@ def run_safety_study(
             f"{labelled.single_view} breast(s) have one view, used for both halves of the input"
         )
     card = classifier.card
+    summary = card_summary(card)
+    preset = phantom_preset(data_dir)
+    if preset and summary["training_preset"] and preset != summary["training_preset"]:
+        notes.append(
+            f"the phantoms are of preset {preset!r} but the model was trained on preset "
+            f"{summary['training_preset']!r}: its AUROC here says how it reads lesions it did "
+            "not learn"
+        )
     meta: dict[str, Any] = {
         "tool": "crgate study",
         "format": 1,
@@ -96,7 +115,7 @@ def run_safety_study(
             "architecture": card.architecture,
             "saliency": classifier.saliency_method,
             "provider": classifier.provider,
-            **card_summary(card),
+            **summary,
         },
         "data": {
             "dir": str(data_dir),
@@ -106,6 +125,7 @@ def run_safety_study(
             "studies": labelled.n_studies,
             "views": labelled.n_views,
             "single_view_breasts": labelled.single_view,
+            "phantom_preset": preset,
         },
         "settings": {
             "crs": list(config.crs),
