@@ -6,7 +6,12 @@
 # experiment (one model per CR, trained and tested at that CR) on the same phantoms.
 #
 # Cost measured on 2 shared CPU cores (docs/cr-study.md, "The seed study's geometry"):
-# COST_PLACEHOLDER
+# per study (4 views of 3328x4096) synthesis 3.6 s; per training breast the original and one
+# copy 5.2 s; fitting 0.17 s per input per epoch (input 992x1088, CPU); per test breast 4.7 s
+# per lossy test CR; in all about 25 s of 2-core time per study before fitting. The full count
+# (700 studies, 18 epochs) is about 6.7 hours on 2 cores; on 16 cores and a GPU about 45
+# minutes (copies 31, synthesis 5, fitting minutes), beyond a 15-minute device session: there,
+# run STUDIES=150 with fewer test CRs.
 # A GPU (torch picks CUDA; onnxruntime-gpu for the tests: pip install -e '.[gpu]') and 16 cores
 # for the copies (--workers 16) are what the full count needs. The model is not shipped unless it
 # beats cnn3-phantom-v2 on the subtle preset. STUDIES, EPOCHS, STEPS, OUT override the counts.
