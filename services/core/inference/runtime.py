@@ -6,9 +6,11 @@
 :func:`get_classifier` keeps one classifier per (card, model hash) per process.
 
 :meth:`Classifier.predict` takes preprocessed breast inputs ``[N, 1, H, W]`` and returns the
-malignancy probabilities ``[N]`` and a saliency map per input: the graph's Grad-CAM output when
-it has one, else occlusion sensitivity computed with forward passes
-(:mod:`services.core.inference.saliency`).
+malignancy probabilities ``[N]`` (the card's ``probability_output``, ``[N]`` or ``[N, 1]``) and
+a saliency map per input: the graph's Grad-CAM output when it has one, else occlusion
+sensitivity computed with forward passes (:mod:`services.core.inference.saliency`). A graph
+with a fixed batch of one is fed one input at a time; a single-view model (preprocessing
+``views: single``) gets each view's crop on its own and a breast the mean of its two views'.
 """
 
 from __future__ import annotations
