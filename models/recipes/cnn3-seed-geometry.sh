@@ -11,7 +11,8 @@
 # per lossy test CR; in all about 25 s of 2-core time per study before fitting. The full count
 # (700 studies, 18 epochs) is about 6.7 hours on 2 cores; on 16 cores and a GPU about 45
 # minutes (copies 31, synthesis 5, fitting minutes), beyond a 15-minute device session: there,
-# run STUDIES=150 with fewer test CRs.
+# run STUDIES=150 with fewer test CRs. The same-CR experiment: about 0.17 s per input pass on
+# CPU, so 800 steps of 32 inputs are some 70 minutes per model here, minutes on a GPU.
 # A GPU (torch picks CUDA; onnxruntime-gpu for the tests: pip install -e '.[gpu]') and 16 cores
 # for the copies (--workers 16) are what the full count needs. The model is not shipped unless it
 # beats cnn3-phantom-v2 on the subtle preset. STUDIES, EPOCHS, STEPS, OUT override the counts.
