@@ -4,7 +4,7 @@
 | module | commands |
 | --- | --- |
 | images | transcode, inspect, synth |
-| model | classify, train |
+| model | classify, train, model import, list, show, remove |
 | servers | api, scp, serve, worker, migrate |
 | keys | keys create, list, revoke |
 | policy | policy list, set, preset, delete |
@@ -46,6 +46,7 @@ for command in (
     app.command()(command)
 app.add_typer(keys.keys_app, name="keys")
 app.add_typer(policy.policy_app, name="policy")
+app.add_typer(model.model_app, name="model")
 
 
 def main() -> None:  # pragma: no cover - console entry point

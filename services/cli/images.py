@@ -235,6 +235,13 @@ def synth(
             help="JSON object of PhantomConfig fields to override (lesion sizes, contrasts...).",
         ),
     ] = None,
+    preset: Annotated[
+        str,
+        typer.Option(
+            help="Lesion preset: default (what the shipped models were trained on) or subtle "
+            "(smaller, fainter lesions); --config overrides it."
+        ),
+    ] = "default",
 ) -> None:
     """Generate synthetic four-view mammography studies (DICOM) with ground truth (truth.csv).
 
@@ -249,7 +256,9 @@ def synth(
     try:
         width, height = phantom.parse_size(size)
         overrides = read_json_object(config_file) if config_file else {}
-        config = phantom.PhantomConfig.from_overrides(overrides, width=width, height=height)
+        config = phantom.PhantomConfig.from_overrides(
+            overrides, preset=preset, width=width, height=height
+        )
         out_dir.mkdir(parents=True, exist_ok=True)
         with progress(studies > 1) as bar:
             task = bar.add_task("synthesising studies", total=studies)
@@ -262,6 +271,7 @@ def synth(
                 on_study=lambda _i: bar.advance(task),
             )
         record = {
+            "preset": preset,
             "config": asdict(config),
             "seed": seed,
             "studies": studies,

@@ -1,4 +1,5 @@
-"""``crgate classify | train``: the classifier on local files, and training one on phantoms."""
+"""``crgate classify | train | model ...``: the classifier on local files, training one on
+phantoms, and the models folder (import a site's ONNX model, list, show, remove)."""
 
 from __future__ import annotations
 
@@ -52,6 +53,7 @@ def classify(
     """Classify mammograms locally: transcode at the CR, infer on the compressed copy and on the
     original, print per breast both probabilities and per image the cost of the compression."""
     from services.core.dicom.io import read_dataset
+    from services.core.inference.fit import geometry_warnings
     from services.core.inference.runtime import get_classifier
     from services.core.pipeline import classify_datasets
 
@@ -65,6 +67,8 @@ def classify(
         if not files:
             raise InvalidParameter("no DICOM input files")
         datasets = [(str(f), read_dataset(f)) for f in files]
+        for line in geometry_warnings(classifier.card, datasets):
+            err.print(f"warning: {line}", markup=False, highlight=False, soft_wrap=True)
         result = classify_datasets(
             datasets,
             classifier,
@@ -251,3 +255,143 @@ def train(
         out.print(f"cross-validation results in {path}", highlight=False, markup=False)
     else:
         out.print(training.summary(card), highlight=False, markup=False)
+
+
+# ---------------------------------------------------------------------- crgate model ...
+
+model_app = typer.Typer(
+    help="A site's own models: import an ONNX classifier, list, show, remove.",
+    no_args_is_help=True,
+)
+
+
+def _phantom_study(cols: int, rows: int) -> list[tuple[str, Dataset]]:
+    """One phantom study (default preset, seed 0) near ``cols`` x ``rows`` for a test run."""
+    from services.lab.phantom import MAX_SIDE, PhantomConfig, generate_study
+
+    scale = max(1.0, 256 / min(cols, rows))
+    scale = min(scale, MAX_SIDE / 2 / max(cols, rows))
+    width, height = round(cols * scale), round(rows * scale)
+    # the detector's field of view, coarser where an odd shape leaves the largest lesion no room
+    spacing = max(
+        PhantomConfig(
+            width=width, height=height, mass_radius_mm=(1.0, 1.0), calc_cluster_radius_mm=(1.0, 1.0)
+        ).spacing_mm,
+        26.0 / (0.12 * min(width, height)),
+    )
+    config = PhantomConfig(width=width, height=height, pixel_spacing_mm=spacing)
+    study = generate_study(0, seed=0, config=config, malignant_fraction=0.5)
+    return [(f"phantom/{view}", ds) for view, ds in study.datasets.items()]
+
+
+@model_app.command("import")
+def import_cmd(
+    path: Annotated[Path, typer.Argument(help="The ONNX file.", metavar="MODEL.onnx")],
+    name: Annotated[str, typer.Option(help="Model name (letters, digits, . _ -).")],
+    version: Annotated[str, typer.Option(help="Model version, e.g. v1.")],
+    input_size: Annotated[
+        str | None,
+        typer.Option(help="HxW of the model input, when the graph leaves it open."),
+    ] = None,
+    resize_fraction: Annotated[
+        float, typer.Option(help="The view grid as a fraction of the site's images (seed: 0.3).")
+    ] = 0.3,
+    views: Annotated[
+        str, typer.Option(help="cc+mlo (both views side by side) or single (one view).")
+    ] = "cc+mlo",
+    threshold: Annotated[float, typer.Option(help="Operating threshold.")] = 0.5,
+    output: Annotated[
+        str | None,
+        typer.Option(help="The output that is the probability, when several could be."),
+    ] = None,
+) -> None:
+    """Inspect an ONNX classifier, write and check its card, try it on a phantom breast and
+    install it in the models folder (docs/classifier.md: "A site's own model")."""
+    from services.core.inference.importer import ImportOptions, import_model, parse_size
+
+    try:
+        options = ImportOptions(
+            name=name,
+            version=version,
+            input_size=None if input_size is None else parse_size(input_size),
+            resize_fraction=resize_fraction,
+            views=views,
+            threshold=threshold,
+            output=output,
+        )
+        result = import_model(path, options, get_settings().models_dir, _phantom_study)
+    except CrgateError as exc:
+        raise fail(str(exc), exc.exit_code) from None
+    card = result.card
+    out.print(
+        f"installed {result.key}: input {card.input_name} {card.input_shape}, probability "
+        f"{card.probability_output!r}, saliency {card.saliency}, views "
+        f"{card.preprocess.views}; on a phantom study: "
+        + ", ".join(f"{p:.3f}" for p in result.probabilities)
+        + f"; card {result.card_path}",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
+    out.print(
+        f"next: validate it on your own labelled studies: crgate study --model {result.key} "
+        "--data FOLDER --labels LABELS.csv --out REPORT",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+@model_app.command("list")
+def list_models_cmd(
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON array.")] = False,
+) -> None:
+    """The installed models (the default one marked)."""
+    from services.core.inference.registry import list_models
+
+    settings = get_settings()
+    rows = list_models(settings.models_dir, settings.default_model)
+    if as_json:
+        print(json.dumps(rows))
+        return
+    table = Table(title=f"models in {settings.models_dir}", title_justify="left")
+    for column in ("model", "default", "architecture", "input", "saliency", "AUROC CR 1", "note"):
+        table.add_column(column, overflow="fold")
+    for r in rows:
+        auroc = r.get("auroc_cr1")
+        table.add_row(
+            Text(r["key"]),
+            "yes" if r["default"] else "",
+            r.get("architecture", "-"),
+            Text(str(r.get("input_shape", "-"))),
+            r.get("saliency", "-"),
+            "-" if auroc is None else f"{auroc:.3f}",
+            Text(r.get("problem") or ("imported" if r.get("imported") else "")),
+        )
+    out.print(table)
+
+
+@model_app.command("show")
+def show_cmd(key: Annotated[str, typer.Argument(help="Model, e.g. cnn3-phantom-v2.")]) -> None:
+    """A model's card (JSON)."""
+    from services.core.inference.card import load_card
+    from services.core.inference.registry import find_card
+
+    try:
+        card = load_card(find_card(get_settings().models_dir, key))
+    except CrgateError as exc:
+        raise fail(str(exc), exc.exit_code) from None
+    print(json.dumps(card.model_dump(mode="json"), indent=2))
+
+
+@model_app.command("remove")
+def remove_cmd(key: Annotated[str, typer.Argument(help="Model to remove.")]) -> None:
+    """Delete a model's card and ONNX file (not the default model)."""
+    from services.core.inference.registry import remove
+
+    settings = get_settings()
+    try:
+        files = remove(settings.models_dir, key, settings.default_model)
+    except CrgateError as exc:
+        raise fail(str(exc), exc.exit_code) from None
+    out.print(f"removed {', '.join(str(f) for f in files)}", markup=False, highlight=False)

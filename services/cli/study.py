@@ -57,6 +57,13 @@ def study(
     ] = Path("var/cache/study"),
     workers: Annotated[int, typer.Option(help="Processes (0: every core).")] = 0,
     seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
+    min_per_class: Annotated[
+        int | None,
+        typer.Option(
+            help="Breasts per class below which no CR is recommended (default: the power "
+            "calculation's for the margin, docs/cr-study.md; the report shows an override)."
+        ),
+    ] = None,
 ) -> None:
     """Measure how compression changes a model's AUROC and recommend the highest safe CR.
 
@@ -80,6 +87,7 @@ def study(
             workers=workers,
             seed=seed,
             notes=tuple(notes),
+            min_per_class=min_per_class,
         )
     except CrgateError as exc:
         raise fail(str(exc), exc.exit_code) from None
@@ -106,6 +114,16 @@ def study(
             raise fail(str(exc), exc.exit_code) from None
     sweep = run.sweep
     rec = run.result.recommendation
+    card = run.result.meta["model"]
+    out.print(
+        f"model {card['name']} {card['version']}: intended use: {card['intended_use']}"
+        + (f"; trained on: {card['training_data']}" if card["training_data"] else ""),
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
+    if card["not_for_clinical_use"]:
+        out.print("NOT FOR CLINICAL USE (the model card says so)", markup=False, highlight=False)
     if sweep.reused:
         out.print(
             f"reused {len(sweep.reused)} finished CR(s) from {out_dir}: "
@@ -133,8 +151,9 @@ def study(
             soft_wrap=True,
         )
     presets = ", ".join(f"{g.preset} {g.max_cr:g}" for g in run.result.guidelines)
+    label = "NO RECOMMENDATION" if rec.status == "no-recommendation" else "recommendation"
     out.print(
-        f"recommendation: {rec.message} (guideline presets: {presets})",
+        f"{label}: {rec.message} (guideline presets: {presets})",
         markup=False,
         highlight=False,
         soft_wrap=True,

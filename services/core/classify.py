@@ -47,6 +47,7 @@ from services.core.errors import (
     NotFound,
 )
 from services.core.inference.card import ModelCard, load_card
+from services.core.inference.registry import find_card, installed
 from services.core.inference.runtime import Classifier, get_classifier
 from services.core.ingest import Channel, Ingestor
 from services.core.pipeline import Classification, TranscodeResult, classify_datasets
@@ -73,13 +74,13 @@ class JobContext:
     forward: Callable[[list[Path]], dict[str, Any]] | None = None  # C-STORE to a PACS
 
     def card_path(self, model: str) -> Path:
-        path = self.settings.models_dir / f"{model}.json"
-        if not path.is_file():
-            known = sorted(p.stem for p in self.settings.models_dir.glob("*.json"))
+        try:
+            return find_card(self.settings.models_dir, model)
+        except NotFound:  # a request naming a model that is not there: a bad parameter
+            known = installed(self.settings.models_dir)
             raise InvalidParameter(
                 f"unknown model {model!r}; installed models: {', '.join(known) or 'none'}"
-            )
-        return path
+            ) from None
 
     def card(self, model: str) -> ModelCard:
         return load_card(self.card_path(model))

@@ -129,7 +129,11 @@ def _check_size(width: object, height: object) -> None:
 
 @dataclass(frozen=True)
 class PhantomConfig:
-    """Geometry and appearance of phantom images; defaults match the seed study.
+    """Geometry and appearance of phantom images: the ``default`` preset (:data:`PRESETS`).
+
+    The default geometry is the seed study's (3328 x 4096 at 0.07 mm); the default lesions are
+    the ones the shipped models were trained on (large, clearly visible); the ``subtle`` preset
+    has the smaller, fainter lesions closer to real screening findings.
 
     ``pixel_spacing_mm=None`` keeps the default detector's field of view
     (232.96 x 286.72 mm, by area) whatever the size, so 3328 x 4096 gets
@@ -141,21 +145,29 @@ class PhantomConfig:
     height: int = DEFAULT_HEIGHT
     pixel_spacing_mm: float | None = None
     bits_stored: int = 12
-    mass_radius_mm: tuple[float, float] = (3.0, 7.5)
-    mass_contrast: float = 0.1
-    spicule_count: tuple[int, int] = (10, 20)
-    calc_count: tuple[int, int] = (6, 16)
-    calc_size_mm: tuple[float, float] = (0.2, 0.5)
-    calc_cluster_radius_mm: tuple[float, float] = (2.5, 6.0)
-    calc_contrast: float = 0.3
+    mass_radius_mm: tuple[float, float] = (7.0, 20.0)
+    mass_contrast: float = 0.25
+    spicule_count: tuple[int, int] = (30, 45)
+    calc_count: tuple[int, int] = (12, 30)
+    calc_size_mm: tuple[float, float] = (0.6, 1.2)
+    calc_cluster_radius_mm: tuple[float, float] = (5.0, 10.0)
+    calc_contrast: float = 0.5
     noise_level: float = 0.012
     texture_beta: float = 3.0
     texture_contrast: float = 0.25
     density: float = 0.0
 
     @classmethod
-    def from_overrides(cls, overrides: dict[str, Any], **fixed: Any) -> PhantomConfig:
-        """A config from JSON-like overrides (lists become tuples); unknown names refused."""
+    def from_overrides(
+        cls, overrides: dict[str, Any], *, preset: str = "default", **fixed: Any
+    ) -> PhantomConfig:
+        """A config from a preset, JSON-like overrides (lists become tuples) and ``fixed``
+        values, later ones winning; unknown names and presets refused."""
+        if preset not in PRESETS:
+            raise InvalidParameter(
+                f"unknown phantom preset {preset!r}: use one of {', '.join(PRESETS)}"
+            )
+        overrides = {**PRESETS[preset], **overrides}
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(overrides) - names)
         if unknown:
@@ -221,6 +233,23 @@ class PhantomConfig:
     def max_value(self) -> int:
         return int(2**self.bits_stored - 1)
 
+
+# Named lesion settings. ``default`` (the dataclass defaults): what cnn3-phantom-v2 and
+# resnet18-phantom-v1 were trained and tested on (their cards record it). ``subtle``: the
+# generator's earlier defaults, small faint lesions closer to real screening findings, which
+# those models do not read (docs/classifier.md has the figures).
+PRESETS: Final[dict[str, dict[str, Any]]] = {
+    "default": {},
+    "subtle": {
+        "mass_radius_mm": (3.0, 7.5),
+        "mass_contrast": 0.1,
+        "spicule_count": (10, 20),
+        "calc_count": (6, 16),
+        "calc_size_mm": (0.2, 0.5),
+        "calc_cluster_radius_mm": (2.5, 6.0),
+        "calc_contrast": 0.3,
+    },
+}
 
 DEFAULT_CONFIG: Final = PhantomConfig()
 

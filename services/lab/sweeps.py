@@ -49,6 +49,12 @@ class SweepRequest(BaseModel):
     threshold: float | None = Field(
         None, ge=0, le=1, description="decision threshold (default: the card's)"
     )
+    min_per_class: int | None = Field(
+        None,
+        ge=1,
+        description="breasts per class below which no CR is recommended (default: the power "
+        "calculation's for the margin, docs/cr-study.md)",
+    )
 
 
 def submit(ctx: JobContext, request: SweepRequest, *, requested_by: str | None) -> Sweep:
@@ -123,6 +129,7 @@ def run_sweep_job(ctx: JobContext, sweep_id: str) -> dict[str, Any] | None:
             bootstrap=request.bootstrap,
             margin=request.margin,
             threshold=request.threshold,
+            min_per_class=request.min_per_class,
             workers=workers,
             notes=tuple(notes),
         )

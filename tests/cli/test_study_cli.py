@@ -163,21 +163,94 @@ def test_results_are_consistent(study: Study) -> None:
 
     rec = data["recommendation"]
     verdicts = {v["cr"]: v["non_inferior"] for v in rec["verdicts"]}
-    if verdicts[20.0] and verdicts[1000.0]:
-        assert (rec["status"], rec["cr"]) == ("all-pass", 1000.0)
-    elif verdicts[20.0]:
-        assert (rec["status"], rec["cr"]) == ("partial", 20.0)
-    else:
-        assert (rec["status"], rec["cr"]) == ("none-pass", None)
+    # 8 breasts are far below the power calculation's 233 per class: no recommendation
+    assert (rec["status"], rec["cr"]) == ("no-recommendation", None)
+    assert set(verdicts) == {20.0, 1000.0}  # the verdicts stay, for information
+    evidence = data["evidence"]
+    assert evidence["min_per_class"] == 233 and evidence["min_source"] == "power calculation"
+    malignant = data["data"]["malignant"]
+    assert (evidence["malignant"], evidence["normal"]) == (malignant, 8 - malignant)
+    assert evidence["more_malignant"] == 233 - malignant
+    assert evidence["more_normal"] == 233 - (8 - malignant)
+    assert evidence["sufficient"] is False and data["settings"]["min_per_class"] is None
     presets = {g["preset"]: g["max_cr"] for g in data["guidelines"]["presets"]}
     assert presets == {"CAR": 25.0, "DRG": 15.0, "RCR": 20.0}
     rcr = next(g for g in data["guidelines"]["presets"] if g["preset"] == "RCR")
     assert rcr["tested"] and rcr["non_inferior"] == verdicts[20.0]
+    assert rcr["within_recommendation"] is None
+    assert data["data"]["phantom_preset"] == "default"
+    assert not any("preset" in note for note in data["notes"])  # the model's own preset
+    assert data["model"]["not_for_clinical_use"] is True
+    assert data["model"]["intended_use"] == card.intended_use
+    assert data["model"]["training_data"] == card.training["data"]
 
     panel = data["saliency_panel"]
-    assert [t["cr"] for t in panel["tiles"]] == [1.0, 100.0, 5000.0, 11000.0]
+    assert [t["cr"] for t in panel["tiles"]] == [1.0, 20.0, 1000.0]  # only the asked CRs
     malignant = {f"{p['study_uid']}/{p['laterality']}" for p in predictions if p["label"] == "1"}
     assert panel["breast"] in malignant
+
+
+def test_two_studies_get_no_recommendation(tmp_path: Path) -> None:
+    """The issue's case: 2 studies (4 breasts) of the generator's then defaults (now the subtle
+    preset) printed a big green "recommended CR: 100"."""
+    data = tmp_path / "phantoms"
+    synth = ("synth", "--out-dir", data, "--studies", "2", "--size", "416x512")
+    assert_ok(invoke(*synth, "--preset", "subtle"))
+    out = tmp_path / "report"
+    args = ["study", "--data", data, "--out", out, "--crs", "25,100", "--bootstrap", "100"]
+    result = invoke(*args, "--cache-dir", tmp_path / "cache", "--workers", "1")
+    assert_ok(result)
+    results = _results(out)
+    rec = results["recommendation"]
+    assert (rec["status"], rec["cr"]) == ("no-recommendation", None)
+    malignant = results["evidence"]["malignant"]
+    normal = results["evidence"]["normal"]
+    assert malignant + normal == 4
+    needed = f"about {233 - malignant} more malignant and {233 - normal} more normal breasts"
+    assert needed in rec["message"]
+    assert "recommendation: " not in result.stdout
+    assert re.search(r"^NO RECOMMENDATION: too few breasts", result.stdout, re.M)
+    assert "NOT FOR CLINICAL USE" in result.stdout
+    html = (out / "report.html").read_text()
+    assert results["data"]["phantom_preset"] == "subtle"
+    mismatch = "the phantoms are of preset 'subtle' but the model was trained on preset 'default'"
+    assert any(note.startswith(mismatch) for note in results["notes"]), results["notes"]
+    assert "recommended CR: " not in html  # the headline of a recommendation
+    assert "class='box no-recommendation'" in html
+    assert "no recommendation: the data cannot support one" in html
+    assert needed in html
+    # the card's intended use and training data come first, with the clinical warning
+    head = html[: html.index("class='box")]
+    assert "Not for clinical use" in head and "Intended use" in head and "Training data" in head
+    assert [t["cr"] for t in results["saliency_panel"]["tiles"]] == [1.0, 25.0, 100.0]
+    assert "one malignant case at CR 1, 25, 100" in html
+
+
+def test_a_lower_minimum_is_shown_in_the_report(study: Study, tmp_path: Path) -> None:
+    out, cache = _copy_run(study, tmp_path)
+    args = ["study", "--data", study.data, "--out", out, "--crs", "1,20,1000"]
+    result = invoke(
+        *args, "--bootstrap", "200", "--cache-dir", cache, "--workers", "1", "--min-per-class", "2"
+    )
+    assert_ok(result)
+    data = _results(out)
+    assert data["settings"]["min_per_class"] == 2
+    evidence = data["evidence"]
+    assert evidence["min_per_class"] == 2 and "--min-per-class 2" in evidence["min_source"]
+    html = (out / "report.html").read_text()
+    assert "given (--min-per-class 2; the power calculation says 233)" in html
+    rec = data["recommendation"]
+    verdicts = {v["cr"]: v["non_inferior"] for v in rec["verdicts"]}
+    reference = data["per_cr"][0]["auroc"]
+    if reference["ci_low"] <= 0.6 or data["bootstrap_resamples_used"] < 198:
+        assert (rec["status"], rec["cr"]) == ("no-recommendation", None)
+    elif verdicts[20.0] and verdicts[1000.0]:
+        assert (rec["status"], rec["cr"]) == ("all-pass", 1000.0)
+        assert "recommended CR: 1000" in html
+    elif verdicts[20.0]:
+        assert (rec["status"], rec["cr"]) == ("partial", 20.0)
+    else:
+        assert (rec["status"], rec["cr"]) == ("none-pass", None)
 
 
 # ---------------------------------------------------------------------- resume
@@ -338,6 +411,7 @@ def test_labels_that_do_not_match(phantoms: Path, tmp_path: Path) -> None:
     [
         ("--bootstrap", "10", 2, "at least 100"),
         ("--margin", "-0.1", 2, "margin -0.1"),
+        ("--min-per-class", "0", 2, "minimum breasts per class 0: use 1 or more"),
         ("--encoder", "lossy", 2, "encoder 'lossy'"),
         ("--data", "/nonexistent/folder", 6, "data folder /nonexistent/folder not found"),
     ],
@@ -362,5 +436,6 @@ def test_help() -> None:
         "--out",
         "--cache-dir",
         "--workers",
+        "--min-per-class",
     ):
         assert option in result.stdout

@@ -52,6 +52,14 @@ class GradCamGrid(BaseModel):
     offset: tuple[float, float]
 
 
+class ImageGeometry(BaseModel):
+    """The images a model was trained on: columns x rows and the pixel spacing (mm)."""
+
+    cols: int = Field(gt=0)
+    rows: int = Field(gt=0)
+    pixel_spacing_mm: float | None = Field(None, gt=0)
+
+
 class ModelCard(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -65,6 +73,9 @@ class ModelCard(BaseModel):
     input_name: str = INPUT_NAME
     input_shape: list[int | str] = Field(description="[N, 1, H, W]; N is dynamic")
     outputs: dict[str, list[int | str]] = Field(description="output name -> shape")
+    probability_output: str = Field(
+        PROBABILITY_OUTPUT, description="the output that is the malignancy probability, [N]"
+    )
     saliency: str = Field(
         description="the map the service shows: gradcam or hirescam (outputs of the graph) "
         "or occlusion (computed by the runtime)"
@@ -78,6 +89,9 @@ class ModelCard(BaseModel):
     training: dict[str, Any] = Field(default_factory=dict)
     test_results: list[TestResult] = Field(default_factory=list)
     intended_use: str = "research on synthetic phantoms; not for clinical use"
+    trained_geometry: ImageGeometry | None = Field(
+        None, description="the training images' size and spacing; classify warns far from it"
+    )
 
     @property
     def preprocess(self) -> Preprocessing:

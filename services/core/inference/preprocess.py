@@ -7,6 +7,11 @@ on the left as in left-breast views, and the CC and MLO crops are put side by si
 [1, H, W] float32 input per breast. MONOCHROME1 is inverted; intensities are divided by
 2**BitsStored - 1. Every parameter lives in :class:`Preprocessing`, which the model card records.
 
+``views`` says what one model input holds: ``cc+mlo`` (the seed study's, default) both crops
+side by side, or ``single`` one crop (the runtime then runs each view on its own and averages the
+two probabilities, :mod:`services.core.inference.runtime`); the breast input is the same layout
+either way.
+
 Two parameters of ours (both off in cards that do not name them): ``align`` pads each crop with
 zeros (at its bottom and on the side away from the chest wall) to a multiple of that many pixels,
 so that the cells of a Grad-CAM map (32 input pixels for both architectures) tile each view
@@ -27,6 +32,7 @@ from services.core.errors import InvalidInput, InvalidParameter
 
 F32 = npt.NDArray[np.float32]
 VIEW_KINDS = ("CC", "MLO")
+VIEW_MODES = ("cc+mlo", "single")
 LATERALITIES = ("L", "R")
 
 
@@ -44,8 +50,13 @@ class Preprocessing:
     resample: str = "bilinear-antialiased"
     align: int = 1  # each crop zero-padded (bottom, side away from the chest wall) to a multiple
     view_gap: int = 0  # zero columns between the CC and the MLO crop
+    views: str = "cc+mlo"  # what one model input holds: both crops, or one (single)
 
     def __post_init__(self) -> None:
+        if self.views not in VIEW_MODES:
+            raise InvalidParameter(
+                f"preprocessing views must be {' or '.join(VIEW_MODES)}, got {self.views!r}"
+            )
         for name in ("view_rows", "view_cols", "align"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -106,6 +117,13 @@ class Preprocessing:
     def input_shape(self) -> tuple[int, int]:
         """(H, W) of one breast's input: CC and MLO (padded) crops side by side, the gap between."""
         return self.pad_rows, 2 * self.pad_cols + self.view_gap
+
+    @property
+    def model_input_shape(self) -> tuple[int, int]:
+        """(H, W) the graph takes: the breast input, or one view's padded crop (``single``)."""
+        if self.views == "single":
+            return self.pad_rows, self.pad_cols
+        return self.input_shape
 
     def view_origin(self, view: str) -> int:
         """First input column of ``view``'s crop."""

@@ -6,9 +6,11 @@
 :func:`get_classifier` keeps one classifier per (card, model hash) per process.
 
 :meth:`Classifier.predict` takes preprocessed breast inputs ``[N, 1, H, W]`` and returns the
-malignancy probabilities ``[N]`` and a saliency map per input: the graph's Grad-CAM output when
-it has one, else occlusion sensitivity computed with forward passes
-(:mod:`services.core.inference.saliency`).
+malignancy probabilities ``[N]`` (the card's ``probability_output``, ``[N]`` or ``[N, 1]``) and
+a saliency map per input: the graph's Grad-CAM output when it has one, else occlusion
+sensitivity computed with forward passes (:mod:`services.core.inference.saliency`). A graph
+with a fixed batch of one is fed one input at a time; a single-view model (preprocessing
+``views: single``) gets each view's crop on its own and a breast the mean of its two views'.
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ from services.core.errors import CrgateError, InvalidInput, InvalidParameter, No
 from services.core.inference.card import (
     GRAPH_SALIENCY,
     HIRESCAM_OUTPUT,
-    PROBABILITY_OUTPUT,
     SALIENCY_METHODS,
     ModelCard,
     load_card,
@@ -47,9 +48,10 @@ DEFAULT_BATCH_SIZE = 8
 
 @dataclass(frozen=True)
 class _GraphInfo:
-    input_shape: tuple[int, int]  # (H, W)
+    input_shape: tuple[int, int]  # (H, W) the graph takes
     saliency_shape: tuple[int, int] | None  # (h, w) of the saliency output, if any
     saliency_output: str | None = None  # the graph output the card's saliency names
+    max_batch: int | None = None  # 1 for a graph exported with a fixed batch of one
 
 
 class Classifier:
@@ -103,7 +105,7 @@ class Classifier:
             )
         chosen = _choose_providers(providers)
         try:
-            session = _open_session(model_bytes, chosen)
+            session = open_session(model_bytes, chosen)
         except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph)
             text = " ".join(str(exc).split()) or type(exc).__name__
             if "external data" in text.lower():
@@ -135,8 +137,8 @@ class Classifier:
 
     @property
     def input_shape(self) -> tuple[int, int]:
-        """(H, W) of one breast's input."""
-        return self._graph.input_shape
+        """(H, W) of one breast's input (for a single-view model: both views side by side)."""
+        return self.preprocessing.input_shape
 
     @property
     def saliency_method(self) -> SaliencyMethod:
@@ -148,7 +150,7 @@ class Classifier:
     @property
     def saliency_shape(self) -> tuple[int, int]:
         """(h, w) of the saliency maps :meth:`predict` returns (the input's for occlusion)."""
-        return self._graph.saliency_shape or self._graph.input_shape
+        return self._graph.saliency_shape or self.input_shape
 
     @property
     def saliency_grid(self) -> SaliencyGrid | None:
@@ -172,7 +174,9 @@ class Classifier:
         """Probabilities ``[N]`` and saliency ``[N, h, w]`` (``None`` when not asked for).
 
         ``inputs`` is ``[N, 1, H, W]`` as :func:`~services.core.inference.preprocess.breast_input`
-        makes them, stacked; they run through the graph ``batch_size`` at a time.
+        makes them, stacked; they run through the graph ``batch_size`` at a time. A single-view
+        model (preprocessing ``views: single``) sees each view's crop on its own; a breast's
+        probability is the mean of its two views', and its saliency is occlusion's.
         """
         batch = self._check_inputs(inputs)
         _check_batch_size(batch_size)
@@ -183,13 +187,12 @@ class Classifier:
         cams: F32 | None = None
         if want_cam:
             cams = np.empty((n, *self.saliency_shape), dtype=np.float32)
-        outputs = [PROBABILITY_OUTPUT, cam_output] if cam_output else [PROBABILITY_OUTPUT]
         for start in range(0, n, batch_size):
             chunk = batch[start : start + batch_size]
-            result = self._run(outputs, chunk)
-            probs[start : start + len(chunk)] = result[0]
-            if cams is not None:
-                cams[start : start + len(chunk)] = result[1]
+            p, cam = self._forward(chunk, cam_output)
+            probs[start : start + len(chunk)] = p
+            if cams is not None and cam is not None:
+                cams[start : start + len(chunk)] = cam
         if not saliency:
             return probs, None
         if cams is not None:
@@ -211,6 +214,29 @@ class Classifier:
         probs, _ = self.predict(inputs, batch_size=batch_size, saliency=False)
         return probs
 
+    def _forward(self, chunk: F32, cam_output: str | None) -> tuple[F32, F32 | None]:
+        """Breast inputs through the graph: probabilities and the saliency output (if asked)."""
+        params = self.preprocessing
+        single = params.views == "single"
+        if single:  # CC crops, then MLO crops: [2k, 1, H, view width]
+            width = params.pad_cols
+            origins = [params.view_origin(v) for v in ("CC", "MLO")]
+            model_inputs = np.concatenate([chunk[..., o : o + width] for o in origins])
+        else:
+            model_inputs = chunk
+        outputs = [self.card.probability_output, *([cam_output] if cam_output else [])]
+        step = self._graph.max_batch or len(model_inputs)
+        parts = [
+            self._run(outputs, np.ascontiguousarray(model_inputs[i : i + step]))
+            for i in range(0, len(model_inputs), step)
+        ]
+        probs = np.concatenate([r[0] for r in parts])
+        if single:
+            k = chunk.shape[0]
+            probs = (probs[:k] + probs[k:]) / np.float32(2)
+        cam = np.concatenate([r[1] for r in parts]) if cam_output else None
+        return probs, cam
+
     def _run(self, outputs: list[str], chunk: F32) -> list[F32]:
         feeds = {self.card.input_name: chunk}
         try:
@@ -228,7 +254,7 @@ class Classifier:
         if probs.shape[0] != chunk.shape[0]:
             raise InvalidInput(
                 f"ONNX model {self.model_path} returned {probs.shape[0]} probabilities for "
-                f"{chunk.shape[0]} inputs: its '{PROBABILITY_OUTPUT}' output must be [N]"
+                f"{chunk.shape[0]} inputs: its '{self.card.probability_output}' output must be [N]"
             )
         return [probs, *(np.asarray(r, dtype=np.float32) for r in result[1:])]
 
@@ -267,13 +293,14 @@ def _choose_providers(requested: Sequence[str] | None) -> list[str]:
     return list(requested)
 
 
-def _open_session(model_bytes: bytes, providers: list[str]) -> Any:
+def open_session(model_bytes: bytes, providers: list[str] | None = None) -> Any:
     """An InferenceSession on ``model_bytes`` that cannot read ONNX external data.
 
     onnxruntime resolves the external data of a model given as bytes against the working
     directory (or a configured folder); pointing it at an empty temporary folder makes every
     external-data model fail to load instead of picking up unverified weights.
     """
+    providers = providers or _choose_providers(None)
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only; warnings about unused providers are noise
     with tempfile.TemporaryDirectory(prefix="crgate-onnx-") as empty:
@@ -322,23 +349,35 @@ def _check_graph(session: Any, card: ModelCard, card_path: Path, model_path: Pat
             f"{where}: input {graph_input.name!r} is {graph_input.type}, not float32"
         )
     shape = list(graph_input.shape)
-    if len(shape) != 4 or not _is_dynamic(shape[0]) or shape[1] != 1:
+    if len(shape) != 4 or shape[1] != 1:
         raise InvalidInput(
             f"{where}: input {graph_input.name!r} has shape {_shape_text(shape)}; expected "
-            "[N, 1, H, W] with a dynamic batch dimension N (export with dynamic_axes)"
+            "[N, 1, H, W] (one greyscale channel)"
+        )
+    max_batch = None if _is_dynamic(shape[0]) else 1
+    if max_batch is not None and shape[0] != 1:
+        raise InvalidInput(
+            f"{where}: input {graph_input.name!r} has a fixed batch of {shape[0]}; export it "
+            "with a dynamic batch dimension N (dynamic_axes) or a batch of 1"
         )
     params = card.preprocess
-    expected_hw = params.input_shape
+    expected_hw = params.model_input_shape
     card_shape = list(card.input_shape)
-    if not _shapes_agree(shape, card_shape):
+    # the graph may leave H and W open when the card fixes them (the preprocessing makes them)
+    graph_fixed = [
+        c if _is_dynamic(g) and i >= 2 else g
+        for i, (g, c) in enumerate(zip(shape, card_shape, strict=False))
+    ]
+    if len(card_shape) != 4 or not _shapes_agree(graph_fixed, card_shape):
         raise InvalidInput(
             f"{where}: graph input shape {_shape_text(shape)} does not match the card's "
             f"input_shape {_shape_text(card_shape)}"
         )
-    graph_hw = tuple(shape[2:])
+    graph_hw = tuple(graph_fixed[2:])
     if any(_is_dynamic(d) for d in graph_hw):
         raise InvalidInput(
-            f"{where}: input height and width must be fixed in the graph, got {_shape_text(shape)}"
+            f"{where}: input height and width must be fixed in the graph or the card, got "
+            f"{_shape_text(shape)}"
         )
     if graph_hw != expected_hw:
         raise InvalidInput(
@@ -352,10 +391,11 @@ def _check_graph(session: Any, card: ModelCard, card_path: Path, model_path: Pat
             f"{where}: the graph's outputs are {sorted(graph_outputs)} but the card lists "
             f"{sorted(card.outputs)}: re-export the model or correct the card's 'outputs'"
         )
-    if PROBABILITY_OUTPUT not in graph_outputs:
+    probability = card.probability_output
+    if probability not in graph_outputs:
         raise InvalidInput(
-            f"{where}: no {PROBABILITY_OUTPUT!r} output; a classifier must output the malignancy "
-            "probability [N]"
+            f"{where}: no {probability!r} output; a classifier must output the malignancy "
+            "probability [N] (the card's probability_output names it)"
         )
     for name, graph_shape in graph_outputs.items():
         if not _shapes_agree(graph_shape, card.outputs[name]):
@@ -363,11 +403,11 @@ def _check_graph(session: Any, card: ModelCard, card_path: Path, model_path: Pat
                 f"{where}: output {name!r} has shape {_shape_text(graph_shape)} but the card "
                 f"says {_shape_text(card.outputs[name])}"
             )
-    prob_shape = graph_outputs[PROBABILITY_OUTPUT]
-    if len(prob_shape) != 1 or not _is_dynamic(prob_shape[0]):
+    prob_shape = graph_outputs[probability]
+    if not is_probability_shape(prob_shape, max_batch):
         raise InvalidInput(
-            f"{where}: output {PROBABILITY_OUTPUT!r} has shape {_shape_text(prob_shape)}; "
-            "expected [N]"
+            f"{where}: output {probability!r} has shape {_shape_text(prob_shape)}; "
+            "expected [N] or [N, 1]"
         )
     if card.saliency not in SALIENCY_METHODS:
         raise InvalidInput(
@@ -379,13 +419,22 @@ def _check_graph(session: Any, card: ModelCard, card_path: Path, model_path: Pat
         if name not in graph_outputs:
             continue
         cam = graph_outputs[name]
-        if len(cam) != 3 or not _is_dynamic(cam[0]) or any(_is_dynamic(d) for d in cam[1:]):
+        if (
+            len(cam) != 3
+            or not _is_batch(cam[0], max_batch)
+            or any(_is_dynamic(d) for d in cam[1:])
+        ):
             raise InvalidInput(
                 f"{where}: output {name!r} has shape {_shape_text(cam)}; expected "
                 "[N, h, w] with fixed h and w"
             )
         cam_shapes[name] = (int(cam[1]), int(cam[2]))
     saliency_output = GRAPH_SALIENCY.get(card.saliency)
+    if saliency_output is not None and params.views == "single":
+        raise InvalidInput(
+            f"{where}: a single-view model's saliency must be 'occlusion' (the card says "
+            f"{card.saliency!r}): an in-graph map covers one view, not the breast"
+        )
     if saliency_output is not None and saliency_output not in cam_shapes:
         raise InvalidInput(
             f"{where}: the card's saliency is {card.saliency!r} but the graph has no "
@@ -401,6 +450,18 @@ def _check_graph(session: Any, card: ModelCard, card_path: Path, model_path: Pat
         input_shape=(int(graph_hw[0]), int(graph_hw[1])),
         saliency_shape=saliency_shape,
         saliency_output=saliency_output,
+        max_batch=max_batch,
+    )
+
+
+def _is_batch(dim: object, max_batch: int | None) -> bool:
+    return _is_dynamic(dim) or (max_batch is not None and dim == max_batch)
+
+
+def is_probability_shape(shape: Sequence[object], max_batch: int | None = None) -> bool:
+    """[N] or [N, 1]: one probability per input."""
+    return (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)) and _is_batch(
+        shape[0], max_batch
     )
 
 
@@ -482,4 +543,6 @@ __all__ = [
     "SaliencyMethod",
     "clear_cache",
     "get_classifier",
+    "is_probability_shape",
+    "open_session",
 ]

@@ -12,6 +12,7 @@ import numpy.typing as npt
 
 from services.core.stats import Estimate
 from services.lab.safety.copies import REACHED_TOLERANCE
+from services.lab.safety.evidence import Evidence, assess
 from services.lab.safety.labels import LabelledSet
 from services.lab.safety.paired import Difference, describe, paired_bootstrap
 from services.lab.safety.recommend import (
@@ -19,6 +20,7 @@ from services.lab.safety.recommend import (
     Recommendation,
     guideline_checks,
     recommend,
+    withhold,
 )
 from services.lab.safety.sweep import CrResult, SafetyStudyConfig
 
@@ -74,6 +76,7 @@ class StudyResult:
     recommendation: Recommendation
     guidelines: list[GuidelineCheck]
     resamples_used: int
+    evidence: Evidence
     meta: dict[str, Any]
 
     def as_dict(self) -> dict[str, Any]:
@@ -83,6 +86,7 @@ class StudyResult:
             "bootstrap_resamples_used": self.resamples_used,
             "per_cr": [s.as_dict() for s in self.per_cr],
             "recommendation": self.recommendation.as_dict(),
+            "evidence": self.evidence.as_dict(),
             "guidelines": {"modality": MODALITY, "presets": [g.as_dict() for g in self.guidelines]},
         }
 
@@ -114,6 +118,18 @@ def analyse(
         margin=config.margin,
         confidence=config.confidence,
     )
+    evidence = assess(
+        malignant=int(labels.sum()),
+        normal=int(len(labels) - labels.sum()),
+        reference_auroc=paired.auroc[ref].value,
+        reference_ci_low=paired.auroc[ref].ci_low,
+        resamples=config.bootstrap,
+        resamples_used=paired.resamples_used,
+        margin=config.margin,
+        confidence=config.confidence,
+        min_per_class=config.min_per_class,
+    )
+    rec = withhold(rec, evidence.reasons, evidence.needed)
     verdicts = {v.cr: v.non_inferior for v in rec.verdicts}
     decisions = probs >= threshold
     per_cr = []
@@ -153,5 +169,6 @@ def analyse(
         recommendation=rec,
         guidelines=guideline_checks(rec, MODALITY),
         resamples_used=paired.resamples_used,
+        evidence=evidence,
         meta=meta,
     )

@@ -4,8 +4,8 @@ Every CR is scored on the same breasts, so one resample of breasts (indices draw
 replacement) is applied to all CRs at once: the AUROC of each CR and its difference to the
 reference (CR 1) come from the same resampled breasts, and the spread of the difference holds
 only what the CR changed, not which breasts were drawn. Resamples that lack a class are skipped
-for all CRs alike. With a single CR and the same seed the intervals are exactly those of
-:func:`services.core.stats.bootstrap`.
+for all CRs alike (none left: every interval is NaN). With a single CR and the same seed the
+intervals are exactly those of :func:`services.core.stats.bootstrap`.
 
 Intervals are percentile intervals: two-sided ``confidence`` (default 95 %) for the metrics and
 their differences, and for non-inferiority the one-sided lower bound, the ``1 - confidence``
@@ -79,8 +79,8 @@ def paired_bootstrap(
             continue
         roc_values.append([auroc(yi, s[c, idx]) for c in range(k)])
         pr_values.append([auprc(yi, s[c, idx]) for c in range(k)])
-    if not roc_values:
-        raise ValueError("no bootstrap resample held both classes")
+    if not roc_values:  # intervals undefined (NaN); the study withholds its recommendation
+        roc_values = pr_values = [[np.nan] * k]
     roc = np.array(roc_values)
     pr = np.array(pr_values)
     roc_point = np.array([auroc(y, s[c]) for c in range(k)])
@@ -90,7 +90,7 @@ def paired_bootstrap(
         auprc=_estimates(pr_point, pr, confidence),
         auroc_delta=_differences(roc_point, roc, reference, confidence),
         auprc_delta=_differences(pr_point, pr, reference, confidence),
-        resamples_used=len(roc_values),
+        resamples_used=int(np.isfinite(roc[:, 0]).sum()),
     )
 
 

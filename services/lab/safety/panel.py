@@ -1,5 +1,6 @@
-"""The saliency panel (the seed study's Fig. 3): one malignant breast at CR 1, 100, 5K and 11K,
-each view overlaid with the model's saliency on the copy it was shown.
+"""The saliency panel (the seed study's Fig. 3): one malignant breast at CR 1 and up to three
+of the CRs the study was asked for (1, 100, 5K and 11K when they were), each view overlaid with
+the model's saliency on the copy it was shown.
 
 The case is the malignant breast the model scores highest at CR 1 (a case it finds on the
 original), its CC view when it has one. Phantoms' ground truth (lesion centre and radius from
@@ -40,6 +41,19 @@ class SaliencyPanel:
     method: str  # hirescam, gradcam or occlusion
     original: Image.Image  # the original, ground truth drawn when known
     tiles: list[Tile]
+
+
+def panel_crs(crs: Sequence[float], tiles: int = len(PANEL_CRS)) -> tuple[float, ...]:
+    """CR 1 and at most ``tiles - 1`` of the asked ``crs``: the seed study's (100, 5K, 11K)
+    among them first, the rest spread evenly over the asked list; never a CR not asked for."""
+    asked = sorted({float(c) for c in crs if c != 1})
+    chosen = [c for c in PANEL_CRS[1:] if c in asked][: tiles - 1]
+    rest = [c for c in asked if c not in chosen]
+    free = tiles - 1 - len(chosen)
+    if free > 0 and rest:
+        picks = np.unique(np.linspace(0, len(rest) - 1, min(free, len(rest))).round().astype(int))
+        chosen += [rest[i] for i in picks]
+    return (1.0, *sorted(chosen))
 
 
 def pick_case(

@@ -10,17 +10,22 @@ model that behaves oddly), and a policy should not rely on it; such CRs are list
 ``passes_above_failure``. When every CR passes, the recommendation is the highest tested CR
 and the safe limit may lie higher; when even the lowest CR above 1 fails there is no
 recommendation (keep lossless, or test CRs closer to 1).
+
+Whatever the verdicts say, :func:`withhold` turns the recommendation into the distinct status
+``no-recommendation`` when the data cannot carry one (too few breasts, a reference near chance,
+a bootstrap that could not resample both classes: :mod:`.evidence`); the verdicts stay for
+information.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 from services.core.policies import load_presets
 
-Status = Literal["all-pass", "partial", "none-pass", "no-lossy"]
+Status = Literal["all-pass", "partial", "none-pass", "no-lossy", "no-recommendation"]
 
 
 @dataclass(frozen=True)
@@ -125,6 +130,17 @@ def recommend(
             "recommended (a lower CR failed: likely noise in the test set)"
         )
     return Recommendation(best, status, first_fail.cr, above, margin, confidence, verdicts, message)
+
+
+def withhold(rec: Recommendation, reasons: list[str], needed: str) -> Recommendation:
+    """``rec`` as ``no-recommendation``: the data cannot carry a verdict (:mod:`.evidence`)."""
+    if not reasons:
+        return rec
+    message = "; ".join(reasons)
+    if needed:
+        message += f"; needed: {needed}"
+    message += "; the per-CR verdicts are shown for information only"
+    return replace(rec, cr=None, status="no-recommendation", message=message)
 
 
 def guideline_checks(recommendation: Recommendation, modality: str = "MG") -> list[GuidelineCheck]:

@@ -212,6 +212,9 @@ td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}
 th{background:#f3f3f3} td.l,th.l{text-align:left}
 .box{border-left:6px solid #1a9850;background:#f4faf5;padding:.8em 1em;margin:1em 0}
 .box.none-pass{border-color:#d73027;background:#fdf3f2}
+.box.no-recommendation{border-color:#888;background:#f2f2f2}
+.card{border:1px solid #ccc;padding:.5em 1em;margin:1em 0;font-size:14px}
+.clinical{color:#b2182b;font-weight:700;text-transform:uppercase}
 .pass{color:#1a9850;font-weight:600} .fail{color:#d73027;font-weight:600}
 img{max-width:100%;border:1px solid #ddd;margin:.5em 0}
 .note{color:#555;font-size:13px}
@@ -239,17 +242,27 @@ def render_html(data: dict[str, Any]) -> str:
     labelled = data["data"]
     files = data["files"]
     best = rec["cr"]
-    headline = "no CR is recommended" if best is None else f"recommended CR: {best:g}"
+    evidence = data["evidence"]
+    if rec["status"] == "no-recommendation":
+        headline = "no recommendation: the data cannot support one"
+    elif best is None:
+        headline = "no CR is recommended"
+    else:
+        headline = f"recommended CR: {best:g}"
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>crgate CR study: {_e(model['name'])}</title><style>{_STYLE}</style></head><body>",
         f"<h1>CR safety study: {_e(model['name'])} {_e(model['version'])}</h1>",
+        _card_box(model),
         f"<div class='box {_e(rec['status'])}'><h2>{_e(headline)}</h2>",
         f"<p>{_e(rec['message'])}.</p>",
         "<p class='note'>Rule: the highest tested CR such that it and every lower tested CR are "
         "non-inferior to CR 1: the one-sided "
         f"{rec['confidence']:.0%} lower bound of the paired bootstrap difference AUROC(CR) - "
-        f"AUROC(1) lies above -{rec['margin']:g}.</p></div>",
+        f"AUROC(1) lies above -{rec['margin']:g}. A recommendation needs at least "
+        f"{evidence['min_per_class']} breasts per class ({_e(evidence['min_source'])}; "
+        "docs/cr-study.md), a CR 1 AUROC whose CI stays above "
+        f"{evidence['chance_floor']:g}, and bootstrap resamples that hold both classes.</p></div>",
         "<h2>Guideline presets (mammography)</h2>",
         _guideline_table(data["guidelines"]["presets"]),
         "<h2>Per CR</h2>",
@@ -269,7 +282,7 @@ def render_html(data: dict[str, Any]) -> str:
         ("roc", "ROC curves per CR"),
         ("pr", "Precision-recall curves per CR"),
         ("quality", "PSNR and SSIM of the compressed copies"),
-        ("saliency", "Saliency panel: one malignant case at CR 1, 100, 5K, 11K"),
+        ("saliency", _panel_caption(data.get("saliency_panel"))),
     ):
         if key in files:
             parts.append(
@@ -292,6 +305,11 @@ def render_html(data: dict[str, Any]) -> str:
             f"{settings['bootstrap']} resamples over breasts, paired across CRs "
             f"({data['bootstrap_resamples_used']} held both classes), seed {settings['seed']}",
         ),
+        _row(
+            "minimum breasts per class",
+            f"{evidence['min_per_class']} ({evidence['min_source']}); this set: "
+            f"{evidence['malignant']} malignant, {evidence['normal']} normal",
+        ),
         _row("encoder", settings["encoder_tag"]),
         _row(
             "run",
@@ -310,6 +328,27 @@ def render_html(data: dict[str, Any]) -> str:
     )
     parts.append(f"<p class='note'>Tables: {tables}.</p></body></html>\n")
     return "\n".join(parts)
+
+
+def _card_box(model: dict[str, Any]) -> str:
+    """The card's intended use and training data, above everything else."""
+    lines = ["<div class='card'>"]
+    if model.get("not_for_clinical_use"):
+        lines.append("<p class='clinical'>Not for clinical use</p>")
+    lines.append(f"<p><b>Intended use</b> (model card): {_e(model.get('intended_use') or '-')}</p>")
+    training = model.get("training_data") or "not stated in the card"
+    preset = model.get("training_preset")
+    if preset:
+        training += f" (phantom preset {preset!r})"
+    lines.append(f"<p><b>Training data</b> (model card): {_e(training)}</p></div>")
+    return "".join(lines)
+
+
+def _panel_caption(panel: dict[str, Any] | None) -> str:
+    if not panel:
+        return "Saliency panel"
+    crs = ", ".join(plots.cr_label(t["cr"]) for t in panel["tiles"])
+    return f"Saliency panel: one malignant case at CR {crs}"
 
 
 def _crs(values: Sequence[float]) -> str:

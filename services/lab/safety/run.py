@@ -7,6 +7,7 @@ The sweep's per-CR partial results are written before any statistics, so an inte
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -14,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from services.core.errors import CrgateError, OutputError
+from services.core.inference.card import ModelCard
 from services.lab.safety.analysis import StudyResult, analyse
 from services.lab.safety.copies import CopyCache
 from services.lab.safety.labels import load_labelled_set
-from services.lab.safety.panel import SaliencyPanel, pick_case, saliency_panel
+from services.lab.safety.panel import SaliencyPanel, panel_crs, pick_case, saliency_panel
 from services.lab.safety.report import write_report
 from services.lab.safety.sweep import (
     Progress,
@@ -35,6 +37,33 @@ class SafetyStudyRun:
     sweep: SweepOutcome
     files: dict[str, str]
     out_dir: Path
+
+
+NOT_CLINICAL = "not for clinical use"
+
+
+def card_summary(card: ModelCard) -> dict[str, Any]:
+    """What the card says the model is for and was trained on (the report's top lines)."""
+    training = card.training.get("data")
+    phantom = card.training.get("phantom")
+    preset = phantom.get("preset") if isinstance(phantom, dict) else None
+    said = f"{card.intended_use} {training or ''}".lower()
+    return {
+        "intended_use": card.intended_use,
+        "training_data": None if training is None else str(training),
+        "training_preset": preset,
+        "not_for_clinical_use": NOT_CLINICAL in said,
+    }
+
+
+def phantom_preset(data_dir: Path) -> str | None:
+    """The preset a `crgate synth` folder was made with (its phantom.json), when it says."""
+    try:
+        record = json.loads((data_dir / "phantom.json").read_text())
+    except (OSError, ValueError):
+        return None
+    preset = record.get("preset") if isinstance(record, dict) else None
+    return preset if isinstance(preset, str) else None
 
 
 def run_safety_study(
@@ -66,6 +95,14 @@ def run_safety_study(
             f"{labelled.single_view} breast(s) have one view, used for both halves of the input"
         )
     card = classifier.card
+    summary = card_summary(card)
+    preset = phantom_preset(data_dir)
+    if preset and summary["training_preset"] and preset != summary["training_preset"]:
+        notes.append(
+            f"the phantoms are of preset {preset!r} but the model was trained on preset "
+            f"{summary['training_preset']!r}: its AUROC here says how it reads lesions it did "
+            "not learn"
+        )
     meta: dict[str, Any] = {
         "tool": "crgate study",
         "format": 1,
@@ -78,6 +115,7 @@ def run_safety_study(
             "architecture": card.architecture,
             "saliency": classifier.saliency_method,
             "provider": classifier.provider,
+            **summary,
         },
         "data": {
             "dir": str(data_dir),
@@ -87,6 +125,7 @@ def run_safety_study(
             "studies": labelled.n_studies,
             "views": labelled.n_views,
             "single_view_breasts": labelled.single_view,
+            "phantom_preset": preset,
         },
         "settings": {
             "crs": list(config.crs),
@@ -97,6 +136,7 @@ def run_safety_study(
             "encoder": config.encoder,
             "encoder_tag": cache.tag,
             "seed": config.seed,
+            "min_per_class": config.min_per_class,
         },
         "notes": notes,
     }
@@ -104,7 +144,7 @@ def run_safety_study(
     panel: SaliencyPanel | None = None
     try:
         case = pick_case(labelled.breasts, list(result.probabilities[result.crs.index(1.0)]))
-        panel = saliency_panel(classifier, case, cache)
+        panel = saliency_panel(classifier, case, cache, panel_crs(config.crs))
     except CrgateError as exc:
         notes.append(f"no saliency panel: {exc}")
     meta["run"] = {

@@ -55,6 +55,7 @@ class SafetyStudyConfig:
     seed: int = 0
     batch_size: int = 32
     notes: tuple[str, ...] = ()
+    min_per_class: int | None = None  # None: the power calculation's (safety/evidence.py)
 
     def __post_init__(self) -> None:
         if isinstance(self.bootstrap, bool) or self.bootstrap < MIN_BOOTSTRAP:
@@ -72,6 +73,13 @@ class SafetyStudyConfig:
             raise InvalidParameter(f"threshold {self.threshold}: use a probability from 0 to 1")
         if self.encoder not in ENCODERS:
             raise InvalidParameter(f"encoder {self.encoder!r}: use one of {', '.join(ENCODERS)}")
+        if self.min_per_class is not None and (
+            isinstance(self.min_per_class, bool) or self.min_per_class < 1
+        ):
+            raise InvalidParameter(
+                f"minimum breasts per class {self.min_per_class}: use 1 or more (default: the "
+                "power calculation's, docs/cr-study.md)"
+            )
         if self.workers < 0:
             raise InvalidParameter(f"workers {self.workers}: use 0 (every core) or more")
         if not self.crs or 1.0 not in self.crs or list(self.crs) != sorted(set(self.crs)):

@@ -33,6 +33,7 @@ from services.core.inference.card import (
     INPUT_NAME,
     PROBABILITY_OUTPUT,
     GradCamGrid,
+    ImageGeometry,
     ModelCard,
     TestResult,
     file_sha256,
@@ -87,6 +88,13 @@ class TrainConfig:
 
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def training_spacing(records: Sequence[BreastRecord]) -> float | None:
+    """The training images' pixel spacing in mm (the first image's), when it says."""
+    ds = read_dataset(records[0].files["CC"])
+    value = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
+    return round(float(value[0]), 6) if value else None
 
 
 def training_geometry(records: Sequence[BreastRecord]) -> tuple[int, int]:
@@ -383,6 +391,9 @@ def train(config: TrainConfig, progress: Progress | None = None) -> ModelCard:
         saliency="hirescam",
         gradcam_grid=GradCamGrid(stride=stride, offset=offset),
         preprocessing=params.as_dict(),
+        trained_geometry=ImageGeometry(
+            cols=width, rows=height, pixel_spacing_mm=training_spacing(records)
+        ),
         training={
             "data": "synthetic mammography phantoms from `crgate synth`; not for clinical use",
             "phantom": _phantom_record(config.data_dir),
