@@ -10,7 +10,16 @@ from fastapi import FastAPI, Request, Response
 from starlette.routing import Match
 
 from services.api import cors, problems
-from services.api.routes import classify, docs, login, models, ops, policies, sweeps
+from services.api.routes import (
+    classify,
+    destinations,
+    docs,
+    login,
+    models,
+    ops,
+    policies,
+    sweeps,
+)
 from services.core.config import Settings, get_settings
 from services.core.sessions import SessionSigner, load_secret
 from services.core.telemetry import HTTP_LATENCY
@@ -50,6 +59,7 @@ def create_app(settings: Settings | None = None, *, state: Runtime | None = None
     app.include_router(sweeps.router)
     app.include_router(classify.router)
     app.include_router(models.router)
+    app.include_router(destinations.router)
     _include_dicomweb(app)
     return app
 

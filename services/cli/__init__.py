@@ -9,6 +9,7 @@
 | keys | keys create, list, revoke |
 | policy | policy list, set, preset, delete |
 | audit | audit (the audit log) |
+| destination | destination add, list, echo, delete |
 | demo | demo |
 | study | study (the CR safety study) |
 | experiment | experiment (the seed study's training experiments) |
@@ -18,7 +19,18 @@ from __future__ import annotations
 
 import typer
 
-from services.cli import audit, demo, experiment, images, keys, model, policy, servers, study
+from services.cli import (
+    audit,
+    demo,
+    destination,
+    experiment,
+    images,
+    keys,
+    model,
+    policy,
+    servers,
+    study,
+)
 
 app = typer.Typer(
     name="crgate",
@@ -46,6 +58,7 @@ for command in (
     app.command()(command)
 app.add_typer(keys.keys_app, name="keys")
 app.add_typer(policy.policy_app, name="policy")
+app.add_typer(destination.destination_app, name="destination")
 app.add_typer(model.model_app, name="model")
 
 

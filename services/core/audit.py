@@ -12,8 +12,8 @@ from services.core.db.tables import AuditEntry
 from services.core.errors import InvalidParameter
 
 MAX_LIMIT = 1000
-ENTITIES = ("job", "key", "policy")
-"""What the log records: CR policies, API keys, jobs (on-demand overrides of a ceiling)."""
+ENTITIES = ("destination", "job", "key", "policy")
+"""What the log records: CR policies, API keys, destinations, jobs (overrides of a ceiling)."""
 
 
 def record(

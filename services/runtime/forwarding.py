@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,6 +140,63 @@ def _send(
     comment = str(getattr(status, "ErrorComment", "") or "") if status else ""
     reason = f"status 0x{code:04X} {comment}".strip() if code is not None else "no reply"
     return {**outcome, "state": "failed", "reason": reason}
+
+
+PROBE_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.2"  # CT Image Storage
+"""The storage class an echo proposes in every syntax crgate may send, to learn which the peer
+accepts (peers accept syntaxes per class; this is a common one)."""
+PROBE_SYNTAXES = (
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.4.201",  # HTJ2K Lossless
+    "1.2.840.10008.1.2.4.202",  # HTJ2K Lossless RPCL
+    "1.2.840.10008.1.2.4.203",  # HTJ2K
+)
+
+
+@dataclass(frozen=True)
+class EchoResult:
+    """What a C-ECHO to a peer answered."""
+
+    reachable: bool
+    status: int | None
+    rtt_ms: float
+    accepted_syntaxes: list[str]
+    """Of :data:`PROBE_SYNTAXES`, those the peer accepted for CT Image Storage."""
+    error: str | None = None
+
+
+def echo(target: str, calling_ae: str, timeout: float = 10.0) -> EchoResult:
+    """C-ECHO ``target`` (AET@host:port) and learn the storage syntaxes it accepts."""
+    parsed = ForwardTarget.parse(target)
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = timeout
+    ae.add_requested_context("1.2.840.10008.1.1")  # Verification
+    for syntax in PROBE_SYNTAXES:
+        ae.add_requested_context(PROBE_SOP_CLASS, syntax)
+    started = time.perf_counter()
+    assoc = ae.associate(parsed.host, parsed.port, ae_title=parsed.ae_title)
+    if not assoc.is_established:
+        elapsed = (time.perf_counter() - started) * 1000
+        reason = "association rejected" if assoc.is_rejected else "refused or unreachable"
+        return EchoResult(False, None, elapsed, [], f"{parsed}: {reason}")
+    try:
+        accepted = sorted(
+            {
+                str(cx.transfer_syntax[0])
+                for cx in assoc.accepted_contexts
+                if str(cx.abstract_syntax) == PROBE_SOP_CLASS
+            }
+        )
+        status = assoc.send_c_echo()
+        elapsed = (time.perf_counter() - started) * 1000
+    finally:
+        assoc.release()
+    code = getattr(status, "Status", None)
+    error = None if code == 0x0000 else f"C-ECHO answered {code!r}"
+    return EchoResult(code is not None, code, elapsed, accepted, error)
 
 
 def push(target: str, calling_ae: str, paths: list[Path]) -> dict[str, Any]:

@@ -266,6 +266,9 @@ def test_preset_over_http_keeps_stricter_values_and_lists_violations(client: Tes
 def test_audit_filters_by_a_known_entity_and_time(client: TestClient) -> None:
     assert client.post("/policies", json={"modality": "CT", "cr": 8}).status_code == 201
     unknown = client.get("/audit", params={"entity": "studies"})
-    assert unknown.status_code in (400, 422) and "use one of job, key, policy" in unknown.text
+    assert (
+        unknown.status_code in (400, 422)
+        and "use one of destination, job, key, policy" in unknown.text
+    )
     assert _audit(client, entity="policy", since="2999-01-01T00:00:00") == []
     assert [e["entity"] for e in _audit(client, entity="policy", since="2000-01-01")]

@@ -50,7 +50,7 @@ def test_key_creation_and_revocation_are_audited_and_printed(crgate) -> None:  #
 @pytest.mark.parametrize(
     ("args", "words"),
     [
-        (("--entity", "studies"), "use one of job, key, policy"),
+        (("--entity", "studies"), "use one of destination, job, key, policy"),
         (("--since", "yesterday"), "is not a date or time"),
     ],
 )
@@ -59,3 +59,44 @@ def test_bad_filters_are_one_line_with_exit_2(crgate, args: tuple[str, ...], wor
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0]
+
+
+@pytest.mark.tools
+def test_destination_add_list_echo_delete(crgate, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+    import time
+
+    from tests.conftest import free_port
+
+    port = free_port()
+    pacs = subprocess.Popen(
+        ["storescp", "-aet", "PACS", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        time.sleep(0.5)
+        added = crgate(
+            "destination", "add", "--name", "main PACS", "--ae-title", "PACS",
+            "--host", "127.0.0.1", "--port", str(port),
+        )  # fmt: skip
+        assert added.exit_code == 0, added.stderr
+        echoed = crgate("destination", "echo", "PACS")
+        assert echoed.exit_code == 0, echoed.stderr
+        assert "C-ECHO status 0x0000" in echoed.stdout and "1.2.840.10008.1.2.1" in echoed.stdout
+        listed = crgate("destination", "list")
+        assert "main PACS" in listed.stdout and "1.2.840.10008.1.2.1" in listed.stdout
+    finally:
+        pacs.terminate()
+        pacs.wait(10)
+    down = crgate("destination", "echo", "main PACS")
+    assert down.exit_code == 1 and "refused or unreachable" in down.stderr
+    bad = crgate("destination", "add", "--name", "x", "--ae-title", "A" * 17,
+                 "--host", "h", "--port", "1")  # fmt: skip
+    assert bad.exit_code == 2 and len(bad.stderr.strip().splitlines()) == 1
+    assert crgate("destination", "delete", "PACS").exit_code == 0
+    entries = [
+        json.loads(line)
+        for line in crgate("audit", "--entity", "destination", "--json").stdout.splitlines()
+    ]
+    assert [e["action"] for e in entries] == ["delete", "detect", "create"]
