@@ -1,4 +1,4 @@
-"""C-FIND and C-GET SCP handlers (Patient Root and Study Root; PS3.4 C.4.1, C.4.3).
+"""C-FIND, C-GET and C-MOVE SCP handlers (Patient Root and Study Root; PS3.4 C.4.1-C.4.3).
 
 Both parse the identifier into the index query QIDO-RS uses (services/core/db/identifier.py),
 so a key matches the same way over DIMSE and over HTTP. Callers pass the same association
@@ -15,6 +15,12 @@ decoded to Explicit VR Little Endian when the peer took an uncompressed one; els
 lossless when it took that. An instance none fits, or whose file cannot be read, is a failed
 sub-operation listed in Failed SOP Instance UID List; the final status is 0x0000, 0xB000 (some
 failed) or 0xA702 (all failed), with the counts.
+
+C-MOVE sends the matching instances to a registered destination (services/core/destinations.py)
+named by its AE title, on a new association proposing each SOP class as stored and uncompressed;
+an AE title not in the registry gets 0xA801 (Move Destination Unknown). An instance goes as
+stored when the destination is known to accept its syntax (given, or detected at an echo) or it
+is uncompressed, else decoded to Explicit VR Little Endian (a lossy copy stays marked lossy).
 
 Failure statuses (each with an Error Comment):
 
@@ -41,19 +47,23 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
 )
+from pynetdicom import build_context
 from pynetdicom.association import Association
 from pynetdicom.events import Event
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
 )
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.core.db.identifier import IdentifierError, Model, find_request, get_query, response
 from services.core.db.qido import iter_matches, matching_instances
+from services.core.destinations import list_destinations
 from services.core.errors import CrgateError, OutputError
 from services.core.retrieve.lookup import StoredInstance, read_instance, stored_instance
 from services.core.retrieve.transcoding import transcode
@@ -78,6 +88,11 @@ GET_MODELS = {
     PatientRootQueryRetrieveInformationModelGet: Model.PATIENT_ROOT,
     StudyRootQueryRetrieveInformationModelGet: Model.STUDY_ROOT,
 }
+MOVE_MODELS = {
+    PatientRootQueryRetrieveInformationModelMove: Model.PATIENT_ROOT,
+    StudyRootQueryRetrieveInformationModelMove: Model.STUDY_ROOT,
+}
+MAX_CONTEXTS = 128  # PS3.8: presentation contexts per association
 _UNCOMPRESSED_LE = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian)
 
 Response = tuple[int | Dataset, Dataset | None]
@@ -129,6 +144,82 @@ def handle_get(
             yield CANCEL, None
             return
         yield PENDING, _for_peer(assoc, instance)
+
+
+def handle_move(
+    event: Event, sessions: sessionmaker[Session], store: InstanceStore
+) -> Iterator[Any]:
+    """Yield the destination (address, port, association options), the number of
+    sub-operations, then each instance to send (or Cancel)."""
+    model = MOVE_MODELS[str(event.request.AffectedSOPClassUID)]
+    source = calling_ae(event.assoc)
+    wanted = _ae_text(event.move_destination)
+    try:
+        query = get_query(event.identifier, model)
+        with sessions() as session:
+            destination = next(
+                (d for d in list_destinations(session) if d.ae_title == wanted), None
+            )
+            instances = [stored_instance(store, row) for row in matching_instances(session, query)]
+            accepts = set(destination.syntaxes or ()) if destination is not None else set()
+            address = (destination.host, destination.port) if destination is not None else None
+    except Exception as exc:
+        yield _failure("C-MOVE", source, exc), None
+        return
+    if address is None:
+        log.warning("C-MOVE from %s to unknown destination %r", source, wanted[:16])
+        yield None, None  # pynetdicom answers 0xA801 Move Destination Unknown
+        return
+    log.info("C-MOVE (%s) from %s to %s: %d instance(s)", model, source, wanted, len(instances))
+    yield address[0], address[1], {"contexts": _move_contexts(instances)}
+    yield len(instances)
+    for instance in instances:
+        if event.is_cancelled:
+            log.info("C-MOVE from %s cancelled", source)
+            yield CANCEL, None
+            return
+        yield PENDING, _for_destination(instance, accepts, wanted)
+
+
+def _ae_text(value: Any) -> str:
+    text = value.decode("ascii", "replace") if isinstance(value, bytes) else str(value or "")
+    return text.strip()
+
+
+def _move_contexts(instances: list[StoredInstance]) -> list[Any]:
+    """Per SOP class: one context per stored compressed syntax, one for both uncompressed."""
+    stored: dict[str, set[str]] = {}
+    for instance in instances:
+        stored.setdefault(instance.sop_class_uid, set()).add(instance.transfer_syntax_uid)
+    contexts = []
+    for sop_class, syntaxes in sorted(stored.items()):
+        contexts += [
+            build_context(sop_class, [s]) for s in sorted(syntaxes - set(_UNCOMPRESSED_LE))
+        ]
+        contexts.append(build_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]))
+    return contexts[:MAX_CONTEXTS]
+
+
+def _for_destination(instance: StoredInstance, accepts: set[str], destination: str) -> Dataset:
+    """As stored when the destination takes that syntax (or it is uncompressed), else decoded;
+    a dataset without file meta (a failed sub-operation) when the file cannot be read."""
+    stored = UID(instance.transfer_syntax_uid)
+    try:
+        ds = read_instance(instance)
+        if stored in _UNCOMPRESSED_LE or stored in accepts:
+            return ds
+        return transcode(ds, ExplicitVRLittleEndian, source=instance.source)
+    except Exception as exc:
+        log.warning(
+            "C-MOVE to %s: cannot send sop=%s: %s",
+            destination,
+            instance.sop_instance_uid,
+            exc if isinstance(exc, CrgateError) else type(exc).__name__,
+        )
+        failed = Dataset()
+        failed.SOPClassUID = instance.sop_class_uid
+        failed.SOPInstanceUID = instance.sop_instance_uid
+        return failed
 
 
 def _for_peer(assoc: Association, instance: StoredInstance) -> Dataset:

@@ -1,5 +1,5 @@
 """The DICOM SCP: C-ECHO, C-STORE of every storage SOP class into the one ingest path, and
-C-FIND and C-GET (Patient Root and Study Root, services/scp/queryretrieve.py).
+C-FIND, C-GET and C-MOVE (Patient Root and Study Root, services/scp/queryretrieve.py).
 
 ``start_server(settings, ingestor)`` listens (non-blocking) and returns an ``ScpServer``;
 ``shutdown()`` stops accepting, lets running associations finish for a while, then aborts them.
@@ -126,7 +126,11 @@ def create_ae(settings: Settings) -> AE:
         ae.add_supported_context(
             context.abstract_syntax, TRANSFER_SYNTAXES, scu_role=True, scp_role=True
         )
-    for sop_class in (*queryretrieve.FIND_MODELS, *queryretrieve.GET_MODELS):
+    for sop_class in (
+        *queryretrieve.FIND_MODELS,
+        *queryretrieve.GET_MODELS,
+        *queryretrieve.MOVE_MODELS,
+    ):
         ae.add_supported_context(sop_class, uncompressed)
     # pynetdicom would log C-FIND/C-GET identifiers (patient names, IDs) at INFO
     _config.LOG_REQUEST_IDENTIFIERS = False
@@ -155,6 +159,7 @@ def start_server(
         (evt.EVT_C_STORE, handlers.handle_store, [ingestor, transfers]),
         (evt.EVT_C_FIND, queryretrieve.handle_find, [ingestor.sessions, settings.ae_title]),
         (evt.EVT_C_GET, queryretrieve.handle_get, [ingestor.sessions, ingestor.store]),
+        (evt.EVT_C_MOVE, queryretrieve.handle_move, [ingestor.sessions, ingestor.store]),
         (evt.EVT_REQUESTED, handlers.handle_requested, [settings.allowed_host_set]),
         (evt.EVT_ACCEPTED, handlers.handle_accepted),
         (evt.EVT_REJECTED, handlers.handle_rejected),
