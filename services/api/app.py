@@ -6,10 +6,10 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Request, Response
 from starlette.routing import Match
 
-from services.api import problems
+from services.api import deps, problems
 from services.api.routes import classify, ops, policies, sweeps
 from services.core.config import Settings, get_settings
 from services.core.telemetry import HTTP_LATENCY
@@ -33,6 +33,7 @@ def create_app(settings: Settings | None = None, *, state: Runtime | None = None
         summary="DICOMweb-compatible JPEG 2000 compression-and-inference gateway",
         version="0.1.0",
         lifespan=lifespan,
+        dependencies=[Depends(deps.refuse_nul)],
     )
     problems.install(app)
     app.middleware("http")(_record_latency)

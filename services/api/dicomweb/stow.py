@@ -43,12 +43,14 @@ from services.core.errors import (
     Conflict,
     CrgateError,
     InvalidInput,
+    InvalidParameter,
     InvalidUID,
     NotDicom,
     OutputError,
     UnsupportedSyntax,
 )
 from services.core.ingest import Channel, Ingestor, IngestResult
+from services.core.params import parse_count
 from services.core.storage import InstanceStore
 
 log = logging.getLogger(__name__)
@@ -149,9 +151,11 @@ def _check_headers(request: Request, limit: int) -> str | Response:
         )
     length = request.headers.get("content-length")
     if length is not None:
-        if not length.strip().isdigit():
-            return problem(400, "Bad Request", f"Content-Length {length!r} is not a number")
-        if int(length) > limit:
+        try:
+            declared = parse_count(length.strip(), "Content-Length")
+        except InvalidParameter as exc:
+            return problem(400, "Bad Request", str(exc))
+        if declared > limit:
             return problem(
                 413,
                 "Content Too Large",

@@ -17,7 +17,14 @@ from pydicom.uid import JPEG2000, UID, JPEG2000Lossless
 from services.core.codecs.jpeg2000 import encode_image
 from services.core.dicom.mediatype import OCTET
 from services.core.dicom.pixels import layout_of
-from services.core.errors import CodecError, CrgateError, NotFound, UnsupportedSyntax
+from services.core.errors import (
+    CodecError,
+    CrgateError,
+    InvalidParameter,
+    NotFound,
+    UnsupportedSyntax,
+)
+from services.core.params import parse_count
 from services.core.retrieve.errors import InvalidQuery, NotAcceptable
 from services.core.retrieve.lookup import StoredInstance, read_instance
 from services.core.retrieve.negotiation import FRAME_OFFERS, FrameFormat
@@ -27,12 +34,12 @@ def parse_frame_list(text: str) -> list[int]:
     """``"1,3"`` -> [1, 3] (1-based); InvalidQuery on anything else."""
     numbers = []
     for item in text.split(","):
-        item = item.strip()
-        if not item.isdigit() or int(item) < 1:
+        try:
+            numbers.append(parse_count(item.strip(), "frame number", minimum=1))
+        except InvalidParameter:
             raise InvalidQuery(
-                f"frame list {text!r}: use comma-separated frame numbers from 1, e.g. 1,2"
-            )
-        numbers.append(int(item))
+                f"frame list {text[:80]!r}: use comma-separated frame numbers from 1, e.g. 1,2"
+            ) from None
     return numbers
 
 
