@@ -27,5 +27,5 @@ def parse_count(text: str, name: str, *, minimum: int = 0, maximum: int = MAX_CO
 def check_text(value: str, name: str) -> str:
     """``value`` unless it holds a NUL character (InvalidParameter naming ``name``)."""
     if "\x00" in value:
-        raise InvalidParameter(f"{name} contains a NUL character (%00); remove it")
+        raise InvalidParameter(f"{name} contains a NUL character (%00 in a URL); remove it")
     return value

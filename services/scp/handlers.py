@@ -9,8 +9,12 @@ Status for each refusal (PS3.4 B.2.3; the comment says which case it is):
 ====================================  ======  =============================================
 NotDicom (unreadable, truncated)      0xC000  Error: cannot understand
 NoPixelData, InvalidUID, InvalidInput 0xA900  Error: data set does not match SOP class
+(a value the index refuses, Pixel      (comment: which attribute or which check)
+Data unlike its Rows x Columns...,
+a SOP class other than the context's)
 Conflict (same UID, other content)    0xC010  Error: cannot understand (0xC000-0xCFFF range;
                                               C-STORE has no "duplicate" failure status)
+TooLarge (inflates beyond the limit)  0xA700  Refused: out of resources (comment: the limit)
 OutputError (disk, index database)    0xA700  Refused: out of resources (a retry may work)
 any other CrgateError                 0xC000  cannot understand
 an unexpected exception               0xC001  comment: "internal error: <type name>"
@@ -31,6 +35,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 
+from services.core.dicom.uids import loggable_uid
 from services.core.errors import (
     Conflict,
     CrgateError,
@@ -38,6 +43,7 @@ from services.core.errors import (
     NoPixelData,
     NotDicom,
     OutputError,
+    TooLarge,
 )
 from services.core.ingest import Channel, Ingestor
 from services.scp.staging import Transfers
@@ -60,6 +66,8 @@ def status_for(exc: BaseException) -> tuple[int, str]:
         return CANNOT_UNDERSTAND, "not a complete DICOM data set (unreadable or truncated)"
     if isinstance(exc, Conflict):
         return DUPLICATE_CONFLICT, "SOP Instance UID already stored with other content"
+    if isinstance(exc, TooLarge):
+        return OUT_OF_RESOURCES, _comment(str(exc))
     if isinstance(exc, OutputError):
         return OUT_OF_RESOURCES, "cannot store now (disk or index unavailable); retry"
     if isinstance(exc, NoPixelData):
@@ -109,13 +117,18 @@ def handle_store(event: Event, ingestor: Ingestor, transfers: Transfers) -> Data
     """Ingest the streamed file; success only after ``ingest_file`` returned."""
     assoc = event.assoc
     request: C_STORE = event.request  # type: ignore[assignment]
-    sop_uid = str(request.AffectedSOPInstanceUID)
+    sop_uid = loggable_uid(request.AffectedSOPInstanceUID)
     source = calling_ae(assoc)
     try:
         received = Path(event.dataset_path)
         if not transfers.claim(assoc, received):
             received = _stage(received, ingestor)  # written outside incoming/: move it there
-        result = ingestor.ingest_file(received, channel=Channel.DIMSE, source=source)
+        result = ingestor.ingest_file(
+            received,
+            channel=Channel.DIMSE,
+            source=source,
+            expected_sop_class_uid=str(event.context.abstract_syntax),
+        )
     except Exception as exc:
         code, comment = status_for(exc)
         if code == INTERNAL_ERROR:

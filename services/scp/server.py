@@ -113,9 +113,13 @@ class ScpServer:
 
 
 def create_ae(settings: Settings) -> AE:
-    """Our AE: Verification and every storage SOP class, unlimited PDU, optional AE allow-list."""
+    """Our AE: Verification and every storage SOP class, a bounded PDU size (one PDU is held
+    in memory whole), short ACSE and network timeouts, optional AE allow-list."""
     ae = AE(ae_title=settings.ae_title)
-    ae.maximum_pdu_size = 0
+    ae.maximum_pdu_size = settings.max_pdu_bytes
+    ae.acse_timeout = settings.dicom_acse_timeout
+    ae.network_timeout = settings.dicom_network_timeout
+    ae.dimse_timeout = settings.dicom_network_timeout
     ae.maximum_associations = MAX_ASSOCIATIONS
     ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     for context in AllStoragePresentationContexts:
