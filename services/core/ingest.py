@@ -121,9 +121,9 @@ class Ingestor:
                 expected_sop_class_uid
             ):
                 raise InvalidInput(
-                    f"instance {header.sop_instance_uid} is a {UID(header.sop_class_uid).name} "
-                    f"but was sent as a {UID(str(expected_sop_class_uid)).name} "
-                    f"({loggable_uid(expected_sop_class_uid)})"
+                    f"sent as {UID(str(expected_sop_class_uid)).name} but is "
+                    f"{UID(header.sop_class_uid).name} (instance {header.sop_instance_uid}; "
+                    "the presentation context's SOP class must be the data set's)"
                 )
             uid = header.sop_instance_uid
             with self._lock_for(uid), self.store.lock(uid):  # this process's threads, then all

@@ -107,7 +107,7 @@ def test_sequences_a_few_hundred_levels_deep_are_refused(
 def test_a_sop_class_other_than_announced_is_refused(
     ingestor: Ingestor, store: InstanceStore
 ) -> None:
-    with pytest.raises(InvalidInput, match="sent as a MR Image Storage"):
+    with pytest.raises(InvalidInput, match="sent as MR Image Storage but is CT Image Storage"):
         ingestor.ingest_file(
             _stage(store, hostile.part10(hostile.image())),
             channel=Channel.DIMSE,

@@ -47,6 +47,7 @@ from services.core.errors import (
     InvalidUID,
     NotDicom,
     OutputError,
+    TooLarge,
     UnsupportedSyntax,
 )
 from services.core.ingest import Channel, Ingestor, IngestResult
@@ -360,14 +361,15 @@ def _peek(path: Path) -> tuple[str | None, str | None, str | None]:
     except Exception:
         return None, None, None
     found: list[str | None] = []
-    for value in (
-        ds.get("SOPClassUID"),
-        ds.get("SOPInstanceUID"),
-        ds.file_meta.get("TransferSyntaxUID"),
+    for source, keyword in (
+        (ds, "SOPClassUID"),
+        (ds, "SOPInstanceUID"),
+        (ds.file_meta, "TransferSyntaxUID"),
     ):
         try:
+            value = source.get(keyword)  # an unknown VR raises here
             found.append(validate_uid(str(value)) if value else None)
-        except InvalidUID:
+        except Exception:  # unreadable or invalid: ingest says why
             found.append(None)
     return found[0], found[1], found[2]
 
@@ -377,6 +379,7 @@ _FAILURE_REASONS: tuple[tuple[type[CrgateError], int], ...] = (
     (NotDicom, CANNOT_UNDERSTAND),
     (Conflict, DUPLICATE_DIFFERENT),
     (UnsupportedSyntax, SYNTAX_NOT_SUPPORTED),
+    (TooLarge, OUT_OF_RESOURCES),
     (InvalidInput, DOES_NOT_MATCH),
     (OutputError, OUT_OF_RESOURCES),
 )
