@@ -17,6 +17,7 @@ from services.core.errors import (
     InvalidInput,
     NotFound,
     OutputError,
+    TooLarge,
     UnsupportedSyntax,
 )
 
@@ -37,7 +38,7 @@ def status_of(exc: CrgateError, *, dicomweb: bool = False) -> int:
     Wrong input (InvalidInput and its kinds: a bad UID, CR, query key, a study without an image
     the model reads) is 422 on crgate's own API, like FastAPI's request validation, and 400 on
     DICOMweb, as PS3.18 asks of an invalid query or request. A codec that cannot do what was
-    asked is 422; an unsupported transfer syntax 406.
+    asked is 422; an unsupported transfer syntax 406; a size limit (TooLarge) 413.
     """
     if isinstance(exc, NotFound):
         return 404
@@ -47,6 +48,8 @@ def status_of(exc: CrgateError, *, dicomweb: bool = False) -> int:
         return 406
     if isinstance(exc, CodecError):
         return 422
+    if isinstance(exc, TooLarge):
+        return 413
     if isinstance(exc, InvalidInput):
         return 400 if dicomweb else 422
     if isinstance(exc, OutputError):

@@ -46,6 +46,7 @@ from services.core.errors import (
     TooLarge,
 )
 from services.core.ingest import Channel, Ingestor
+from services.scp.limits import Requested
 from services.scp.staging import Transfers
 
 log = logging.getLogger("crgate.scp")
@@ -182,19 +183,30 @@ def handle_rejected(event: Event) -> None:
     )
 
 
-def handle_requested(event: Event, allowed_hosts: frozenset[str]) -> None:
-    """Reject callers whose source address is not allowed (before any negotiation)."""
+def handle_requested(event: Event, allowed_hosts: frozenset[str], requested: Requested) -> None:
+    """Reject callers whose source address is not allowed, and any association over the limit
+    of open associations (counted from their request: idle connections do not count)."""
     assoc = event.assoc
-    if not allowed_hosts or assoc.requestor.address in allowed_hosts:
+    if allowed_hosts and assoc.requestor.address not in allowed_hosts:
+        log.warning(
+            "association rejected: calling AE %r from %s: address not in the allowed hosts",
+            str(_primitive(assoc).calling_ae_title).strip(),
+            _peer(assoc),
+        )
+        # rejected-permanent, service-user, no reason given
+        assoc.acse.send_reject(0x01, 0x01, 0x01)
+        assoc.kill()
         return
-    log.warning(
-        "association rejected: calling AE %r from %s: address not in the allowed hosts",
-        str(_primitive(assoc).calling_ae_title).strip(),
-        _peer(assoc),
-    )
-    # rejected-permanent, service-user, no reason given
-    assoc.acse.send_reject(0x01, 0x01, 0x01)
-    assoc.kill()
+    if not requested.admit(assoc):
+        log.warning(
+            "association rejected: calling AE %r from %s: %d associations are open already",
+            str(_primitive(assoc).calling_ae_title).strip(),
+            _peer(assoc),
+            requested.limit,
+        )
+        # rejected-transient, service-provider (presentation), local-limit-exceeded
+        assoc.acse.send_reject(0x02, 0x03, 0x02)
+        assoc.kill()
 
 
 def handle_aborted(event: Event) -> None:
@@ -203,8 +215,9 @@ def handle_aborted(event: Event) -> None:
     )
 
 
-def handle_conn_close(event: Event, transfers: Transfers) -> None:
+def handle_conn_close(event: Event, transfers: Transfers, requested: Requested) -> None:
     """Remove the files of transfers that never completed (A-ABORT, dropped connection)."""
+    requested.forget(event.assoc)
     dropped = transfers.drop(event.assoc)
     if dropped:
         log.warning(

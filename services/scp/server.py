@@ -39,7 +39,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from services.core.config import Settings
 from services.core.ingest import Ingestor
-from services.scp import handlers, staging
+from services.scp import handlers, limits, staging
 
 log = logging.getLogger("crgate.scp")
 
@@ -62,7 +62,8 @@ TRANSFER_SYNTAXES = [
     HTJ2K,
     RLELossless,
 ]
-MAX_ASSOCIATIONS = 32
+MAX_ASSOCIATIONS = 32  # open at once, counted from their request (services/scp/limits.py)
+MAX_CONNECTIONS = 128  # TCP connections, each a thread, idle ones included
 DRAIN_SECONDS = 10.0
 
 
@@ -120,7 +121,8 @@ def create_ae(settings: Settings) -> AE:
     ae.acse_timeout = settings.dicom_acse_timeout
     ae.network_timeout = settings.dicom_network_timeout
     ae.dimse_timeout = settings.dicom_network_timeout
-    ae.maximum_associations = MAX_ASSOCIATIONS
+    ae.maximum_associations = MAX_CONNECTIONS
+    limits.cap_pdu(ae, settings.max_pdu_bytes)
     ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     for context in AllStoragePresentationContexts:
         assert context.abstract_syntax is not None
@@ -144,14 +146,15 @@ def start_server(
     """
     ae = create_ae(settings)
     transfers = staging.register(ae, ingestor.store.incoming)
+    requested = limits.Requested(MAX_ASSOCIATIONS)
     handlers_: list[Any] = [
         (evt.EVT_C_ECHO, handlers.handle_echo),
         (evt.EVT_C_STORE, handlers.handle_store, [ingestor, transfers]),
-        (evt.EVT_REQUESTED, handlers.handle_requested, [settings.allowed_host_set]),
+        (evt.EVT_REQUESTED, handlers.handle_requested, [settings.allowed_host_set, requested]),
         (evt.EVT_ACCEPTED, handlers.handle_accepted),
         (evt.EVT_REJECTED, handlers.handle_rejected),
         (evt.EVT_ABORTED, handlers.handle_aborted),
-        (evt.EVT_CONN_CLOSE, handlers.handle_conn_close, [transfers]),
+        (evt.EVT_CONN_CLOSE, handlers.handle_conn_close, [transfers, requested]),
     ]
     if on_closed is not None:
         handlers_.append((evt.EVT_CONN_CLOSE, handlers.notify_closed, [on_closed]))

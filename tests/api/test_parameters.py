@@ -7,8 +7,14 @@ Run on SQLite and PostgreSQL.
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pydicom
 import pytest
 from fastapi.testclient import TestClient
+
+from services.core.ingest import Channel
+from services.runtime import Runtime
 
 PROBLEM = "application/problem+json"
 HUGE = "99999999999999999999"  # above 2^63
@@ -76,3 +82,24 @@ def test_nul_bytes_in_parameters_are_refused_naming_them(
 def test_integer_matching_keys_beyond_is_range_are_400(client: TestClient, query: str) -> None:
     level = "instances" if query.startswith("Instance") else "series"
     _refused(client, f"/dicomweb/{level}?{query}", 400, query.split("=")[0], "VR IS")
+
+
+def test_a_frame_list_repeats_each_frame_once_and_is_capped(
+    client: TestClient, state: Runtime, tiny_study_files: list[Path]
+) -> None:
+    """``frames/1,1,1,...`` once built a response 40 times the pixel data (5,000 times: 500)."""
+    ds = pydicom.dcmread(tiny_study_files[0])
+    staged = state.store.new_staging_path()
+    staged.write_bytes(tiny_study_files[0].read_bytes())
+    state.ingestor.ingest_file(staged, channel=Channel.STOW)
+    url = (
+        f"/dicomweb/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+        f"/instances/{ds.SOPInstanceUID}/frames/"
+    )
+    accept = {"Accept": 'multipart/related; type="application/octet-stream"'}
+    once = client.get(url + "1", headers=accept)
+    repeated = client.get(url + ",".join(["1"] * 5000), headers=accept)
+    assert once.status_code == repeated.status_code == 200, repeated.text
+    assert len(repeated.content) == len(once.content) < 2 * len(ds.PixelData)
+    numbers = ",".join(str(n) for n in range(1, 1002))
+    _refused(client, url + numbers, 413, "1001 frames", "CRGATE_MAX_FRAMES_PER_REQUEST")

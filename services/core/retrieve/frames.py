@@ -22,6 +22,7 @@ from services.core.errors import (
     CrgateError,
     InvalidParameter,
     NotFound,
+    TooLarge,
     UnsupportedSyntax,
 )
 from services.core.params import parse_count
@@ -29,18 +30,26 @@ from services.core.retrieve.errors import InvalidQuery, NotAcceptable
 from services.core.retrieve.lookup import StoredInstance, read_instance
 from services.core.retrieve.negotiation import FRAME_OFFERS, FrameFormat
 
+DEFAULT_MAX_FRAMES = 1000  # Settings.max_frames_per_request
 
-def parse_frame_list(text: str) -> list[int]:
-    """``"1,3"`` -> [1, 3] (1-based); InvalidQuery on anything else."""
-    numbers = []
+
+def parse_frame_list(text: str, limit: int = DEFAULT_MAX_FRAMES) -> list[int]:
+    """``"1,3"`` -> [1, 3] (1-based, repeats dropped, order kept); InvalidQuery on anything
+    else, TooLarge above ``limit`` distinct frames (a response holds each frame once)."""
+    numbers: dict[int, None] = {}
     for item in text.split(","):
         try:
-            numbers.append(parse_count(item.strip(), "frame number", minimum=1))
+            numbers[parse_count(item.strip(), "frame number", minimum=1)] = None
         except InvalidParameter:
             raise InvalidQuery(
                 f"frame list {text[:80]!r}: use comma-separated frame numbers from 1, e.g. 1,2"
             ) from None
-    return numbers
+    if len(numbers) > limit:
+        raise TooLarge(
+            f"the frame list names {len(numbers)} frames; at most {limit} per request "
+            "(CRGATE_MAX_FRAMES_PER_REQUEST)"
+        )
+    return list(numbers)
 
 
 def check_frames(instance: StoredInstance, numbers: Sequence[int]) -> None:
