@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -93,7 +94,17 @@ def install(app: FastAPI) -> None:
             response.headers[name] = value
         return response
 
-    @app.exception_handler(Exception)
-    async def _internal(_request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error: %s", type(exc).__name__)
-        return problem(500, "Internal Error", f"internal error ({type(exc).__name__}); see the log")
+    @app.middleware("http")
+    async def _internal(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        """An unexpected error becomes a 500 problem here, inside the app: Starlette's
+        outermost error handler would answer it too but then re-raise it to the server,
+        which closes the client's keep-alive connection."""
+        try:
+            return await call_next(request)
+        except Exception as exc:
+            log.exception("unhandled error: %s", type(exc).__name__)
+            return problem(
+                500, "Internal Error", f"internal error ({type(exc).__name__}); see the log"
+            )
