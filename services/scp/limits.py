@@ -32,10 +32,29 @@ _CAPS: weakref.WeakKeyDictionary[ApplicationEntity, int] = weakref.WeakKeyDictio
 _ORIGINAL_RECV = AssociationSocket.recv
 
 
+class PduTooLong(OSError):
+    """A PDU declared longer than the AE allows (pynetdicom treats it as a dropped connection)."""
+
+
+class _NoTraceback(logging.Filter):
+    """pynetdicom logs the read error with its traceback; ours is said in one line already."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], PduTooLong):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+_FILTER = _NoTraceback()
+
+
 def cap_pdu(ae: ApplicationEntity, max_pdu_bytes: int) -> None:
     """Refuse PDUs over ``max_pdu_bytes`` (at least 1 MiB) on ``ae``'s associations."""
     _CAPS[ae] = max(max_pdu_bytes, MIN_PDU_READ)
     AssociationSocket.recv = _capped_recv  # type: ignore[method-assign]
+    dul = logging.getLogger("pynetdicom.dul")
+    if _FILTER not in dul.filters:
+        dul.addFilter(_FILTER)
 
 
 def _capped_recv(self: AssociationSocket, nr_bytes: int) -> bytearray:
@@ -49,7 +68,7 @@ def _capped_recv(self: AssociationSocket, nr_bytes: int) -> bytearray:
             nr_bytes,
             cap,
         )
-        raise OSError(f"PDU of {nr_bytes} bytes exceeds the {cap} bytes allowed")
+        raise PduTooLong(f"PDU of {nr_bytes} bytes exceeds the {cap} bytes allowed")
     data: bytearray = _ORIGINAL_RECV(self, nr_bytes)
     return data
 

@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
+import pytest
 from pynetdicom import AE
 from pynetdicom.pdu import A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
@@ -34,7 +35,7 @@ def idle_sockets(port: int, count: int) -> Iterator[list[socket.socket]]:
         yield sockets
 
 
-def _associate_raw(port: int) -> socket.socket:
+def associate_raw(port: int) -> socket.socket:
     """A TCP connection on which an A-ASSOCIATE-RQ (Verification) was sent and accepted."""
     primitive = A_ASSOCIATE()
     primitive.application_context_name = "1.2.840.10008.3.1.1.1"
@@ -78,9 +79,11 @@ def test_idle_connections_are_closed_after_the_acse_timeout(start_scp: StartScp)
         assert time.monotonic() - started < 5
 
 
-def test_a_pdu_over_the_maximum_is_refused_before_it_is_read(start_scp: StartScp) -> None:
+def test_a_pdu_over_the_maximum_is_refused_before_it_is_read(
+    start_scp: StartScp, caplog: pytest.LogCaptureFixture
+) -> None:
     scp = start_scp(max_pdu_bytes=1 << 20, dicom_network_timeout=60)
-    sock = _associate_raw(scp.port)
+    sock = associate_raw(scp.port)
     with sock:
         declared = 600 * 1024 * 1024
         sock.sendall(struct.pack(">BBL", P_DATA_TF, 0, declared) + b"\x00" * 4096)
@@ -94,6 +97,8 @@ def test_a_pdu_over_the_maximum_is_refused_before_it_is_read(start_scp: StartScp
         assert time.monotonic() - started < 5
     proc = echoscu(scp.port)
     assert proc.returncode == 0, output(proc)
+    assert "over the 1048576 allowed (CRGATE_MAX_PDU_BYTES)" in caplog.text
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
 
 
 def test_associations_over_the_limit_are_rejected(start_scp: StartScp) -> None:
