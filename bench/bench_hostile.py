@@ -1,6 +1,6 @@
 """Hostile input against a real ``crgate serve``: what each attack costs the server (issue 16).
 
-    PYTHONPATH=. .venv/bin/python bench/bench_hostile.py [--database-url URL]
+    PYTHONPATH=. .venv/bin/python bench/bench_hostile.py [--database-url URL] [--tree DIR]
 
 Starts ``crgate serve`` (SQLite in a temporary data directory unless a URL is given) and runs,
 in order: the hostile corpus of tests/hostile.py by STOW-RS (one request) and by C-STORE (one
@@ -9,6 +9,8 @@ distinct frames of a multi-frame instance, a P-DATA PDU declaring 600 MB, and 40
 connections while a C-ECHO is timed.
 After each step it prints the server's peak RSS so far (VmHWM of the serve process, MB = 10^6
 bytes), the HTTP 5xx answers and DICOM statuses seen. Target: peak RSS below 500 MB, no 5xx.
+``--tree`` serves another checkout's code (an older crgate) with the same client, for a
+before/after table.
 """
 
 from __future__ import annotations
@@ -49,17 +51,19 @@ def peak_rss_mb(pid: int) -> float:
     raise RuntimeError("no VmHWM")
 
 
-def start(data_dir: Path, log: Path, database_url: str) -> tuple[subprocess.Popen[bytes], str, int]:
+def start(
+    data_dir: Path, log: Path, database_url: str, tree: Path
+) -> tuple[subprocess.Popen[bytes], str, int]:
     http_port, dicom_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CRGATE_")}
-    env["PYTHONPATH"] = str(ROOT)
+    env["PYTHONPATH"] = str(tree)
     if database_url:
         env["CRGATE_DATABASE_URL"] = database_url
     command = [sys.executable, "-c", "from services.cli import app; app()", "serve"]
     command += ["--data-dir", str(data_dir), "--http-port", str(http_port)]
     command += ["--dicom-port", str(dicom_port)]
     with log.open("wb") as fh:
-        proc = subprocess.Popen(command, stdout=fh, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(command, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=tree)
     url = f"http://127.0.0.1:{http_port}"
     deadline = time.monotonic() + 60
     while True:
@@ -109,15 +113,15 @@ def multiframe(frames: int = 1001) -> bytes:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--database-url", default="")
+    parser.add_argument("--tree", type=Path, default=ROOT, help="the crgate checkout to serve")
     args = parser.parse_args()
     pynetdicom._config.STORE_SEND_CHUNKED_DATASET = True
     corpus = hostile.corpus()
     rows: list[tuple[str, str, float]] = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
-        proc, url, port = start(tmp_path / "var", tmp_path / "serve.log", args.database_url)
-        global LOG
-        LOG = tmp_path / "serve.log"
+        log_path = tmp_path / "serve.log"
+        proc, url, port = start(tmp_path / "var", log_path, args.database_url, args.tree)
         try:
             key = (tmp_path / "var" / "admin.key").read_text().strip()
             client = httpx.Client(headers={"Authorization": f"Bearer {key}"})
@@ -176,11 +180,19 @@ def main() -> None:
                 sock.sendall(struct.pack(">BBL", 4, 0, 600 * 1024 * 1024) + bytes(65536))
                 started = time.monotonic()
                 try:
-                    answer = sock.recv(6)  # b"" (closed) or an A-ABORT
+                    answer: bytes | None = sock.recv(6)  # b"" (closed) or an A-ABORT
+                except TimeoutError:
+                    answer = None  # the server is still reading the 600 MB
                 except OSError:
                     answer = b""
                 waited = time.monotonic() - started
-            closed = "closed" if answer == b"" else f"PDU type {answer[0]}"
+            closed = (
+                "still open"
+                if answer is None
+                else "closed"
+                if answer == b""
+                else f"answered PDU type {answer[0]}"
+            )
             rows.append(
                 (
                     "P-DATA PDU declaring 600 MB",
@@ -216,8 +228,8 @@ def main() -> None:
     tracebacks = log.count("Traceback")
     errors = sum(1 for r in answers if r.status_code >= 500)
     print(
-        f"# crgate serve ({'PostgreSQL' if args.database_url else 'SQLite'}), hostile corpus "
-        f"of {len(corpus)} files (tests/hostile.py); MB = 10^6 bytes"
+        f"# crgate serve ({'PostgreSQL' if args.database_url else 'SQLite'}) from {args.tree}, "
+        f"hostile corpus of {len(corpus)} files (tests/hostile.py); MB = 10^6 bytes"
     )
     print(f"| {'step':<40} | {'answer':<58} | peak RSS MB |")
     print(f"| {'-' * 40} | {'-' * 58} | ----------- |")
