@@ -64,6 +64,7 @@ TITLES = {
     403: "Forbidden",
     404: "Not Found",
     406: "Not Acceptable",
+    408: "Request Timeout",
     409: "Conflict",
     413: "Content Too Large",
     415: "Unsupported Media Type",

@@ -53,6 +53,11 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(
         2 * 1024**3, ge=1, description="largest STOW-RS request body accepted (413 above)"
     )
+    http_body_timeout: float = Field(
+        30.0,
+        gt=0,
+        description="seconds a STOW-RS body may send nothing before it is refused (408)",
+    )
     max_inflated_bytes: int = Field(
         64 * 1024**2,
         ge=1024,

@@ -74,6 +74,10 @@ class _TooLarge(Exception):
     """The body passed max_upload_bytes, or carries more than MAX_PARTS parts."""
 
 
+class _TooSlow(Exception):
+    """Nothing of the body arrived for http_body_timeout seconds."""
+
+
 @dataclass
 class _Part:
     """One body part: a staged file, or a failure found while receiving it."""
@@ -115,7 +119,17 @@ async def _store(request: Request, study: str | None) -> Response:
     parts: list[_Part] = []
     try:
         try:
-            await _receive(request, boundary_or_error, state.store, parts, limit)
+            await _receive(
+                request,
+                boundary_or_error,
+                state.store,
+                parts,
+                limit,
+                state.settings.http_body_timeout,
+            )
+        except _TooSlow as exc:
+            log.info("STOW-RS body stalled; %d part(s) discarded", len(parts))
+            return problem(408, "Request Timeout", str(exc))
         except ClientDisconnect:
             log.info("STOW-RS client disconnected mid-body; %d part(s) discarded", len(parts))
             return Response(status_code=400)  # nobody reads it
@@ -170,20 +184,36 @@ def _check_headers(request: Request, limit: int) -> str | Response:
 
 
 async def _receive(
-    request: Request, boundary: str, store: InstanceStore, parts: list[_Part], limit: int
+    request: Request,
+    boundary: str,
+    store: InstanceStore,
+    parts: list[_Part],
+    limit: int,
+    timeout: float,
 ) -> None:
     """Stream the body into staged files, one per part; raises InvalidInput on bad framing.
 
     The event loop only receives and counts; parsing and writing run in a worker thread, one
     batch of chunks at a time. Chunks that arrive while a batch is being written form the next
-    batch (at most MAX_PENDING_BYTES before the loop waits), so memory stays bounded.
+    batch (at most MAX_PENDING_BYTES before the loop waits), so memory stays bounded. A body
+    that sends nothing for ``timeout`` seconds raises _TooSlow (its staged files are removed).
     """
     stager = _Stager(boundary, store, parts)
     received = pending = 0
     batch: list[bytes] = []
     writing: asyncio.Task[None] | None = None
+    chunks = request.stream().__aiter__()
     try:
-        async for chunk in request.stream():
+        while True:
+            try:
+                chunk = await asyncio.wait_for(anext(chunks), timeout)
+            except StopAsyncIteration:
+                break
+            except TimeoutError:
+                raise _TooSlow(
+                    f"nothing of the request body arrived for {timeout:g} s "
+                    "(CRGATE_HTTP_BODY_TIMEOUT); send the body without pauses"
+                ) from None
             received += len(chunk)
             if received > limit:
                 raise _TooLarge(
@@ -205,7 +235,7 @@ async def _receive(
         if writing is not None:
             await asyncio.wait({writing})  # its thread must not stage a file after _discard
             error = None if writing.cancelled() else writing.exception()
-            if error is not None and isinstance(exc, ClientDisconnect | _TooLarge):
+            if error is not None and isinstance(exc, ClientDisconnect | _TooLarge | _TooSlow):
                 raise error from None  # earlier in the body: it wins, as in a serial parse
         raise
 
