@@ -5,7 +5,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-DEB_PACKAGES := libopenjp2-7 libopenjp2-tools dcmtk libgdcm-tools dicom3tools orthanc orthanc-dicomweb
+DEB_PACKAGES := libopenjp2-7 libopenjp2-tools dcmtk libgdcm-tools dicom3tools orthanc orthanc-dicomweb openjph-tools chromium chromium-driver
 DEMO := var/demo
 
 .PHONY: run test lint typecheck unit bench deps clean services
@@ -16,7 +16,7 @@ $(BIN)/crgate: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev,train]'
 	touch $@
 
-.stamp-deb:
+.stamp-deb: Makefile  # re-checked when DEB_PACKAGES changes
 	@missing=$$(for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
@@ -46,6 +46,7 @@ run: deps
 	echo; \
 	echo "crgate is running (pid $$pid, log $(DEMO)/serve.log):"; \
 	echo "  API docs      http://127.0.0.1:$(HTTP_PORT)/docs"; \
+	echo "  browser login http://127.0.0.1:$(HTTP_PORT)/login (with the admin key)"; \
 	echo "  admin API key $(DEMO)/admin.key (created on first start, mode 0600)"; \
 	echo "  QIDO-RS       curl -H \"Authorization: Bearer \$$(cat $(DEMO)/admin.key)\" http://127.0.0.1:$(HTTP_PORT)/dicomweb/studies"; \
 	echo "  DICOM         C-STORE / C-ECHO to AE CRGATE on port $(DICOM_PORT)"; \
@@ -75,6 +76,7 @@ test: deps lint typecheck services
 
 bench: deps
 	$(BIN)/python bench/bench_transcode.py
+	$(BIN)/python bench/bench_htj2k.py
 	$(BIN)/python bench/bench_metrics.py
 	$(BIN)/python bench/bench_inference.py
 	$(BIN)/python bench/bench_ingest.py

@@ -1,6 +1,7 @@
 """Study latency, throughput and worker memory of the classification service, one run.
 
     .venv/bin/python bench/bench_study.py [--cr 20] [--studies 3] [--size 3328x4096]
+        [--syntax htj2k]
 
 Starts what docker-compose starts (`crgate migrate`, `api`, `scp`, `worker`) as local processes
 on the local PostgreSQL and Redis, sets an MG policy (auto-classify, 4 views), and pushes
@@ -115,8 +116,10 @@ class Stack:
             time.sleep(0.2)
         time.sleep(3)  # the worker's pool processes load the model at start
 
-    def set_policy(self, cr: float) -> None:
+    def set_policy(self, cr: float, syntax: str | None = None) -> None:
         body = {"modality": "MG", "cr": cr, "auto_classify": True, "expected_instances": 4}
+        if syntax is not None:
+            body["syntax"] = syntax
         self.http.post("/policies", json=body).raise_for_status()
 
     def push(self, files: list[Path]) -> subprocess.Popen[bytes]:
@@ -181,6 +184,7 @@ def main() -> None:
     parser.add_argument("--studies", type=int, default=3)
     parser.add_argument("--size", default="3328x4096")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--syntax", default=None, help="the MG policy's syntax (default: j2k)")
     args = parser.parse_args()
     width, height = parse_size(args.size)
     threads = len(os.sched_getaffinity(0))
@@ -196,7 +200,7 @@ def main() -> None:
 
         stack = Stack(root / "one", workers=1)
         try:
-            stack.set_policy(args.cr)
+            stack.set_policy(args.cr, args.syntax)
             latencies, pushes, parts = [], [], []
             for files in latency_sets:
                 uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
@@ -220,7 +224,7 @@ def main() -> None:
 
         stack = Stack(root / "two", workers=2)
         try:
-            stack.set_policy(args.cr)
+            stack.set_policy(args.cr, args.syntax)
             batch = studies[args.repeats + args.studies :]
             start = time.perf_counter()
             for files in batch:
@@ -233,7 +237,8 @@ def main() -> None:
             stack.close()
 
     print(
-        f"4-view study {width}x{height}, CR {args.cr:g}, {threads} cores, median of {args.repeats}"
+        f"4-view study {width}x{height}, CR {args.cr:g} ({args.syntax or 'j2k'}), {threads} "
+        f"cores, median of {args.repeats}"
     )
     print(f"{'row':<34}{'value':>12}{'ratio':>9}")
     print(f"{'bare encodes + inference (s)':<34}{bare:>12.2f}{1.0:>9.2f}")

@@ -9,9 +9,10 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI, Request, Response
 from starlette.routing import Match
 
-from services.api import deps, problems
-from services.api.routes import classify, ops, policies, sweeps
+from services.api import cors, deps, problems
+from services.api.routes import classify, docs, login, ops, policies, sweeps
 from services.core.config import Settings, get_settings
+from services.core.sessions import SessionSigner, load_secret
 from services.core.telemetry import HTTP_LATENCY
 from services.runtime import Runtime, build_runtime
 
@@ -24,6 +25,8 @@ def create_app(settings: Settings | None = None, *, state: Runtime | None = None
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         owned = state is None
         app.state.crgate = state if state is not None else build_runtime(settings)
+        secret = load_secret(settings.session_secret, settings.data_dir)
+        app.state.session_signer = SessionSigner(secret, settings.session_hours * 3600)
         yield
         if owned:
             app.state.crgate.close()
@@ -33,10 +36,16 @@ def create_app(settings: Settings | None = None, *, state: Runtime | None = None
         summary="DICOMweb-compatible JPEG 2000 compression-and-inference gateway",
         version="0.1.0",
         lifespan=lifespan,
+        docs_url=None,  # served offline by routes/docs.py
+        redoc_url=None,
         dependencies=[Depends(deps.refuse_nul)],
     )
     problems.install(app)
     app.middleware("http")(_record_latency)
+    cors.install(app, settings.cors_origin_set)
+    docs.install_openapi(app)
+    app.include_router(docs.router)
+    app.include_router(login.router)
     app.include_router(ops.router)
     app.include_router(policies.router)
     app.include_router(sweeps.router)

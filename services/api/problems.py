@@ -15,6 +15,7 @@ from services.core.errors import (
     CodecError,
     Conflict,
     CrgateError,
+    Forbidden,
     InvalidInput,
     NotFound,
     OutputError,
@@ -45,6 +46,8 @@ def status_of(exc: CrgateError, *, dicomweb: bool = False) -> int:
         return 404
     if isinstance(exc, Conflict):
         return 409
+    if isinstance(exc, Forbidden):
+        return 403
     if isinstance(exc, UnsupportedSyntax):
         return 406
     if isinstance(exc, CodecError):

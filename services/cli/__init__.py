@@ -8,6 +8,7 @@
 | servers | api, scp, serve, worker, migrate |
 | keys | keys create, list, revoke |
 | policy | policy list, set, preset, delete |
+| audit | audit (the audit log) |
 | demo | demo |
 | study | study (the CR safety study) |
 | experiment | experiment (the seed study's training experiments) |
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import typer
 
-from services.cli import demo, experiment, images, keys, model, policy, servers, study
+from services.cli import audit, demo, experiment, images, keys, model, policy, servers, study
 
 app = typer.Typer(
     name="crgate",
@@ -40,6 +41,7 @@ for command in (
     demo.demo,
     study.study,
     experiment.experiment,
+    audit.audit,
 ):
     app.command()(command)
 app.add_typer(keys.keys_app, name="keys")

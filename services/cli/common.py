@@ -3,8 +3,10 @@ command line, logging, progress bars, input file lists, CR lists."""
 
 from __future__ import annotations
 
+import getpass
 import json
 import logging
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any
@@ -114,3 +116,12 @@ def read_json_object(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise InvalidParameter(f"{path}: expected a JSON object of PhantomConfig fields")
     return data
+
+
+def actor() -> str:
+    """Who a CLI change is audit-logged as: ``cli:<user>``."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (containers)
+        user = str(os.getuid())
+    return f"cli:{user}"

@@ -16,7 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from services.cli.common import err, expand, fail, out, progress, read_json_object
-from services.core.codecs import OutputSyntax
+from services.core.codecs import SYNTAX_HELP, OutputSyntax
 from services.core.config import get_settings
 from services.core.errors import CrgateError, InvalidParameter
 from services.core.ratio import CompressionRatio, validate_cr
@@ -36,14 +36,15 @@ def transcode(
     ] = None,
     syntax: Annotated[
         OutputSyntax | None,
-        typer.Option(help="j2k (irreversible, CR > 1) or j2k-lossless (CR 1). Default: by CR."),
+        typer.Option(help=SYNTAX_HELP),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
     threads: Annotated[
         int | None, typer.Option(help="OpenJPEG threads (default: every core).", min=0)
     ] = None,
 ) -> None:
-    """Transcode DICOM images to JPEG 2000 at a target compression ratio and measure the cost."""
+    """Transcode DICOM images to JPEG 2000 or HTJ2K at a target compression ratio and measure
+    the cost."""
 
     try:
         ratio = validate_cr(cr)

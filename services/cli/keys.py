@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from services.cli.common import DataDir, err, fail, out, settings_from
+from services.cli.common import DataDir, actor, err, fail, out, settings_from
 from services.core.errors import CrgateError
 
 keys_app = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
@@ -33,7 +33,7 @@ def keys_create(
     try:
         sessions = _key_sessions(data_dir)
         with sessions() as session, session.begin():
-            row, token = create_key(session, name=name, role=parse_role(role))
+            row, token = create_key(session, name=name, role=parse_role(role), actor=actor())
             key_id = row.id
     except CrgateError as exc:
         raise fail(str(exc), exc.exit_code) from None
@@ -71,14 +71,15 @@ def keys_revoke(
     key: Annotated[str, typer.Argument(help="the key's id or prefix (see `crgate keys list`)")],
     data_dir: DataDir = None,
 ) -> None:
-    """Revoke a key: requests with it get 401 from now on."""
+    """Revoke a key: requests with it, and browser sessions logged in with it, get 401 from now
+    on."""
     from services.core.auth import revoke_key
 
     try:
         sessions = _key_sessions(data_dir)
         with sessions() as session, session.begin():
-            row = revoke_key(session, key=key)
+            row = revoke_key(session, key=key, actor=actor())
             key_id, name = row.id, row.name
     except CrgateError as exc:
         raise fail(str(exc), exc.exit_code) from None
-    err.print(f"revoked key {key_id} ({name!r})")
+    err.print(f"revoked key {key_id} ({name!r}); its browser sessions end too")

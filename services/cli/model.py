@@ -11,6 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from services.cli.common import cr_list, err, expand, fail, out, progress
+from services.core.codecs import SYNTAX_HELP, OutputSyntax
 from services.core.config import get_settings
 from services.core.errors import CrgateError, InvalidParameter, OutputError
 from services.core.ratio import STUDY_CRS_TEXT, validate_cr
@@ -46,6 +47,7 @@ def classify(
         Path | None, typer.Option(help="Write Grad-CAM overlays (PNG) into this folder.")
     ] = None,
     threads: Annotated[int | None, typer.Option(min=0, help="OpenJPEG threads.")] = None,
+    syntax: Annotated[OutputSyntax | None, typer.Option(help=SYNTAX_HELP)] = None,
 ) -> None:
     """Classify mammograms locally: transcode at the CR, infer on the compressed copy and on the
     original, print per breast both probabilities and per image the cost of the compression."""
@@ -55,6 +57,7 @@ def classify(
 
     try:
         ratio = validate_cr(cr)
+        chosen = OutputSyntax.for_cr(ratio, syntax)
         classifier = get_classifier(_card_path(model))
         files, skipped = expand(paths)
         if skipped:
@@ -66,6 +69,7 @@ def classify(
             datasets,
             classifier,
             cr=ratio,
+            syntax=chosen,
             threads=get_settings().threads if threads is None else threads,
         )
         if overlays is not None:

@@ -6,8 +6,6 @@ the exit code of services/core/errors.py.
 
 from __future__ import annotations
 
-import getpass
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -15,22 +13,15 @@ import typer
 from rich.table import Table
 from sqlalchemy.orm import Session, sessionmaker
 
-from services.cli.common import DataDir, err, fail, out, settings_from
+from services.cli.common import DataDir, actor, err, fail, out, settings_from
 from services.core import policies
+from services.core.codecs import SYNTAX_HELP
 from services.core.errors import CrgateError
 from services.core.policies import PolicyChanges, PolicyKey
 
 policy_app = typer.Typer(
     help="List and change CR policies; apply guideline presets.", no_args_is_help=True
 )
-
-
-def actor() -> str:
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):  # no passwd entry (containers)
-        user = str(os.getuid())
-    return f"cli:{user}"
 
 
 def _sessions(data_dir: Path | None) -> sessionmaker[Session]:
@@ -54,8 +45,10 @@ def list_cmd(data_dir: DataDir = None) -> None:
     try:
         with _sessions(data_dir)() as session:
             rows: list[tuple[str, ...]] = []
+            found = policies.violations(session)
             for p in policies.list_policies(session):
                 limit = policies.ceiling(session, PolicyKey.of_row(p), p)
+                violation = next((v for v in found if v.policy_id == p.id), None)
                 rows.append(
                     (
                         str(p.id),
@@ -70,6 +63,7 @@ def list_cmd(data_dir: DataDir = None) -> None:
                         p.preset or "-",
                         f"{limit.max_cr:g} ({limit.preset})" if limit else "-",
                         p.override_reason or "-",
+                        "ABOVE MAX CR" if violation else "",
                     )
                 )
     except CrgateError as exc:
@@ -87,10 +81,13 @@ def list_cmd(data_dir: DataDir = None) -> None:
         "preset",
         "max cr",
         "override reason",
+        "violation",
     )
     for row in rows:
         table.add_row(*row)
     out.print(table)
+    for violation in found:
+        err.print(f"violation: {violation.message}", markup=False, highlight=False)
 
 
 @policy_app.command("set")
@@ -106,9 +103,7 @@ def set_cmd(
         float | None,
         typer.Option("--cr", help="compression ratio (1 = lossless); needed for a new policy"),
     ] = None,
-    syntax: Annotated[
-        str | None, typer.Option("--syntax", help="j2k or j2k-lossless; left out: from the CR")
-    ] = None,
+    syntax: Annotated[str | None, typer.Option("--syntax", help=SYNTAX_HELP)] = None,
     auto_classify: Annotated[
         bool | None,
         typer.Option(
@@ -158,20 +153,29 @@ def set_cmd(
 @policy_app.command("preset")
 def preset_cmd(
     name: Annotated[str, typer.Argument(help="the preset: CAR, DRG or RCR")],
+    force: Annotated[
+        bool, typer.Option("--force", help="also raise policies with a stricter CR to the maximum")
+    ] = False,
     data_dir: DataDir = None,
 ) -> None:
-    """Apply a guideline preset: one policy per row at the preset's maximum CR."""
+    """Apply a guideline preset: one policy per row; its maximum CR becomes the ceiling and the
+    CR of new policies and of those above it. Stricter CRs are kept unless --force."""
     try:
         with _sessions(data_dir).begin() as session:
-            result = policies.apply_preset(session, name, actor=actor())
+            result = policies.apply_preset(session, name, actor=actor(), force=force)
+            found = policies.violations(session)
     except CrgateError as exc:
         raise fail(str(exc), exc.exit_code) from None
     err.print(
         f"preset {result.preset}: {len(result.created)} created, {len(result.updated)} updated, "
-        f"{len(result.unchanged)} unchanged",
+        f"{len(result.unchanged)} unchanged, {len(result.skipped)} kept a stricter CR",
         markup=False,
         highlight=False,
     )
+    for skipped in result.skipped:
+        err.print(f"skipped: {skipped.reason}", markup=False, highlight=False)
+    for violation in found:
+        err.print(f"violation: {violation.message}", markup=False, highlight=False)
 
 
 @policy_app.command("delete")

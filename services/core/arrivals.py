@@ -164,7 +164,7 @@ class ArrivalTracker:
         self.queue = queue
 
     def __call__(self, result: IngestResult, channel: Channel) -> None:
-        if channel is Channel.WORKER or result.outcome is Outcome.DUPLICATE:
+        if channel is Channel.WORKER or result.outcome in (Outcome.DUPLICATE, Outcome.KEPT):
             return
         record_arrival(self.ctx.sessions, result.study_uid)
 

@@ -12,6 +12,8 @@ from services.core.db.tables import AuditEntry
 from services.core.errors import InvalidParameter
 
 MAX_LIMIT = 1000
+ENTITIES = ("job", "key", "policy")
+"""What the log records: CR policies, API keys, jobs (on-demand overrides of a ceiling)."""
 
 
 def record(
@@ -42,17 +44,32 @@ def record(
 
 
 def entries(
-    session: Session, *, entity: str | None = None, limit: int = 100, offset: int = 0
+    session: Session,
+    *,
+    entity: str | None = None,
+    since: datetime | None = None,
+    limit: int = 100,
+    offset: int = 0,
 ) -> tuple[list[AuditEntry], int]:
-    """A page of entries, newest first, and how many there are in all (for that entity)."""
+    """A page of entries, newest first, and how many there are in all (for that entity, from
+    ``since`` on). An entity the log does not record is refused, naming those it does."""
     if not 1 <= limit <= MAX_LIMIT:
         raise InvalidParameter(f"limit {limit} is out of range: use 1 to {MAX_LIMIT}")
     if offset < 0:
         raise InvalidParameter(f"offset {offset} is negative")
+    if entity and entity not in ENTITIES:
+        raise InvalidParameter(
+            f"entity {entity[:40]!r} is not recorded in the audit log: use one of "
+            f"{', '.join(ENTITIES)}"
+        )
     query = select(AuditEntry)
     count = select(func.count()).select_from(AuditEntry)
     if entity:
         query = query.where(AuditEntry.entity == entity)
         count = count.where(AuditEntry.entity == entity)
+    if since is not None:
+        since = since if since.tzinfo else since.replace(tzinfo=UTC)
+        query = query.where(AuditEntry.at >= since)
+        count = count.where(AuditEntry.at >= since)
     rows = session.scalars(query.order_by(AuditEntry.id.desc()).limit(limit).offset(offset))
     return list(rows), int(session.scalar(count) or 0)

@@ -15,15 +15,18 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from services.core import audit
 from services.core.db.tables import ApiKey
 from services.core.dicom.io import atomic_output
 from services.core.errors import InvalidParameter, NotFound
 
 KEY_FILE_NAME = "admin.key"
+KEY_ENTITY = "key"  # the audit log's entity for API keys
 
 
 class Role(StrEnum):
@@ -61,8 +64,11 @@ def _hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def create_key(session: Session, *, name: str, role: Role) -> tuple[ApiKey, str]:
-    """Create a key; return its row and the token, which is shown once and never stored."""
+def create_key(
+    session: Session, *, name: str, role: Role, actor: str = "system"
+) -> tuple[ApiKey, str]:
+    """Create a key (audit-logged); return its row and the token, which is shown once and
+    never stored."""
     if not name.strip():
         raise InvalidParameter("a key needs a name (who or what uses it)")
     prefix = secrets.token_hex(4)
@@ -70,7 +76,23 @@ def create_key(session: Session, *, name: str, role: Role) -> tuple[ApiKey, str]
     row = ApiKey(name=name.strip()[:128], role=role.value, prefix=prefix, key_hash=_hash(token))
     session.add(row)
     session.flush()
+    audit.record(
+        session,
+        actor=actor,
+        action="create",
+        entity=KEY_ENTITY,
+        entity_id=row.id,
+        before=None,
+        after=_key_snapshot(row),
+    )
     return row, token
+
+
+def _key_snapshot(row: ApiKey) -> dict[str, Any]:
+    """What the audit log keeps of a key: never its secret or hash."""
+    revoked = row.revoked_at.isoformat() if row.revoked_at else None
+    return {"id": row.id, "name": row.name, "role": row.role, "prefix": row.prefix,
+            "revoked_at": revoked}  # fmt: skip
 
 
 def verify_key(session: Session, token: str) -> Principal | None:
@@ -91,15 +113,26 @@ def list_keys(session: Session) -> list[ApiKey]:
     return list(session.scalars(select(ApiKey).order_by(ApiKey.id)))
 
 
-def revoke_key(session: Session, *, key: str) -> ApiKey:
-    """Revoke by id or prefix; revoking twice is harmless."""
+def revoke_key(session: Session, *, key: str, actor: str = "system") -> ApiKey:
+    """Revoke by id or prefix (audit-logged); revoking twice is harmless."""
     row = session.scalars(select(ApiKey).where(ApiKey.prefix == key)).first()
     if row is None and key.isdigit():  # prefixes are hex and may be all digits: prefix first
         row = session.get(ApiKey, int(key))
     if row is None:
         raise NotFound(f"no API key with id or prefix {key!r} (see `crgate keys list`)")
     if row.revoked_at is None:
+        before = _key_snapshot(row)
         row.revoked_at = datetime.now(UTC)
+        session.flush()
+        audit.record(
+            session,
+            actor=actor,
+            action="revoke",
+            entity=KEY_ENTITY,
+            entity_id=row.id,
+            before=before,
+            after=_key_snapshot(row),
+        )
     return row
 
 

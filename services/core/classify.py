@@ -33,17 +33,24 @@ from pydicom.errors import InvalidDicomError
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from services.core import jobs
+from services.core import audit, jobs
 from services.core.codecs import OutputSyntax
 from services.core.config import DuplicatePolicy, Settings
 from services.core.contracts import ClassifyPayload, JobQueue, JobStatus, JobTrigger
-from services.core.db.tables import Instance, Job, Result, Series, Study
+from services.core.db.tables import Instance, Job, Policy, Result, Series, Study
 from services.core.dicom.io import read_dataset
-from services.core.errors import CrgateError, InvalidInput, InvalidParameter, NotFound
+from services.core.errors import (
+    CrgateError,
+    Forbidden,
+    InvalidInput,
+    InvalidParameter,
+    NotFound,
+)
 from services.core.inference.card import ModelCard, load_card
 from services.core.inference.runtime import Classifier, get_classifier
 from services.core.ingest import Channel, Ingestor
 from services.core.pipeline import Classification, TranscodeResult, classify_datasets
+from services.core.policies import Ceiling, OverrideRequired, PolicyKey, ceiling, resolve_policy
 from services.core.ratio import CompressionRatio
 from services.core.storage import InstanceStore
 
@@ -140,15 +147,19 @@ def request(
     model: str | None,
     trigger: JobTrigger,
     requested_by: str | None,
+    may_exceed_ceiling: bool = False,
+    reason: str | None = None,
 ) -> tuple[Job, bool]:
     """Ask for a classification: the one way a route, the arrival tracker or a test makes a job.
 
     Checks the study and resolves the CR (:func:`prepare`), records the job (the same request
     twice gives the same job) and hands a new one to the queue. A queue that cannot take it
     (broker down) leaves the job recorded as queued: the housekeeping pass sends it again.
-    Returns the job and whether it is new.
+    A requested CR above the ceiling of the study's policy needs ``may_exceed_ceiling`` (the
+    admin role) and a ``reason``; the override is audit-logged. Returns the job and whether
+    it is new.
     """
-    job_request = prepare(
+    job_request, exceeded = prepare(
         ctx,
         study_uid,
         cr=cr,
@@ -156,8 +167,28 @@ def request(
         model=model,
         trigger=trigger,
         requested_by=requested_by,
+        may_exceed_ceiling=may_exceed_ceiling,
+        reason=reason,
     )
     job, created = jobs.submit(ctx.sessions, job_request)
+    if exceeded is not None:
+        with ctx.sessions.begin() as session:
+            audit.record(
+                session,
+                actor=requested_by or "unknown",
+                action="override",
+                entity="job",
+                entity_id=job.id,
+                before=None,
+                after={
+                    "study_uid": study_uid,
+                    "cr": job_request.cr,
+                    "max_cr": exceeded.max_cr,
+                    "preset": exceeded.preset,
+                    "policy": job_request.policy_source,
+                },
+                reason=reason,
+            )
     if created:
         jobs.hand_over(queue, ClassifyPayload(job_id=job.id), f"job {job.id}")
     return job, created
@@ -172,8 +203,14 @@ def prepare(
     model: str | None,
     trigger: JobTrigger,
     requested_by: str | None,
-) -> jobs.JobRequest:
-    """Check the study and the parameters; resolve the CR from the policy when none is given."""
+    may_exceed_ceiling: bool = False,
+    reason: str | None = None,
+) -> tuple[jobs.JobRequest, Ceiling | None]:
+    """Check the study and the parameters; resolve the CR from the policy when none is given.
+
+    A requested CR is checked against the ceiling of the study's policy: above it, Forbidden
+    unless ``may_exceed_ceiling``, OverrideRequired without a ``reason``. Returns the request
+    and the ceiling it exceeds (None within it)."""
     model = model or ctx.settings.default_model
     card = ctx.card(model)
     with ctx.sessions() as session:
@@ -187,12 +224,16 @@ def prepare(
                 f"(it reads {CLASSIFIABLE_MODALITY} images)"
             )
         policy_id: int | None = None
+        exceeded: Ceiling | None = None
         if cr is None:
             resolved = resolve_study_policy(session, study_uid, ctx.store)
             applied_cr, policy_id, source = float(resolved.cr), resolved.policy_id, resolved.source
             syntax = syntax or str(resolved.syntax)
         else:
             applied_cr, source = cr, "requested"
+            exceeded = _exceeded_ceiling(session, study_uid, ctx.store, cr)
+            if exceeded is not None:
+                _check_override(cr, exceeded, may_exceed_ceiling, reason)
     out_syntax = OutputSyntax.for_cr(applied_cr, syntax)
     return jobs.JobRequest(
         study_uid=study_uid,
@@ -206,14 +247,42 @@ def prepare(
         trigger=trigger,
         requested_cr=cr,
         requested_by=requested_by,
-    )
+    ), exceeded
+
+
+def _exceeded_ceiling(
+    session: Session, study_uid: str, store: InstanceStore, cr: float
+) -> Ceiling | None:
+    """The ceiling of the study's policy when ``cr`` is above it."""
+    resolved = resolve_study_policy(session, study_uid, store)
+    row = session.get(Policy, resolved.policy_id)
+    key = PolicyKey(resolved.modality, resolved.body_part, resolved.pediatric)
+    limit = ceiling(session, key, row)
+    return limit if limit is not None and cr > limit.max_cr else None
+
+
+def _check_override(cr: float, limit: Ceiling, allowed: bool, reason: str | None) -> None:
+    if not allowed:
+        raise Forbidden(
+            f"CR {cr:g} is above the maximum {limit.max_cr:g} set by preset {limit.preset} for "
+            "this study's policy: only an admin can ask for it, with a reason",
+            cr=cr,
+            max_cr=limit.max_cr,
+            preset=limit.preset,
+        )
+    if not (reason and reason.strip()):
+        raise OverrideRequired(
+            f"CR {cr:g} is above the maximum {limit.max_cr:g} set by preset {limit.preset} for "
+            "this study's policy: give a reason (reason=...) to go above it; it is audit-logged",
+            cr=cr,
+            max_cr=limit.max_cr,
+            preset=limit.preset,
+        )
 
 
 def resolve_study_policy(session: Session, study_uid: str, store: InstanceStore) -> Any:
     """The policy for the study's mammograms: by body part and whether the patient is
     pediatric (from the header of its first mammogram)."""
-    from services.core.policies import resolve_policy
-
     series = session.scalars(
         select(Series).where(
             Series.study_uid == study_uid, Series.modality == CLASSIFIABLE_MODALITY
@@ -440,7 +509,11 @@ def _store_outputs(
                 )
             )
     if ctx.forward is not None:
-        stored["forwarded"] = ctx.forward(files)
+        try:
+            stored["forwarded"] = ctx.forward(files)
+        except Exception as exc:  # forwarding never fails a stored result
+            log.warning("forwarding failed: %s", type(exc).__name__)
+            stored["forwarded"] = {"sent": 0, "error": f"forwarding failed: {type(exc).__name__}"}
     return stored
 
 

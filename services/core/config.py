@@ -11,10 +11,15 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class DuplicatePolicy(StrEnum):
-    """What a second, different instance with an already stored SOP Instance UID does."""
+    """What a second, different instance with an already stored SOP Instance UID does.
 
-    KEEP_FIRST = "keep-first"  # refuse it with a clear reason
+    The same data set again (in any transfer syntax) is always a duplicate: success, nothing
+    rewritten. This policy is only about different content under a stored UID.
+    """
+
+    KEEP_FIRST = "keep-first"  # keep the stored one; answer with a warning (C-STORE 0xB000)
     REPLACE = "replace"  # store it; the old file is kept under <data-dir>/replaced/
+    REFUSE = "refuse"  # refuse it with a clear reason (C-STORE 0xC010, STOW 0x0111)
 
 
 class Settings(BaseSettings):
@@ -35,7 +40,7 @@ class Settings(BaseSettings):
         "", description="SQLAlchemy URL; empty = SQLite at <data-dir>/crgate.db"
     )
     duplicate_policy: DuplicatePolicy = Field(
-        DuplicatePolicy.KEEP_FIRST, description="same SOP Instance UID with different bytes"
+        DuplicatePolicy.KEEP_FIRST, description="same SOP Instance UID with different content"
     )
     http_port: int = Field(8080, ge=1, le=65535, description="HTTP port of `crgate api|serve`")
     http_host: str = Field("0.0.0.0", description="HTTP bind address")
@@ -105,6 +110,23 @@ class Settings(BaseSettings):
         "stale jobs are checked (env CRGATE_ARRIVAL_SWEEP_SECONDS, name kept for users)",
     )
 
+    cors_origins: str = Field(
+        "",
+        description="comma-separated origins (scheme://host[:port]) whose pages may call the "
+        "API with a Bearer key (CORS); empty allows none",
+    )
+    session_hours: float = Field(
+        8.0, gt=0, le=24 * 30, description="how long a browser session (/login) lasts"
+    )
+    session_secret: str = Field(
+        "",
+        description="key that signs session cookies; empty = <data-dir>/session.secret, "
+        "created on first use (give every API process of one deployment the same)",
+    )
+    secure_cookies: bool = Field(
+        False, description="mark session cookies Secure (set when crgate is reached over HTTPS)"
+    )
+
     @property
     def effective_database_url(self) -> str:
         if self.database_url:
@@ -118,6 +140,11 @@ class Settings(BaseSettings):
     @property
     def allowed_host_set(self) -> frozenset[str]:
         return frozenset(t.strip() for t in self.allowed_hosts.split(",") if t.strip())
+
+    @property
+    def cors_origin_set(self) -> frozenset[str]:
+        """The CORS allow-list, each origin without a trailing slash."""
+        return frozenset(o.strip().rstrip("/") for o in self.cors_origins.split(",") if o.strip())
 
 
 @lru_cache(maxsize=1)

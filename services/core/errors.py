@@ -77,3 +77,17 @@ class NotFound(CrgateError):
 
 class Conflict(CrgateError):
     exit_code = 7
+
+
+class Forbidden(CrgateError):
+    """The caller's role may not do this (an operator asking for a CR above the ceiling)."""
+
+    exit_code = 8
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self._details = details
+
+    @property
+    def details(self) -> dict[str, Any]:
+        return dict(self._details)

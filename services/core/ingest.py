@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from services.core.config import DuplicatePolicy
 from services.core.db import repository
 from services.core.db.tables import Instance
+from services.core.dicom.compare import same_data_set
 from services.core.dicom.uids import loggable_uid, validate_uid
 from services.core.dicom.validation import DEFAULT_MAX_INFLATED_BYTES, check_dataset, read_part10
 from services.core.errors import (
@@ -50,8 +51,9 @@ class Channel(StrEnum):
 
 class Outcome(StrEnum):
     STORED = "stored"
-    DUPLICATE = "duplicate"  # same UID, same bytes: nothing to do
-    REPLACED = "replaced"  # same UID, different bytes, duplicate policy "replace"
+    DUPLICATE = "duplicate"  # same UID, same data set (any transfer syntax): nothing to do
+    REPLACED = "replaced"  # same UID, other content, duplicate policy "replace"
+    KEPT = "kept"  # same UID, other content, policy "keep-first": the stored one stays
 
 
 @dataclass(frozen=True)
@@ -260,12 +262,20 @@ class Ingestor:
         if current.exists() and same_instance(staged, current):
             staged.unlink()
             return self._result(header, Outcome.DUPLICATE, size)
-        if self.duplicate_policy is DuplicatePolicy.KEEP_FIRST:
+        if self.duplicate_policy is DuplicatePolicy.REFUSE:
             raise Conflict(
                 f"SOP Instance UID {header.sop_instance_uid} is already stored with different "
                 "content; send it with a new SOP Instance UID (or set CRGATE_DUPLICATE_POLICY="
                 "replace to replace stored instances)"
             )
+        if self.duplicate_policy is DuplicatePolicy.KEEP_FIRST and current.exists():
+            staged.unlink()
+            log.warning(
+                "sop=%s is already stored with different content; the stored instance is kept "
+                "(CRGATE_DUPLICATE_POLICY=keep-first)",
+                header.sop_instance_uid,
+            )
+            return self._result(header, Outcome.KEPT, size)
         relative = self.store.relative_path(
             header.study_uid, header.series_uid, header.sop_instance_uid
         )
@@ -337,11 +347,17 @@ def _index_error(header: Header, exc: BaseException) -> BaseException:
 
 
 def same_instance(a: Path, b: Path) -> bool:
-    """Whether two Part 10 files hold the same instance: the same transfer syntax and identical
-    bytes after the file meta group (which each channel writes its own way: pynetdicom in the
-    SCP, the sender in STOW-RS). Files without a usable group length are compared whole."""
+    """Whether two Part 10 files hold the same instance.
+
+    First the bytes after the file meta group (which each channel writes its own way:
+    pynetdicom in the SCP, the sender in STOW-RS; files without a usable group length are
+    compared whole); when those differ, the decoded data sets (another transfer syntax:
+    services/core/dicom/compare.py).
+    """
     with a.open("rb") as fa, b.open("rb") as fb:
-        return _same_content(fa, fb)
+        if _same_content(fa, fb):
+            return True
+    return same_data_set(a, b)
 
 
 def _same_content(fa: BinaryIO, fb: BinaryIO) -> bool:

@@ -16,7 +16,7 @@ from pydicom.uid import UID
 
 from services.core import metrics
 from services.core.codecs import OutputSyntax
-from services.core.codecs.jpeg2000 import EncodedImage, encode_image
+from services.core.codecs.image import EncodedImage
 from services.core.codecs.openjpeg import decode_codestream
 from services.core.dicom.derive import build_output
 from services.core.dicom.io import read_dataset, write_dataset
@@ -71,7 +71,8 @@ def transcode_dataset(
     threads: int = 0,
     source: str = "<dataset>",
 ) -> TranscodeResult:
-    """Transcode ``ds`` to JPEG 2000 at ``cr`` (1 = lossless) and measure the cost.
+    """Transcode ``ds`` to ``syntax`` (by default JPEG 2000) at ``cr`` (1 = lossless) and
+    measure the cost.
 
     The metrics compare the decoded input with the output decoded again by OpenJPEG: the
     pixels a reader of the output file gets.
@@ -82,9 +83,7 @@ def transcode_dataset(
     decoded_at = time.perf_counter()
 
     layout = pixels.layout
-    encoded = encode_image(
-        pixels.frame_list(), layout, cr, lossless=out_syntax.lossless, threads=threads
-    )
+    encoded = out_syntax.codec.encode(pixels.frame_list(), layout, cr, threads=threads)
     if not encoded.reached:
         encoded, out_syntax = _lossless_if_within_budget(pixels, encoded, out_syntax, threads)
     output = build_output(ds, encoded, out_syntax, pixels.photometric)
@@ -130,7 +129,8 @@ def _lossless_if_within_budget(
     the target allows, that one is written instead: exact pixels, not marked lossy, UIDs
     kept. Otherwise the lossy result stands, with its note."""
     layout = pixels.layout
-    lossless = encode_image(pixels.frame_list(), layout, 1, lossless=True, threads=threads)
+    sibling = syntax.lossless_sibling
+    lossless = sibling.codec.encode(pixels.frame_list(), layout, 1, threads=threads)
     budget = layout.uncompressed_bytes / lossy.target_cr
     if lossless.compressed_bytes > budget:
         return lossy, syntax
@@ -140,11 +140,12 @@ def _lossless_if_within_budget(
         "budget and was written instead: exact pixels, not marked lossy"
     )
     fallback = replace(lossless, target_cr=lossy.target_cr, reached=True, note=note)
-    return fallback, OutputSyntax.J2K_LOSSLESS
+    return fallback, sibling
 
 
 def decode_frames(codestreams: list[bytes], threads: int = 0) -> np.ndarray[Any, Any]:
-    """Decode crgate's own codestreams back to a (frames, rows, cols[, samples]) array."""
+    """Decode crgate's own codestreams (any syntax it writes) back to a (frames, rows,
+    cols[, samples]) array."""
     return np.stack([decode_codestream(c, threads) for c in codestreams])
 
 

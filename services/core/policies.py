@@ -191,18 +191,14 @@ class ResolvedPolicy:
 
 
 def _syntax_for(cr: float, syntax: str | None) -> str:
-    if syntax is None:
-        return OutputSyntax.for_cr(cr).value
-    try:
-        chosen = OutputSyntax(syntax)
-    except ValueError:
-        names = ", ".join(s.value for s in OutputSyntax)
-        raise InvalidParameter(f"unknown syntax {syntax!r}: use one of {names}") from None
-    if chosen.lossless and cr != 1:
-        raise InvalidParameter(f"syntax j2k-lossless means CR 1, not CR {cr:g}: use CR 1 or j2k")
-    if not chosen.lossless and cr == 1:
-        raise InvalidParameter("CR 1 means lossless: use syntax j2k-lossless or a CR above 1")
-    return chosen.value
+    return OutputSyntax.for_cr(cr, syntax).value
+
+
+def _same_family(syntax: str, cr: float) -> str:
+    """``syntax`` when it suits ``cr``, else the syntax of its family that does (a policy set
+    to HTJ2K stays HTJ2K when a preset changes its CR)."""
+    codec = OutputSyntax(syntax).codec
+    return codec.lossless_name if cr == 1 else codec.lossy_name
 
 
 def _expected(value: int | None) -> int | None:
@@ -304,6 +300,40 @@ def ceiling(session: Session, key: PolicyKey, row: Policy | None = None) -> Ceil
     ]
     lowest = min(p.max_cr for p in (overlapping or of_last) if p.max_cr is not None)
     return Ceiling(lowest, last)
+
+
+@dataclass(frozen=True)
+class Violation:
+    """A policy above the ceiling that applies to it, with no override reason."""
+
+    policy_id: int
+    policy: str
+    cr: float
+    max_cr: float
+    preset: str
+
+    @property
+    def message(self) -> str:
+        return (
+            f"policy {self.policy_id} ({self.policy}) has CR {self.cr:g}, above the maximum "
+            f"{self.max_cr:g} of preset {self.preset}, with no override reason: lower it or "
+            "give a reason"
+        )
+
+
+def violation_of(session: Session, row: Policy) -> Violation | None:
+    """The row's violation, if it is above its ceiling without a reason (a later preset for the
+    modality can put a policy set earlier above the new ceiling)."""
+    limit = ceiling(session, PolicyKey.of_row(row), row)
+    if limit is None or row.cr <= limit.max_cr or row.override_reason:
+        return None
+    return Violation(row.id, PolicyKey.of_row(row).label, row.cr, limit.max_cr, limit.preset)
+
+
+def violations(session: Session) -> list[Violation]:
+    """Every policy above its ceiling without a reason, by id."""
+    found = (violation_of(session, row) for row in list_policies(session))
+    return [v for v in found if v is not None]
 
 
 def _checked_override(
@@ -612,11 +642,23 @@ class Preset:
 
 
 @dataclass(frozen=True)
+class Skipped:
+    """A policy whose stricter CR a preset kept (it only set the ceiling)."""
+
+    policy_id: int
+    policy: str
+    cr: float
+    preset_cr: float
+    reason: str
+
+
+@dataclass(frozen=True)
 class PresetResult:
     preset: str
     created: list[int]
     updated: list[int]
     unchanged: list[int]
+    skipped: list[Skipped]
 
 
 def parse_presets(text: str) -> dict[str, Preset]:
@@ -656,15 +698,19 @@ def get_preset(name: str) -> Preset:
     return preset
 
 
-def apply_preset(session: Session, name: str, *, actor: str) -> PresetResult:
-    """Create or update one policy per preset key with CR = the preset's maximum.
+def apply_preset(session: Session, name: str, *, actor: str, force: bool = False) -> PresetResult:
+    """Create or update one policy per preset key: the preset's maximum becomes its ceiling
+    (``max_cr``) and, for new policies and those above it, its CR.
 
-    Existing policies keep auto_classify, expected_instances and quiet_seconds; new MG policies
-    expect 4 instances (a screening study). Applying a preset twice changes nothing the second time.
+    A policy with a stricter (lower) CR keeps it and is reported in ``skipped``, unless
+    ``force``: a preset never raises a value set earlier without being asked to. Existing
+    policies keep their syntax family, auto_classify, expected_instances and quiet_seconds; new
+    MG policies expect 4 instances (a screening study). Applying a preset twice changes nothing
+    the second time.
     """
     preset = get_preset(name)
-    result = PresetResult(preset.name, [], [], [])
-    reason = f"preset {preset.name} applied"
+    result = PresetResult(preset.name, [], [], [], [])
+    reason = f"preset {preset.name} applied" + (" with force" if force else "")
     for key, max_cr in preset.targets().items():
         syntax = _syntax_for(max_cr, None)
         row = find_policy(session, key)
@@ -691,7 +737,21 @@ def apply_preset(session: Session, name: str, *, actor: str) -> PresetResult:
             before = None
         else:
             before = snapshot(row)
-            row.cr, row.syntax, row.preset, row.max_cr = max_cr, syntax, preset.name, max_cr
+            if row.cr < max_cr and not force:
+                result.skipped.append(
+                    Skipped(
+                        row.id,
+                        key.label,
+                        row.cr,
+                        max_cr,
+                        f"kept the stricter CR {row.cr:g} of policy {row.id} ({key.label}): "
+                        f"preset {preset.name} allows up to {max_cr:g}; apply it with force to "
+                        "raise the CR",
+                    )
+                )
+            else:
+                row.cr, row.syntax = max_cr, _same_family(row.syntax, max_cr)
+            row.preset, row.max_cr = preset.name, max_cr
             row.override_reason = None
             if snapshot(row) == before:
                 result.unchanged.append(row.id)

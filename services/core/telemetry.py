@@ -7,7 +7,7 @@ from prometheus_client import Counter, Histogram
 INSTANCES_RECEIVED = Counter(
     "crgate_instances_received_total",
     "Instances accepted by the ingest path",
-    ["channel", "outcome"],  # outcome: stored, duplicate, replaced
+    ["channel", "outcome"],  # outcome: stored, duplicate, replaced, kept
 )
 BYTES_RECEIVED = Counter("crgate_bytes_received_total", "Bytes of accepted instances", ["channel"])
 INGEST_FAILURES = Counter(

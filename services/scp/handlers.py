@@ -12,13 +12,17 @@ NoPixelData, InvalidUID, InvalidInput 0xA900  Error: data set does not match SOP
 (a value the index refuses, Pixel      (comment: which attribute or which check)
 Data unlike its Rows x Columns...,
 a SOP class other than the context's)
-Conflict (same UID, other content)    0xC010  Error: cannot understand (0xC000-0xCFFF range;
-                                              C-STORE has no "duplicate" failure status)
+Conflict (same UID, other content,    0xC010  Error: cannot understand (0xC000-0xCFFF range;
+  CRGATE_DUPLICATE_POLICY=refuse)             C-STORE has no "duplicate" failure status)
 TooLarge (inflates beyond the limit)  0xA700  Refused: out of resources (comment: the limit)
 OutputError (disk, index database)    0xA700  Refused: out of resources (a retry may work)
 any other CrgateError                 0xC000  cannot understand
 an unexpected exception               0xC001  comment: "internal error: <type name>"
 ====================================  ======  =============================================
+
+The same data set again (any transfer syntax) is 0x0000. Other content under a stored SOP
+Instance UID with the default policy keep-first is 0xB000 (Warning: coercion of data elements;
+the stored instance was kept) with an Error Comment saying so.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ from services.core.errors import (
     OutputError,
     TooLarge,
 )
-from services.core.ingest import Channel, Ingestor
+from services.core.ingest import Channel, Ingestor, Outcome
 from services.scp.limits import Requested
 from services.scp.staging import Transfers
 
@@ -57,6 +61,7 @@ DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 INTERNAL_ERROR = 0xC001
 DUPLICATE_CONFLICT = 0xC010
+KEPT_STORED = 0xB000  # Warning: coercion of data elements (the stored instance stands)
 
 _COMMENT_MAX = 64  # Error Comment (0000,0902) is LO
 
@@ -140,6 +145,8 @@ def handle_store(event: Event, ingestor: Ingestor, transfers: Transfers) -> Data
             )
         return _status(code, comment)
     log.debug("C-STORE sop=%s from %s: %s", result.sop_instance_uid, source, result.outcome)
+    if result.outcome is Outcome.KEPT:
+        return _status(KEPT_STORED, "already stored with other content; stored one kept")
     return _status(SUCCESS)
 
 

@@ -1,4 +1,5 @@
-"""The DICOM SCP: C-ECHO and C-STORE of every storage SOP class into the one ingest path.
+"""The DICOM SCP: C-ECHO, C-STORE of every storage SOP class into the one ingest path, and
+C-FIND and C-GET (Patient Root and Study Root, services/scp/queryretrieve.py).
 
 ``start_server(settings, ingestor)`` listens (non-blocking) and returns an ``ScpServer``;
 ``shutdown()`` stops accepting, lets running associations finish for a while, then aborts them.
@@ -32,14 +33,14 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from services.core.config import Settings
 from services.core.ingest import Ingestor
-from services.scp import handlers, limits, staging
+from services.scp import handlers, limits, queryretrieve, staging
 
 log = logging.getLogger("crgate.scp")
 
@@ -114,8 +115,9 @@ class ScpServer:
 
 
 def create_ae(settings: Settings) -> AE:
-    """Our AE: Verification and every storage SOP class, a bounded PDU size (one PDU is held
-    in memory whole), short ACSE and network timeouts, optional AE allow-list."""
+    """Our AE: Verification, every storage SOP class (either role: a C-GET peer takes the SCP
+    role), C-FIND and C-GET, a bounded PDU size (one PDU is held in memory whole), short ACSE
+    and network timeouts, optional AE allow-list."""
     ae = AE(ae_title=settings.ae_title)
     ae.maximum_pdu_size = settings.max_pdu_bytes
     ae.acse_timeout = settings.dicom_acse_timeout
@@ -123,10 +125,18 @@ def create_ae(settings: Settings) -> AE:
     ae.dimse_timeout = settings.dicom_network_timeout
     ae.maximum_associations = MAX_CONNECTIONS
     limits.cap_pdu(ae, settings.max_pdu_bytes)
-    ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    uncompressed = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+    ae.add_supported_context(Verification, uncompressed)
     for context in AllStoragePresentationContexts:
         assert context.abstract_syntax is not None
-        ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
+        ae.add_supported_context(
+            context.abstract_syntax, TRANSFER_SYNTAXES, scu_role=True, scp_role=True
+        )
+    for sop_class in (*queryretrieve.FIND_MODELS, *queryretrieve.GET_MODELS):
+        ae.add_supported_context(sop_class, uncompressed)
+    # pynetdicom would log C-FIND/C-GET identifiers (patient names, IDs) at INFO
+    _config.LOG_REQUEST_IDENTIFIERS = False
+    _config.LOG_RESPONSE_IDENTIFIERS = False
     # pynetdicom rejects others: rejected-permanent, service-user, "calling AE not recognised"
     ae.require_calling_aet = sorted(settings.allowed_ae_titles)
     return ae
@@ -150,6 +160,8 @@ def start_server(
     handlers_: list[Any] = [
         (evt.EVT_C_ECHO, handlers.handle_echo),
         (evt.EVT_C_STORE, handlers.handle_store, [ingestor, transfers]),
+        (evt.EVT_C_FIND, queryretrieve.handle_find, [ingestor.sessions, settings.ae_title]),
+        (evt.EVT_C_GET, queryretrieve.handle_get, [ingestor.sessions, ingestor.store]),
         (evt.EVT_REQUESTED, handlers.handle_requested, [settings.allowed_host_set, requested]),
         (evt.EVT_ACCEPTED, handlers.handle_accepted),
         (evt.EVT_REJECTED, handlers.handle_rejected),

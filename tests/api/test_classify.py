@@ -22,6 +22,7 @@ from services.core.classify import prepare, run_job
 from services.core.contracts import JobTrigger
 from services.core.db.tables import Instance, Job, Result
 from services.core.dicom.uids import new_uid
+from services.core.dicom.values import as_strings
 from services.core.ingest import Channel
 from services.core.policies import PolicyKey, set_policy
 from services.core.ratio import CompressionRatio
@@ -83,6 +84,34 @@ def test_classify_waits_for_the_result_and_stores_outputs(
     assert png.content[:8] == b"\x89PNG\r\n\x1a\n"
     listed = client.get(f"/studies/{mg_study}/results").json()
     assert [r["result_id"] for r in listed] == [result["result_id"]]
+
+
+def test_classify_in_htj2k_stores_htj2k_copies(
+    client: TestClient, state: Runtime, mg_study: str
+) -> None:
+    response = client.post(
+        f"/studies/{mg_study}/classify", params={"cr": 25, "syntax": "htj2k", "wait": 120}
+    )
+    assert response.status_code == 200, response.text
+    result = response.json()["result"]
+    assert response.json()["job"]["syntax"] == "htj2k"
+    for image in result["images"]:
+        assert image["output_syntax"] == "1.2.840.10008.1.2.4.203"
+        assert image["achieved_cr"] == pytest.approx(25, rel=0.02) and image["psnr_db"] > 30
+    uid = result["outputs"]["derived"][0]["sop_instance_uid"]
+    with state.sessions() as session:
+        row = session.scalars(select(Instance).where(Instance.sop_instance_uid == uid)).one()
+    copy = pydicom.dcmread(state.store.absolute(row.path))
+    assert copy.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.203"
+    assert as_strings(copy.get("LossyImageCompressionMethod"))[-1] == "ISO_15444_15"
+    assert copy.SeriesDescription == "crgate HTJ2K CR 25"
+    assert copy.pixel_array.shape == (512, 416)
+
+
+def test_an_unknown_syntax_is_refused_naming_the_choices(client: TestClient, mg_study: str) -> None:
+    response = client.post(f"/studies/{mg_study}/classify", params={"cr": 25, "syntax": "jphc"})
+    assert response.status_code == 422
+    assert "htj2k" in response.json()["detail"]
 
 
 def test_asking_twice_gives_the_same_job_without_recomputing(
@@ -151,6 +180,44 @@ def test_viewer_cannot_start_a_job(
         headers={"Authorization": f"Bearer {make_key(Role.VIEWER)}"},
     )
     assert response.status_code == 403
+
+
+def test_a_cr_above_the_ceiling_needs_an_admin_and_a_reason_and_is_audited(
+    client: TestClient,
+    anon_client: TestClient,
+    make_key: Callable[..., str],
+    state: Runtime,
+    mg_study: str,
+) -> None:
+    """Found as an operator would: any operator could classify at CR 500 and store that copy
+    in the patient's study. RCR's MG/BREAST maximum is 20."""
+    assert client.post("/policies/presets/RCR").status_code == 200
+    operator = {"Authorization": f"Bearer {make_key(Role.OPERATOR)}"}
+    refused = anon_client.post(
+        f"/studies/{mg_study}/classify", params={"cr": 500}, headers=operator
+    )
+    assert refused.status_code == 403, refused.text
+    problem = refused.json()
+    assert "above the maximum 20 set by preset RCR" in problem["detail"]
+    assert (problem["max_cr"], problem["preset"]) == (20, "RCR")
+    within = anon_client.post(f"/studies/{mg_study}/classify", params={"cr": 20}, headers=operator)
+    assert within.status_code == 202, within.text
+
+    no_reason = client.post(f"/studies/{mg_study}/classify", params={"cr": 500})
+    assert no_reason.status_code == 422 and "give a reason" in no_reason.json()["detail"]
+    granted = client.post(
+        f"/studies/{mg_study}/classify", params={"cr": 500, "reason": "reader study arm B"}
+    )
+    assert granted.status_code == 202, granted.text
+    job_id = granted.json()["job"]["id"]
+    (entry,) = client.get("/audit", params={"entity": "job"}).json()["items"]
+    assert (entry["action"], entry["entity_id"], entry["reason"]) == (
+        "override",
+        job_id,
+        "reader study arm B",
+    )
+    assert entry["after"]["cr"] == 500 and entry["after"]["max_cr"] == 20
+    assert entry["actor"] == "first admin (admin.key)"
 
 
 def worker_objects(state: Runtime) -> set[str]:
@@ -281,7 +348,7 @@ def test_pediatric_policy_applies_to_a_pediatric_study(
         ingest_path(state, tmp_path / f"{view}.dcm")
 
     def policy_of(study_uid: str) -> tuple[float, str]:
-        request = prepare(
+        request, _ = prepare(
             state.job_context,
             study_uid,
             cr=None,

@@ -43,8 +43,10 @@ def test_default_policy_exists_at_start(client: TestClient) -> None:
     assert (default["cr"], default["syntax"], default["max_cr"]) == (25, "j2k", None)
     assert default["source"] == f"policy {default['id']} (default)"
     assert default["created_at"].endswith(("Z", "+00:00"))
-    (entry,) = _audit(client)
+    (entry,) = _audit(client, entity="policy")
     assert (entry["actor"], entry["action"], entry["entity"]) == ("system", "create", "policy")
+    (key,) = _audit(client, entity="key")  # the first admin key, created at start
+    assert (key["actor"], key["action"], key["after"]["role"]) == ("system", "create", "admin")
 
 
 def test_create_read_update_delete(client: TestClient) -> None:
@@ -103,7 +105,7 @@ def test_invalid_bodies_are_problems(client: TestClient) -> None:
     invalid = status_of(InvalidParameter("x"))  # the edge's mapping for a bad parameter
     cases = [
         ({"modality": "MG", "cr": 0}, invalid, "out of range"),
-        ({"modality": "MG", "cr": 20, "syntax": "j2k-lossless"}, invalid, "means CR 1"),
+        ({"modality": "MG", "cr": 20, "syntax": "j2k-lossless"}, invalid, "cannot give CR 20"),
         ({"modality": "CR DX", "cr": 20}, invalid, "not a DICOM code"),
         ({"modality": "MG", "cr": 20, "syntax": "jpeg"}, 422, "syntax"),
         ({"modality": "MG", "cr": 20, "quiet_seconds": -1}, 422, "quiet_seconds"),
@@ -186,10 +188,10 @@ def test_resolve_shows_the_policy_that_applies(client: TestClient) -> None:
 def test_audit_pages_newest_first(client: TestClient) -> None:
     for modality in ("US", "NM", "XA"):
         client.post("/policies", json={"modality": modality, "cr": 10})
-    page = client.get("/audit", params={"limit": 2, "offset": 1}).json()
+    page = client.get("/audit", params={"limit": 2, "offset": 1, "entity": "policy"}).json()
     assert (page["total"], page["limit"], page["offset"]) == (4, 2, 1)
     assert [e["after"]["modality"] for e in page["items"]] == ["NM", "US"]
-    assert client.get("/audit", params={"entity": "key"}).json()["total"] == 0
+    assert client.get("/audit", params={"entity": "job"}).json()["total"] == 0
     assert client.get("/audit", params={"limit": 0}).status_code == 422
 
 
@@ -222,7 +224,7 @@ def test_actor_is_the_key_name_and_roles_are_enforced(
 
 
 def _audit_as(client: TestClient, headers: dict[str, str]) -> list[dict[str, Any]]:
-    response = client.get("/audit", headers=headers)
+    response = client.get("/audit", headers=headers, params={"entity": "policy"})
     assert response.status_code == 200, response.text
     items: list[dict[str, Any]] = response.json()["items"]
     return items
@@ -234,3 +236,36 @@ def test_openapi_documents_the_fields(client: TestClient) -> None:
     for name in ("modality", "body_part", "pediatric", "cr", "syntax", "override_reason"):
         assert fields[name].get("description"), name
     assert "/policies/presets/{name}" in client.get("/openapi.json").json()["paths"]
+
+
+def test_preset_over_http_keeps_stricter_values_and_lists_violations(client: TestClient) -> None:
+    strict = client.post("/policies", json={"modality": "CT", "pediatric": True, "cr": 4})
+    loose = client.post("/policies", json={"modality": "MG", "body_part": "*", "cr": 40})
+    assert strict.status_code == loose.status_code == 201, loose.text
+    applied = client.post("/policies/presets/CAR")
+    assert applied.status_code == 200, applied.text
+    body = applied.json()
+    (skipped,) = [s for s in body["skipped"] if s["policy_id"] == strict.json()["id"]]
+    assert (skipped["cr"], skipped["preset_cr"]) == (4, 15) and "force" in skipped["reason"]
+    assert any(f"policy {loose.json()['id']} (MG/*)" in v for v in body["violations"])
+    listed = {p["id"]: p for p in _policies(client)}
+    assert "above the maximum 25 of preset CAR" in listed[loose.json()["id"]]["violation"]
+    assert listed[strict.json()["id"]]["violation"] is None
+    assert listed[strict.json()["id"]]["cr"] == 4
+    ready = client.get("/readyz").json()
+    assert ready["policy_violations"] == 1
+    fixed = client.put(
+        f"/policies/{loose.json()['id']}", json={"override_reason": "research protocol 7"}
+    )
+    assert fixed.status_code == 200 and fixed.json()["violation"] is None
+    assert client.get("/readyz").json()["policy_violations"] == 0
+    forced = client.post("/policies/presets/CAR", params={"force": True}).json()
+    assert strict.json()["id"] in forced["updated"] and forced["skipped"] == []
+
+
+def test_audit_filters_by_a_known_entity_and_time(client: TestClient) -> None:
+    assert client.post("/policies", json={"modality": "CT", "cr": 8}).status_code == 201
+    unknown = client.get("/audit", params={"entity": "studies"})
+    assert unknown.status_code in (400, 422) and "use one of job, key, policy" in unknown.text
+    assert _audit(client, entity="policy", since="2999-01-01T00:00:00") == []
+    assert [e["entity"] for e in _audit(client, entity="policy", since="2000-01-01")]

@@ -13,6 +13,7 @@ import requests
 from dicomweb_client.api import DICOMwebClient
 from fastapi.testclient import TestClient
 
+from services.core.config import DuplicatePolicy
 from services.core.db import qido as qido_core
 from services.core.dicom.uids import new_uid
 from services.core.ingest import Channel
@@ -407,7 +408,9 @@ def test_dicomweb_client_stores_then_searches(
     everything = client.search_for_instances(fields=["all"])
     assert len(everything) == 4
 
-    # one good new instance and one altered duplicate: 202, the client parses the failure
+    # one good new instance and one altered duplicate (policy refuse): 202, the client parses
+    # the failure
+    state.ingestor.duplicate_policy = DuplicatePolicy.REFUSE
     (fresh,) = new_study(tiny_study_files[:1])
     altered = variant(tiny_study_files[1], SeriesDescription="altered")
     partial = client.store_instances([fresh, altered])

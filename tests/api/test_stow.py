@@ -17,12 +17,15 @@ import pydicom
 import pytest
 from fastapi.testclient import TestClient
 from pydicom.dataset import Dataset
+from pydicom.uid import ImplicitVRLittleEndian
 from sqlalchemy import func, select
 
 from services.api.dicomweb import stow as stow_routes
+from services.core.config import DuplicatePolicy
 from services.core.db.tables import Instance
 from services.core.dicom.multipart import iter_multipart
 from services.core.dicom.uids import new_uid
+from services.core.pipeline import transcode_file
 from services.runtime import Runtime
 
 BOUNDARY = "crgate-test-boundary"
@@ -36,6 +39,7 @@ FAILURE_REASON = "00081197"
 ERROR_COMMENT = "00000902"
 SOP_INSTANCE = "00081155"
 SOP_CLASS = "00081150"
+WARNING_REASON = "00081196"
 
 
 # -- helpers (test_qido.py uses them too) ----------------------------------------------------------
@@ -153,6 +157,25 @@ def test_stores_every_part_and_answers_with_references(
 
 
 @SQLITE_ONLY
+def test_htj2k_parts_are_stored_as_received(
+    client: TestClient, state: Runtime, tiny_study_files: list[Path], tmp_path: Path
+) -> None:
+    sent = []
+    for syntax, cr in (("htj2k", 10), ("htj2k-lossless", 1), ("htj2k-rpcl", 1)):
+        out = tmp_path / f"{syntax}.dcm"
+        transcode_file(tiny_study_files[0], out, cr=cr, syntax=syntax)
+        if syntax != "htj2k":  # a lossless copy keeps its UID: give each its own
+            ds = pydicom.dcmread(out)
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = new_uid()
+            ds.save_as(out, enforce_file_format=True)
+        sent.append(out.read_bytes())
+    response = stow(client, *sent)
+    assert response.status_code == 200, response.text
+    assert FAILED_SOP_SEQUENCE not in response.json() and len(referenced(response)) == 3
+    assert sorted(p.read_bytes() for p in stored_files(state)) == sorted(sent)
+
+
+@SQLITE_ONLY
 def test_chunked_body_is_parsed_and_written_off_the_event_loop(
     live_url: str,
     admin_key: str,
@@ -227,9 +250,19 @@ def test_part_of_another_study_than_the_path_names_fails(
     assert_nothing_left(state)
 
 
-def test_duplicate_same_bytes_is_success_twice_and_altered_bytes_fail(
+def _stored_bytes(state: Runtime, path: Path) -> bytes:
+    ds = pydicom.dcmread(path)
+    relative = state.store.relative_path(
+        *(str(getattr(ds, k)) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"))
+    )
+    return state.store.absolute(relative).read_bytes()
+
+
+def test_duplicate_same_bytes_is_success_twice_and_altered_bytes_keep_the_first(
     client: TestClient, state: Runtime, tiny_study_files: list[Path]
 ) -> None:
+    """keep-first (the default): other content under a stored UID is a warning (202 with
+    Warning Reason 0xB000 on its Referenced SOP item), and the stored instance stays."""
     original = tiny_study_files[0].read_bytes()
     for _ in range(2):
         response = stow(client, original)
@@ -238,21 +271,49 @@ def test_duplicate_same_bytes_is_success_twice_and_altered_bytes_fail(
     altered = encode(variant(tiny_study_files[0], SeriesDescription="altered copy"))
     response = stow(client, altered, tiny_study_files[1].read_bytes())
     assert response.status_code == 202, response.text
+    assert failures(response) == []
+    kept, stored = referenced(response)
+    assert value(kept, SOP_INSTANCE) == str(pydicom.dcmread(tiny_study_files[0]).SOPInstanceUID)
+    assert value(kept, WARNING_REASON) == 0xB000
+    assert "stored instance was kept" in value(kept, ERROR_COMMENT)
+    assert WARNING_REASON not in stored
+    assert instance_rows(state) == 2
+    assert _stored_bytes(state, tiny_study_files[0]) == original
+    assert_nothing_left(state)
+
+
+def test_altered_bytes_fail_with_policy_refuse(
+    client: TestClient, state: Runtime, tiny_study_files: list[Path]
+) -> None:
+    state.ingestor.duplicate_policy = DuplicatePolicy.REFUSE  # CRGATE_DUPLICATE_POLICY=refuse
+    original = tiny_study_files[0].read_bytes()
+    assert stow(client, original).status_code == 200
+    altered = encode(variant(tiny_study_files[0], SeriesDescription="altered copy"))
+    response = stow(client, altered, tiny_study_files[1].read_bytes())
+    assert response.status_code == 202, response.text
     (item,) = failures(response)
     assert value(item, FAILURE_REASON) == 0x0111
-    assert value(item, SOP_INSTANCE) == str(pydicom.dcmread(tiny_study_files[0]).SOPInstanceUID)
     assert "already stored with different content" in value(item, ERROR_COMMENT)
     assert len(referenced(response)) == 1
-    assert instance_rows(state) == 2
-    stored = state.store.absolute(
-        state.store.relative_path(
-            *(
-                str(getattr(pydicom.dcmread(tiny_study_files[0]), k))
-                for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
-            )
-        )
-    )
-    assert stored.read_bytes() == original  # keep-first
+    assert _stored_bytes(state, tiny_study_files[0]) == original
+    assert_nothing_left(state)
+
+
+def test_stow_after_c_store_in_another_transfer_syntax_is_a_duplicate(
+    client: TestClient, state: Runtime, tiny_study_files: list[Path]
+) -> None:
+    """The instance stored (as by the SCP) in explicit VR, posted again in implicit VR: 200,
+    no warning, the stored file untouched."""
+    original = tiny_study_files[0].read_bytes()
+    assert stow(client, original).status_code == 200
+    ds = pydicom.dcmread(tiny_study_files[0])
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    response = stow(client, encode(ds))
+    assert response.status_code == 200, response.text
+    (item,) = referenced(response)
+    assert WARNING_REASON not in item
+    assert _stored_bytes(state, tiny_study_files[0]) == original
+    assert instance_rows(state) == 1
     assert_nothing_left(state)
 
 

@@ -22,10 +22,21 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.encaps import get_frame
-from pydicom.uid import JPEG2000, ExplicitVRLittleEndian, JPEG2000Lossless
+from pydicom.uid import (
+    HTJ2K,
+    JPEG2000,
+    ExplicitVRLittleEndian,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    JPEG2000Lossless,
+)
 
+from services.core.codecs import OutputSyntax
+from services.core.codecs.codestream import read_main_header
 from services.core.codecs.openjpeg import decode_codestream
 from services.core.ingest import Channel
+from services.core.pipeline import transcode_file
+from services.core.ratio import CompressionRatio
 from services.runtime import Runtime
 from tests.dicomtools import gdcm_decode
 
@@ -113,13 +124,25 @@ def test_dicomweb_client_retrieves_study_series_and_instance(
         ds.StudyInstanceUID, media_types=(("application/dicom", "*"),)
     )
     assert {str(d.file_meta.TransferSyntaxUID) for d in as_stored} == {EVRLE}
-    # streamed: no Content-Length, chunked transfer encoding
-    streamed = httpx.get(
+    # stored files going out as they are: a known length, so byte ranges work
+    whole = httpx.get(
         f"{live_url}/dicomweb/studies/{ds.StudyInstanceUID}",
         headers={"Authorization": f"Bearer {admin_key}", "Accept": DICOM_TS.format("*")},
     )
+    assert whole.status_code == 200 and whole.headers["accept-ranges"] == "bytes"
+    assert int(whole.headers["content-length"]) == len(whole.content)
+    assert len(split_multipart(whole)) == 4
+    # several transcoded instances: streamed one transcode at a time, chunked, no ranges
+    streamed = httpx.get(
+        f"{live_url}/dicomweb/studies/{ds.StudyInstanceUID}",
+        headers={
+            "Authorization": f"Bearer {admin_key}",
+            "Accept": DICOM_TS.format(JPEG2000Lossless),
+            "Range": "bytes=0-9",
+        },
+    )
     assert streamed.status_code == 200
-    assert "content-length" not in streamed.headers
+    assert "content-length" not in streamed.headers and "accept-ranges" not in streamed.headers
     assert streamed.headers["transfer-encoding"] == "chunked"
     assert len(split_multipart(streamed)) == 4
 
@@ -201,6 +224,29 @@ def test_jpeg2000_transfer_syntaxes_are_lossless_and_gdcm_decodes_them(
     for d in j2k:
         assert d.file_meta.TransferSyntaxUID == JPEG2000
         assert np.array_equal(d.pixel_array, study[str(d.SOPInstanceUID)].pixel_array)
+
+
+@pytest.mark.parametrize(
+    ("uid", "rpcl"),
+    [(HTJ2KLossless, False), (HTJ2KLosslessRPCL, True), (HTJ2K, False)],
+)
+def test_htj2k_transfer_syntaxes_are_lossless(
+    study: dict[str, Dataset], client: TestClient, uid: str, rpcl: bool
+) -> None:
+    """Each HTJ2K syntax (dicomweb-client 0.59 does not know them: plain HTTP); pixels come back
+    exact (reversible HT, under .203 as well), .202 with its RPCL options, the UID kept."""
+    ds = first(study)
+    response = client.get(url(ds), headers={"Accept": DICOM_TS.format(uid)})
+    assert response.status_code == 200, response.text
+    ((ctype, body),) = split_multipart(response)
+    assert ctype == f"application/dicom; transfer-syntax={uid}"
+    got = pydicom.dcmread(io.BytesIO(body))
+    assert got.file_meta.TransferSyntaxUID == uid
+    assert got.SOPInstanceUID == ds.SOPInstanceUID and got.LossyImageCompression == "00"
+    assert np.array_equal(got.pixel_array, ds.pixel_array)
+    header = read_main_header(get_frame(got.PixelData, 0, number_of_frames=1))
+    assert header.high_throughput and header.reversible and header.tlm == rpcl
+    assert header.precision == (int(ds.BitsStored),)
 
 
 def test_stored_jpeg2000_instance_as_stored_and_decompressed(
@@ -368,6 +414,7 @@ def test_frame_numbers_out_of_range_or_malformed(
     problem(client.get(url(ds, "/frames/1,2/rendered")), 400)
     problem(client.get(url(ds, "/frames/0")), 400)
     problem(client.get(url(ds, "/frames/x")), 400)
+    problem(client.get(url(ds, "/frames/%C2%B2")), 400)  # a digit to Python, not to int()
     problem(client.get(url(ds, "/frames/2/rendered")), 404)
 
 
@@ -412,3 +459,197 @@ def test_thumbnails_at_every_level(study: dict[str, Dataset], client: TestClient
     small = client.get(url(ds, "/thumbnail?viewport=64,64"), headers={"Accept": "image/jpeg"})
     image = Image.open(io.BytesIO(small.content))
     assert image.format == "JPEG" and image.size == (51, 64)
+
+
+# -- as stored for viewers (OHIF), bare frames, byte ranges -------------------------------------
+
+OHIF_FRAMES = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
+
+
+def test_frames_with_transfer_syntax_star_are_the_stored_codestream(
+    state: Runtime, client: TestClient
+) -> None:
+    original = ingest(state, pydicom_file("JPEG2000.dcm"))
+    stored = get_frame(original.PixelData, 0, number_of_frames=1)
+    response = client.get(url(original, "/frames/1"), headers={"Accept": OHIF_FRAMES})
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith(
+        f'multipart/related; type="application/octet-stream"; transfer-syntax={JPEG2000}'
+    )
+    ((ctype, body),) = split_multipart(response)
+    assert (ctype, body) == (f"application/octet-stream; transfer-syntax={JPEG2000}", stored)
+    decoded_size = original.pixel_array.nbytes
+    assert len(body) < decoded_size / 5  # not decoded: 3 kB here instead of 512 kB
+    # an explicit syntax still transcodes: uncompressed, or the J2K lossless re-encode
+    plain = client.get(
+        url(original, "/frames/1"),
+        headers={"Accept": OHIF_FRAMES.replace("*", str(ExplicitVRLittleEndian))},
+    )
+    ((_, raw),) = split_multipart(plain)
+    assert raw == original.pixel_array.astype("<i2").tobytes()
+    lossless = client.get(
+        url(original, "/frames/1"),
+        headers={
+            "Accept": f'multipart/related; type="image/jp2"; transfer-syntax={JPEG2000Lossless}'
+        },
+    )
+    ((ctype, j2k),) = split_multipart(lossless)
+    assert ctype == f"image/jp2; transfer-syntax={JPEG2000Lossless}" and j2k != stored
+    assert np.array_equal(decode_codestream(j2k), original.pixel_array)
+
+
+def test_a_syntax_crgate_cannot_decode_is_served_as_stored(
+    state: Runtime, client: TestClient
+) -> None:
+    original = ingest(state, pydicom_file("JPEG-lossy.dcm"))
+    syntax = str(original.file_meta.TransferSyntaxUID)
+    assert syntax == "1.2.840.10008.1.2.4.51"
+    stored = get_frame(original.PixelData, 0, number_of_frames=1)
+    for accept in (OHIF_FRAMES, OHIF_FRAMES.replace("*", syntax)):
+        response = client.get(url(original, "/frames/1"), headers={"Accept": accept})
+        assert response.status_code == 200, (accept, response.text)
+        assert split_multipart(response) == [
+            (f"application/octet-stream; transfer-syntax={syntax}", stored)
+        ]
+    bulk = client.get(url(original, "/bulkdata/7FE00010"), headers={"Accept": OHIF_FRAMES})
+    assert split_multipart(bulk) == [
+        (f"application/octet-stream; transfer-syntax={syntax}", stored)
+    ]
+    whole = client.get(url(original), headers={"Accept": DICOM_TS.format("*")})
+    assert split_multipart(whole)[0][1] == pydicom_file("JPEG-lossy.dcm").read_bytes()
+
+
+def test_bare_octet_stream_answers_one_frame(state: Runtime, client: TestClient) -> None:
+    original = ingest(state, pydicom_file("SC_rgb_rle_2frame.dcm"))
+    response = client.get(
+        url(original, "/frames/2"), headers={"Accept": "application/octet-stream"}
+    )
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == f"application/octet-stream; transfer-syntax={EVRLE}"
+    assert response.content == original.pixel_array[1].tobytes()
+    star = client.get(
+        url(original, "/frames/1"),
+        headers={"Accept": "application/octet-stream; transfer-syntax=*"},
+    )
+    rle = str(original.file_meta.TransferSyntaxUID)
+    assert star.headers["content-type"] == f"application/octet-stream; transfer-syntax={rle}"
+    assert star.content == get_frame(original.PixelData, 0, number_of_frames=2)
+    two = problem(
+        client.get(url(original, "/frames/1,2"), headers={"Accept": "application/octet-stream"}),
+        406,
+    )
+    assert "ask for one frame" in two["detail"]
+
+
+def test_byte_ranges_on_frames_bulk_data_and_instances(
+    state: Runtime, client: TestClient, study: dict[str, Dataset]
+) -> None:
+    ds = first(study)
+    frame = client.get(url(ds, "/frames/1"), headers={"Accept": "application/octet-stream"})
+    assert frame.headers["accept-ranges"] == "bytes"
+    whole = frame.content
+    cases = {
+        "bytes=0-99": (0, 100),
+        "bytes=100-": (100, len(whole)),
+        "bytes=-50": (len(whole) - 50, len(whole)),
+        f"bytes=10-{len(whole) + 500}": (10, len(whole)),
+    }
+    for header, (lo, hi) in cases.items():
+        part = client.get(
+            url(ds, "/frames/1"), headers={"Accept": "application/octet-stream", "Range": header}
+        )
+        assert part.status_code == 206, header
+        assert part.headers["content-range"] == f"bytes {lo}-{hi - 1}/{len(whole)}"
+        assert part.content == whole[lo:hi] and part.headers["content-length"] == str(hi - lo)
+    beyond = client.get(
+        url(ds, "/frames/1"),
+        headers={"Accept": "application/octet-stream", "Range": f"bytes={len(whole)}-"},
+    )
+    assert beyond.status_code == 416 and beyond.headers["content-range"] == f"bytes */{len(whole)}"
+    for ignored in ("bytes=0-1,5-9", "items=0-1", "bytes=9-2", "bytes=\u00b2-"):
+        octet_range = {"Accept": b"application/octet-stream", "Range": ignored.encode("latin-1")}
+        full = client.get(url(ds, "/frames/1"), headers=octet_range)
+        assert full.status_code == 200 and full.content == whole, ignored
+
+    # multipart answers are the same bytes each time, so ranges of them fit together
+    for tail in ("", "/bulkdata/7FE00010", "/frames/1"):
+        full = client.get(url(ds, tail))
+        assert full.status_code == 200 and full.headers["accept-ranges"] == "bytes"
+        body = full.content
+        halves = [
+            client.get(url(ds, tail), headers={"Range": r})
+            for r in (f"bytes=0-{len(body) // 2 - 1}", f"bytes={len(body) // 2}-")
+        ]
+        assert [h.status_code for h in halves] == [206, 206], tail
+        assert halves[0].content + halves[1].content == body, tail
+        assert halves[1].headers["content-type"] == full.headers["content-type"], tail
+        # the ETag names these bytes: revalidation, and If-Range against it
+        etag = full.headers["etag"]
+        assert etag.startswith('"') and halves[0].headers["etag"] == etag, tail
+        assert client.get(url(ds, tail), headers={"If-None-Match": etag}).status_code == 304
+        assert client.get(url(ds, tail), headers={"If-None-Match": '"old"'}).status_code == 200
+        current = client.get(url(ds, tail), headers={"Range": "bytes=0-9", "If-Range": etag})
+        assert current.status_code == 206 and current.content == body[:10], tail
+        stale = client.get(url(ds, tail), headers={"Range": "bytes=0-9", "If-Range": '"old"'})
+        assert stale.status_code == 200 and stale.content == body, tail
+    bare = client.get(url(ds, "/frames/1"), headers={"Accept": "application/octet-stream"})
+    multi = client.get(url(ds, "/frames/1"))
+    assert bare.headers["etag"] != multi.headers["etag"]  # two representations, two tags
+
+
+def test_htj2k_frames_go_out_as_stored_for_transfer_syntax_star(
+    state: Runtime, client: TestClient, tiny_study_files: list[Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "ht.dcm"
+    transcode_file(tiny_study_files[0], out, cr=CompressionRatio(10), syntax=OutputSyntax.HTJ2K)
+    original = ingest(state, out)
+    syntax = str(original.file_meta.TransferSyntaxUID)
+    assert syntax in (HTJ2K, HTJ2KLossless)  # lossless when it fits the CR's byte budget
+    response = client.get(url(original, "/frames/1"), headers={"Accept": OHIF_FRAMES})
+    assert split_multipart(response) == [
+        (
+            f"application/octet-stream; transfer-syntax={syntax}",
+            get_frame(original.PixelData, 0, number_of_frames=1),
+        )
+    ]
+
+
+@pytest.mark.parametrize(
+    ("accept", "media", "syntax"),
+    [
+        ('multipart/related; type="image/jphc"', "image/jphc", HTJ2KLossless),
+        ('multipart/related; type="image/jhc"', "image/jhc", HTJ2KLossless),
+        (
+            f'multipart/related; type="image/jphc"; transfer-syntax={HTJ2KLosslessRPCL}',
+            "image/jphc",
+            HTJ2KLosslessRPCL,
+        ),
+        (f'multipart/related; type="*/*"; transfer-syntax={HTJ2K}', "image/jphc", HTJ2K),
+    ],
+)
+def test_frames_as_htj2k_codestreams(
+    study: dict[str, Dataset], client: TestClient, accept: str, media: str, syntax: str
+) -> None:
+    """Frames of a natively stored instance, asked for as HTJ2K (image/jphc, or image/jhc as
+    some viewers send it): a lossless HT codestream declaring Bits Stored, exact pixels."""
+    ds = first(study)
+    response = client.get(url(ds, "/frames/1"), headers={"Accept": accept})
+    assert response.status_code == 200, response.text
+    ((ctype, body),) = split_multipart(response)
+    assert ctype == f"{media}; transfer-syntax={syntax}"
+    header = read_main_header(body)
+    assert header.high_throughput and header.reversible
+    assert header.precision == (int(ds.BitsStored),)
+    assert header.tlm == (syntax == HTJ2KLosslessRPCL)
+    np.testing.assert_array_equal(decode_codestream(body), ds.pixel_array)
+
+
+def test_a_bare_image_jphc_answers_the_frame(study: dict[str, Dataset], client: TestClient) -> None:
+    ds = first(study)
+    response = client.get(url(ds, "/frames/1"), headers={"Accept": "image/jphc"})
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == f"image/jphc; transfer-syntax={HTJ2KLossless}"
+    np.testing.assert_array_equal(decode_codestream(response.content), ds.pixel_array)
+    refused = client.get(url(ds, "/frames/1"), headers={"Accept": "image/webp"})
+    assert refused.status_code == 406
+    assert any("image/jphc" in offer for offer in refused.json()["offered"])

@@ -83,7 +83,7 @@ def test_list_shows_the_default_policy(crgate: CliRunnerCall) -> None:
 def test_preset_then_set_with_and_without_override(crgate: CliRunnerCall) -> None:
     applied = crgate("preset", "RCR")
     assert applied.exit_code == 0, applied.stderr
-    assert "preset RCR: 13 created, 0 updated, 0 unchanged" in applied.stderr
+    assert "preset RCR: 13 created, 0 updated, 0 unchanged, 0 kept a stricter CR" in applied.stderr
     assert "13 unchanged" in crgate("preset", "rcr").stderr
 
     refused = crgate("set", "--modality", "MG", "--body-part", "breast", "--cr", "30")
@@ -187,3 +187,18 @@ def test_console_script_has_the_policy_commands(tmp_path: Path) -> None:
         )
         assert done.returncode == 0, done.stderr
     assert "preset DRG:" in done.stderr and "created" in done.stderr
+
+
+def test_preset_reports_what_it_kept_and_list_shows_violations(crgate: CliRunnerCall) -> None:
+    assert crgate("set", "--modality", "MG", "--cr", "40").exit_code == 0
+    assert crgate("set", "--modality", "CT", "--pediatric", "yes", "--cr", "4").exit_code == 0
+    applied = crgate("preset", "CAR")
+    assert applied.exit_code == 0, applied.stderr
+    assert "skipped: kept the stricter CR 4" in applied.stderr
+    assert "violation: policy" in applied.stderr and "(MG/*) has CR 40" in applied.stderr
+    listed = crgate("list")
+    assert "ABOVE MAX CR" in listed.stdout and "above the maximum 25" in listed.stderr
+    forced = crgate("preset", "CAR", "--force")
+    assert forced.exit_code == 0 and "0 kept a stricter CR" in forced.stderr
+    ct = next(p for p in crgate.rows() if p.modality == "CT" and p.pediatric == "yes")
+    assert ct.cr == 15

@@ -287,7 +287,7 @@ def test_a_study_whose_job_cannot_be_made_is_settled(
 
 def test_housekeeping_sends_again_a_job_queued_too_long(gate: Gate) -> None:
     study_uid = gate.ingest(gate.files)  # the default policy: no auto job
-    request = prepare(
+    request, _ = prepare(
         gate.ctx, study_uid, cr=25, syntax=None, model=None, trigger=JobTrigger.API,
         requested_by=None,
     )  # fmt: skip

@@ -14,7 +14,14 @@ from typing import cast
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
-from pydicom.uid import JPEG2000Lossless
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    RLELossless,
+)
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -80,9 +87,26 @@ def _altered(path: Path, tmp_path: Path) -> Path:
     return out
 
 
-def test_different_bytes_refused_by_default(
+def test_different_content_keeps_the_stored_instance_by_default(
     ingestor: Ingestor, store: InstanceStore, tiny_study_files, tmp_path: Path
 ) -> None:
+    """keep-first (the default): the stored instance stands, the new one is dropped, KEPT."""
+    ingestor.ingest_file(stage(store, tiny_study_files[0]), channel=Channel.STOW)
+    result = ingestor.ingest_file(
+        stage(store, _altered(tiny_study_files[0], tmp_path)), channel=Channel.DIMSE
+    )
+    assert result.outcome is Outcome.KEPT
+    with ingestor.sessions() as s:
+        row = s.scalars(select(Instance)).one()
+    assert (row.channel, row.replaced_count) == ("stow", 0)
+    assert store.absolute(row.path).read_bytes() == tiny_study_files[0].read_bytes()
+    assert store.leftover_staging() == []
+
+
+def test_different_content_refused_with_policy_refuse(
+    store: InstanceStore, sessions: sessionmaker[Session], tiny_study_files, tmp_path: Path
+) -> None:
+    ingestor = Ingestor(store, sessions, DuplicatePolicy.REFUSE)
     ingestor.ingest_file(stage(store, tiny_study_files[0]), channel=Channel.STOW)
     with pytest.raises(Conflict, match="already stored with different content"):
         ingestor.ingest_file(
@@ -311,20 +335,86 @@ def test_same_data_set_with_other_file_meta_is_a_duplicate(
     assert store.leftover_staging() == []
 
 
-@pytest.mark.parametrize("change", ["transfer syntax", "element"])
-def test_other_transfer_syntax_or_element_is_a_conflict(
-    ingestor: Ingestor, store: InstanceStore, tmp_path: Path, change: str
+def _in_syntax(source: Path, syntax: str, out: Path) -> Path:
+    """``source`` written in ``syntax`` (compressed with pydicom's encoders, or decompressed)."""
+    ds = pydicom.dcmread(source)
+    if UID(syntax).is_compressed:
+        ds.compress(syntax, generate_instance_uid=False)
+    else:
+        if UID(ds.file_meta.TransferSyntaxUID).is_compressed:
+            ds.decompress(generate_instance_uid=False)
+        ds.file_meta.TransferSyntaxUID = syntax
+    pydicom.dcmwrite(out, ds, enforce_file_format=True)
+    return out
+
+
+@pytest.mark.parametrize(
+    "syntax",
+    [ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, RLELossless, JPEG2000Lossless],
+)
+def test_the_same_data_set_in_another_transfer_syntax_is_a_duplicate(
+    store: InstanceStore,
+    sessions: sessionmaker[Session],
+    tiny_study_files: list[Path],
+    tmp_path: Path,
+    syntax: str,
 ) -> None:
+    """A re-send in another encoding: success (DUPLICATE), the stored file is not rewritten;
+    under every policy, refuse included."""
+    ingestor = Ingestor(store, sessions, DuplicatePolicy.REFUSE)
+    original = tiny_study_files[0]
+    ingestor.ingest_file(stage(store, original), channel=Channel.DIMSE)
+    other = _in_syntax(original, syntax, tmp_path / "other.dcm")
+    assert _body(other) != _body(original)
+    again = ingestor.ingest_file(stage(store, other), channel=Channel.DIMSE)
+    assert again.outcome is Outcome.DUPLICATE
+    with ingestor.sessions() as s:
+        row = s.scalars(select(Instance)).one()
+    assert row.transfer_syntax_uid == ExplicitVRLittleEndian
+    assert store.absolute(row.path).read_bytes() == original.read_bytes()
+    assert store.leftover_staging() == []
+
+
+@pytest.mark.parametrize("change", ["relabelled", "decompressed"])
+def test_a_compressed_instance_sent_again_decoded_or_relabelled_is_a_duplicate(
+    store: InstanceStore, sessions: sessionmaker[Session], tmp_path: Path, change: str
+) -> None:
+    ingestor = Ingestor(store, sessions, DuplicatePolicy.REFUSE)
     original = Path(str(get_testdata_file("JPEG2000.dcm")))  # JPEG 2000 (lossy)
     ingestor.ingest_file(stage(store, original), channel=Channel.STOW)
-    if change == "transfer syntax":  # the same encapsulated bytes, labelled lossless
+    if change == "relabelled":  # the same encapsulated bytes, labelled lossless
         other = _resaved(original, tmp_path / "other.dcm", TransferSyntaxUID=JPEG2000Lossless)
-        assert _body(other) == _body(original)
     else:
-        ds = pydicom.dcmread(original)
+        other = _in_syntax(original, ExplicitVRLittleEndian, tmp_path / "other.dcm")
+    result = ingestor.ingest_file(stage(store, other), channel=Channel.DIMSE)
+    assert result.outcome is Outcome.DUPLICATE
+    with ingestor.sessions() as s:
+        row = s.scalars(select(Instance)).one()
+    assert store.absolute(row.path).read_bytes() == original.read_bytes()
+    assert store.leftover_staging() == []
+
+
+@pytest.mark.parametrize("change", ["pixel", "element"])
+def test_other_content_in_another_transfer_syntax_is_not_a_duplicate(
+    store: InstanceStore,
+    sessions: sessionmaker[Session],
+    tiny_study_files: list[Path],
+    tmp_path: Path,
+    change: str,
+) -> None:
+    ingestor = Ingestor(store, sessions, DuplicatePolicy.REFUSE)
+    original = tiny_study_files[0]
+    ingestor.ingest_file(stage(store, original), channel=Channel.STOW)
+    ds = pydicom.dcmread(original)
+    if change == "pixel":
+        pixels = ds.pixel_array.copy()
+        pixels[0, 0] += 1
+        ds.PixelData = pixels.tobytes()
+    else:
         ds.SeriesDescription = "changed"
-        other = tmp_path / "other.dcm"
-        ds.save_as(other, enforce_file_format=True)
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    other = tmp_path / "other.dcm"
+    pydicom.dcmwrite(other, ds, enforce_file_format=True)
     with pytest.raises(Conflict, match="already stored with different content"):
         ingestor.ingest_file(stage(store, other), channel=Channel.STOW)
     assert count(ingestor.sessions, Instance) == 1
@@ -381,13 +471,14 @@ def test_a_writer_in_between_never_makes_a_false_success(
     theirs: str,
 ) -> None:
     """Another writer stores the same UID between our row check and our commit: we answer
-    DUPLICATE only when its content is ours, and the row always describes the file on disk."""
+    DUPLICATE only when its content is ours, and the row always describes the file on disk
+    (policy refuse: other content is an error, not the keep-first warning)."""
     ours = tiny_study_files[0]
     their_file = ours if theirs == "same" else _altered(ours, tmp_path)
     other = Ingestor(InstanceStore(store.root), sessions)
     interleaving = InterleavingStore(store.root)
     setattr(interleaving, when, _unlocked_writer(other, their_file))
-    ingestor = Ingestor(interleaving, sessions)
+    ingestor = Ingestor(interleaving, sessions, DuplicatePolicy.REFUSE)
     staged = stage(store, ours)
     if theirs == "same":
         assert ingestor.ingest_file(staged, channel=Channel.DIMSE).outcome is Outcome.DUPLICATE

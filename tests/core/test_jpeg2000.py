@@ -12,7 +12,8 @@ import pytest
 from glymur.lib import openjp2
 
 from services.core.codecs import OutputSyntax
-from services.core.codecs.jpeg2000 import CR_TOLERANCE, PixelLayout, encode_image
+from services.core.codecs.image import CR_TOLERANCE, PixelLayout
+from services.core.codecs.jpeg2000 import encode_image
 from services.core.codecs.openjpeg import (
     EncodeParams,
     decode_codestream,

@@ -252,12 +252,12 @@ def test_applying_a_preset_twice_changes_nothing(session: Session) -> None:
 
 def test_preset_keeps_readiness_settings_and_logs_the_change(session: Session) -> None:
     mine = add(
-        session, "MG", "BREAST", cr=10, auto_classify=True, expected_instances=2, quiet_seconds=60
+        session, "MG", "BREAST", cr=30, auto_classify=True, expected_instances=2, quiet_seconds=60
     )
     result = apply_preset(session, "CAR", actor=ACTOR)
     assert mine.id in result.updated
     session.refresh(mine)
-    assert (mine.cr, mine.max_cr, mine.preset) == (25, 25, "CAR")
+    assert (mine.cr, mine.max_cr, mine.preset) == (25, 25, "CAR")  # above the maximum: lowered
     assert (mine.auto_classify, mine.expected_instances, mine.quiet_seconds) == (True, 2, 60)
     entry = session.scalars(
         select(AuditEntry)
@@ -265,8 +265,47 @@ def test_preset_keeps_readiness_settings_and_logs_the_change(session: Session) -
         .order_by(AuditEntry.id.desc())
     ).first()
     assert entry is not None and entry.action == "update"
-    assert entry.before["cr"] == 10 and entry.after["cr"] == 25
+    assert entry.before["cr"] == 30 and entry.after["cr"] == 25
     assert entry.after["preset"] == "CAR" and entry.reason == "preset CAR applied"
+
+
+def test_a_preset_never_raises_a_stricter_hand_set_value_unless_forced(session: Session) -> None:
+    """Found as an admin would: a pediatric CR/DX policy set by hand to 8 became 30."""
+    child = add(session, "CR", None, True, cr=8, syntax="htj2k")
+    result = apply_preset(session, "CAR", actor=ACTOR)
+    session.refresh(child)
+    assert (child.cr, child.syntax, child.max_cr, child.preset) == (8, "htj2k", 30, "CAR")
+    (skipped,) = [s for s in result.skipped if s.policy_id == child.id]
+    assert (skipped.cr, skipped.preset_cr) == (8, 30)
+    assert "kept the stricter CR 8" in skipped.reason and "force" in skipped.reason
+    forced = apply_preset(session, "CAR", actor=ACTOR, force=True)
+    session.refresh(child)
+    assert (child.cr, child.syntax) == (30, "htj2k")  # raised, in the same family
+    assert child.id in forced.updated and not forced.skipped
+    entry = session.scalars(
+        select(AuditEntry)
+        .where(AuditEntry.entity_id == str(child.id))
+        .order_by(AuditEntry.id.desc())
+    ).first()
+    assert entry is not None and entry.reason == "preset CAR applied with force"
+
+
+def test_policies_above_a_later_ceiling_are_listed_until_lowered_or_given_a_reason(
+    session: Session,
+) -> None:
+    """Found as an admin would: a later preset left older policies above its ceiling with no
+    flag. MG/* at 40 by hand, then RCR's MG/BREAST maximum 20 becomes the modality's ceiling."""
+    loose = add(session, "MG", None, None, cr=40)
+    assert policies.violations(session) == []  # no ceiling yet
+    apply_preset(session, "RCR", actor=ACTOR)
+    (found,) = [v for v in policies.violations(session) if v.policy_id == loose.id]
+    assert (found.cr, found.max_cr, found.preset) == (40, 20, "RCR")
+    assert "above the maximum 20 of preset RCR" in found.message
+    policies.update_policy(session, loose.id, {}, actor=ACTOR, override_reason="research arm")
+    assert all(v.policy_id != loose.id for v in policies.violations(session))
+    policies.update_policy(session, loose.id, {"cr": 15}, actor=ACTOR)
+    session.refresh(loose)
+    assert loose.override_reason is None and policies.violation_of(session, loose) is None
 
 
 def test_a_later_preset_replaces_values_and_maximum(session: Session) -> None:
@@ -397,7 +436,7 @@ def test_update_that_changes_nothing_is_not_logged(session: Session) -> None:
         ({"pediatric": "maybe"}, "use yes, no"),
         ({"cr": 0}, "out of range"),
         ({"cr": float("nan")}, "out of range"),
-        ({"cr": 20, "syntax": "j2k-lossless"}, "j2k-lossless means CR 1"),
+        ({"cr": 20, "syntax": "j2k-lossless"}, "j2k-lossless is lossless and cannot give CR 20"),
         ({"cr": 1, "syntax": "j2k"}, "CR 1 means lossless"),
         ({"syntax": "jpeg"}, "unknown syntax"),
         ({"expected_instances": 0}, "expected instances 0"),

@@ -155,7 +155,7 @@ def test_negotiate_instances_refuses_what_it_cannot_make() -> None:
             FrameFormat(JP2, JPEG2000),
         ),
         ("*/*; transfer-syntax=*", JPEG2000Lossless, FrameFormat(JP2, JPEG2000Lossless)),
-        ("*/*; transfer-syntax=*", RLELossless, FrameFormat(OCTET, ExplicitVRLittleEndian)),
+        ("*/*; transfer-syntax=*", RLELossless, FrameFormat(OCTET, RLELossless)),
         (
             'multipart/related; type="image/jpeg", multipart/related; '
             'type="application/octet-stream"',

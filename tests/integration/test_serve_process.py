@@ -18,7 +18,7 @@ import pydicom
 import pytest
 
 from tests.conftest import free_port
-from tests.scp.dcmtk import output, stored_ok, storescu
+from tests.scp.dcmtk import findscu, getscu, output, stored_ok, storescu, suboperations
 
 pytestmark = pytest.mark.tools
 
@@ -71,7 +71,7 @@ def served(tmp_path: Path) -> Iterator[Served]:
 
 
 def test_serve_stores_pushed_study_finds_it_and_stops_cleanly(
-    served: Served, tiny_study_files: list[Path]
+    served: Served, tiny_study_files: list[Path], tmp_path: Path
 ) -> None:
     key_file = served.data_dir / "admin.key"
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
@@ -93,6 +93,25 @@ def test_serve_stores_pushed_study_finds_it_and_stops_cleanly(
     assert study["0020000D"]["Value"] == [study_uid]
     assert study["00201208"]["Value"] == [len(tiny_study_files)]  # instances in the study
 
+    # the same study over DIMSE: C-FIND by patient name, C-GET of the study
+    query = findscu(
+        served.dicom_port,
+        "QueryRetrieveLevel=STUDY",
+        f"PatientName={sent[0].PatientName}",
+        "StudyInstanceUID",
+        out=tmp_path / "found",
+    )
+    (answer,) = [pydicom.dcmread(p) for p in (tmp_path / "found").glob("rsp*.dcm")]
+    assert answer.StudyInstanceUID == study_uid, output(query)
+    got = getscu(
+        served.dicom_port,
+        tmp_path / "got",
+        "QueryRetrieveLevel=STUDY",
+        f"StudyInstanceUID={study_uid}",
+    )
+    assert suboperations(got)["Completed"] == len(tiny_study_files), output(got)
+    assert len(list((tmp_path / "got").iterdir())) == len(tiny_study_files)
+
     served.proc.send_signal(signal.SIGTERM)
     assert served.proc.wait(60) == 0, served.log.read_text()
     log = served.log.read_text()
@@ -104,7 +123,7 @@ def test_serve_stores_pushed_study_finds_it_and_stops_cleanly(
     assert "DICOM SCP accepts ANY calling AE title" in log
     assert not list((served.data_dir / "incoming").iterdir())
 
-    # privacy: the log names instances by UID, never by patient
+    # privacy: the log names instances by UID, never by patient (C-FIND by name included)
     for ds in sent:
         assert ds.SOPInstanceUID in log
         name = str(ds.PatientName)

@@ -54,3 +54,55 @@ def stored_ok(proc: subprocess.CompletedProcess[str], count: int) -> bool:
 def successes(proc: subprocess.CompletedProcess[str]) -> int:
     """How many C-STORE responses with status Success storescu -d printed."""
     return len(re.findall(r"DIMSE Status\s+: 0x0000: Success", output(proc)))
+
+
+def findscu(
+    port: int,
+    *keys: str,
+    options: Sequence[str] = ("-S",),
+    out: Path | None = None,
+    aet: str = "FINDSCU",
+    aec: str = "CRGATE",
+) -> subprocess.CompletedProcess[str]:
+    """One C-FIND with ``keys`` (``Keyword=value``, or ``Keyword`` for a return key); with
+    ``out``, each response identifier is written there (rsp0001.dcm, ...)."""
+    exe = require("findscu", "dcmtk")
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    extract = ["-X", "-od", str(out)] if out is not None else []
+    args = [arg for key in keys for arg in ("-k", key)]
+    return subprocess.run(
+        [exe, "-d", *options, *extract, "-aet", aet, "-aec", aec, *args, "127.0.0.1", str(port)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def getscu(
+    port: int,
+    out: Path,
+    *keys: str,
+    options: Sequence[str] = ("-S",),
+    aet: str = "GETSCU",
+    aec: str = "CRGATE",
+) -> subprocess.CompletedProcess[str]:
+    """One C-GET with ``keys``; the instances received are written into ``out``."""
+    exe = require("getscu", "dcmtk")
+    out.mkdir(parents=True, exist_ok=True)
+    args = [arg for key in keys for arg in ("-k", key)]
+    peer = ["-aet", aet, "-aec", aec, "127.0.0.1", str(port)]
+    return subprocess.run(
+        [exe, "-d", *options, "-od", str(out), *args, *peer],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def suboperations(proc: subprocess.CompletedProcess[str]) -> dict[str, int]:
+    """getscu's final report: Remaining, Completed, Failed, Warning sub-operation counts."""
+    found = re.findall(r"Number of (\w+) Suboperations\s*: (\d+)", output(proc))
+    return {name: int(count) for name, count in found}

@@ -1,4 +1,5 @@
-"""Orthanc as a real PACS: it sends C-ECHO and C-STORE to crgate's SCP (a configured modality)."""
+"""Orthanc as a real PACS: it sends C-ECHO, C-STORE and C-FIND to crgate's SCP (a configured
+modality)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pydicom
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
+from services.core.ingest import Channel, Ingestor
 from services.core.storage import InstanceStore
 from tests.scp.conftest import StartScp, free_port, stored_rows
 
@@ -111,3 +113,49 @@ def test_orthanc_echoes_and_pushes_an_instance(
     )
     kept = pydicom.dcmread(store.absolute(row.path))
     assert kept.PixelData == sent.PixelData
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_orthanc_queries_crgate_with_c_find(
+    start_scp: StartScp,
+    orthanc_for: StartOrthanc,
+    tiny_study_files: list[Path],
+    store: InstanceStore,
+    ingestor: Ingestor,
+) -> None:
+    """Orthanc's query/retrieve client: study, then series and instances below the answer.
+    (Orthanc 1.10 retrieves with C-MOVE only, which crgate does not offer yet.)"""
+    for path in tiny_study_files:
+        staged = store.new_staging_path()
+        staged.write_bytes(path.read_bytes())
+        ingestor.ingest_file(staged, channel=Channel.CLI)
+    sent = [pydicom.dcmread(p) for p in tiny_study_files]
+    scp = start_scp(allowed_ae="ORTHANC")
+    url = orthanc_for(scp.port)
+    with httpx.Client(base_url=url, timeout=60) as client:
+        query = client.post(
+            "/modalities/crgate/query",
+            json={"Level": "Study", "Query": {"PatientName": "phantom*", "StudyDate": ""}},
+        )
+        assert query.status_code == 200, query.text
+        path = query.json()["Path"]
+        answers = client.get(f"{path}/answers", params={"expand": "", "simplify": ""}).json()
+        (study,) = answers
+        assert study["StudyInstanceUID"] == sent[0].StudyInstanceUID
+        assert study["StudyDate"] == sent[0].StudyDate
+
+        series = client.post(f"{path}/answers/0/query-series", json={})
+        assert series.status_code == 200, series.text
+        series_path = series.json()["Path"]
+        found = client.get(f"{series_path}/answers", params={"expand": "", "simplify": ""}).json()
+        assert {s["SeriesInstanceUID"] for s in found} == {d.SeriesInstanceUID for d in sent}
+
+        instances = client.post(f"{series_path}/answers/0/query-instances", json={})
+        assert instances.status_code == 200, instances.text
+        listed = client.get(
+            f"{instances.json()['Path']}/answers", params={"expand": "", "simplify": ""}
+        ).json()
+        expected = {
+            d.SOPInstanceUID for d in sent if d.SeriesInstanceUID == found[0]["SeriesInstanceUID"]
+        }
+        assert {i["SOPInstanceUID"] for i in listed} == expected

@@ -16,7 +16,9 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from sqlalchemy.orm import Session, sessionmaker
 
+from services.core.config import DuplicatePolicy
 from services.core.ingest import Channel, Ingestor
+from services.core.pipeline import transcode_file
 from services.core.storage import InstanceStore
 from services.scp.server import ScpServer
 from tests.scp.conftest import StartScp, store_files, stored_rows
@@ -83,6 +85,36 @@ def test_compressed_instances_are_kept_as_received(
     assert kept.PixelData == sent.PixelData  # the encapsulated fragments, byte for byte
 
 
+@pytest.mark.parametrize("syntax", ["htj2k", "htj2k-lossless", "htj2k-rpcl"])
+def test_htj2k_instances_are_kept_as_received(
+    scp: ScpServer,
+    sessions: sessionmaker[Session],
+    store: InstanceStore,
+    tmp_path: Path,
+    syntax: str,
+) -> None:
+    """dcmtk 3.6.7 does not know the HTJ2K syntaxes: pynetdicom sends crgate's own HT copies
+    over a real association, in their own transfer syntax."""
+    ht = tmp_path / "ht.dcm"
+    cr = 10 if syntax == "htj2k" else 1
+    transcode_file(Path(str(get_testdata_file("CT_small.dcm"))), ht, cr=cr, syntax=syntax)
+    sent = pydicom.dcmread(ht)
+    ae = AE(ae_title="HTSENDER")
+    ae.add_requested_context(sent.SOPClassUID, sent.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="CRGATE")
+    assert assoc.is_established
+    try:
+        status = assoc.send_c_store(ht)
+    finally:
+        assoc.release()
+    assert status.Status == 0x0000, hex(status.Status)
+    (row,) = stored_rows(sessions)
+    assert row.transfer_syntax_uid == sent.file_meta.TransferSyntaxUID
+    kept = pydicom.dcmread(store.absolute(row.path))
+    assert kept.PixelData == sent.PixelData
+    assert (kept.pixel_array == sent.pixel_array).all()
+
+
 def test_missing_pixel_data_is_refused_with_a_comment_and_the_next_association_works(
     scp: ScpServer,
     tiny_study_files: list[Path],
@@ -112,9 +144,15 @@ def test_missing_pixel_data_is_refused_with_a_comment_and_the_next_association_w
 
 
 @SQLITE_ONLY
-def test_same_uid_other_content_is_refused_as_a_conflict(
-    scp: ScpServer, tiny_study_files: list[Path], sessions: sessionmaker[Session], tmp_path: Path
+def test_same_uid_other_content_is_refused_as_a_conflict_with_policy_refuse(
+    scp: ScpServer,
+    ingestor: Ingestor,
+    tiny_study_files: list[Path],
+    sessions: sessionmaker[Session],
+    tmp_path: Path,
 ) -> None:
+    """CRGATE_DUPLICATE_POLICY=refuse (keep-first, the default: tests/scp/test_resend.py)."""
+    ingestor.duplicate_policy = DuplicatePolicy.REFUSE
     ds = pydicom.dcmread(tiny_study_files[0])
     ds.SeriesDescription = "changed"
     changed = tmp_path / "changed.dcm"

@@ -5,9 +5,11 @@ The body is streamed through an incremental multipart parser into staged files i
 closing boundary has arrived, each part goes through the one ingest path in a worker thread.
 One bad part fails alone.
 
-Answers: 200 all stored, 202 some failed, 409 none stored (each with a DICOM JSON store
-response); 400 unreadable request framing, 413 body over ``max_upload_bytes``, 415 not
-multipart/related of application/dicom. A client that disconnects leaves nothing behind.
+Answers: 200 all stored, 202 some failed or kept with a warning (other content under a
+stored SOP Instance UID, policy keep-first: Warning Reason 0xB000), 409 none stored (each
+with a DICOM JSON store response); 400 unreadable request framing, 413 body over
+``max_upload_bytes``, 415 not multipart/related of application/dicom. A client that
+disconnects leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ from services.core.errors import (
     TooLarge,
     UnsupportedSyntax,
 )
-from services.core.ingest import Channel, Ingestor, IngestResult
+from services.core.ingest import Channel, Ingestor, IngestResult, Outcome
 from services.core.params import parse_count
 from services.core.storage import InstanceStore
 
@@ -68,6 +70,8 @@ CANNOT_UNDERSTAND = 0xC000
 DUPLICATE_DIFFERENT = 0x0111
 SYNTAX_NOT_SUPPORTED = 0xC122
 PROCESSING_FAILURE = 0x0110
+# Warning Reason (0008,1196): other content under a stored SOP Instance UID, the stored one kept
+KEPT_STORED = 0xB000
 
 
 class _TooLarge(Exception):
@@ -423,6 +427,24 @@ def _failed_item(sop_class: str | None, sop_uid: str | None, code: int, reason: 
     return dataset(item)
 
 
+def _referenced_item(root: str, result: IngestResult) -> Dataset:
+    item: dict[str, list[Any]] = {
+        "ReferencedSOPClassUID": [result.sop_class_uid],
+        "ReferencedSOPInstanceUID": [result.sop_instance_uid],
+        "RetrieveURL": [
+            f"{root}/studies/{result.study_uid}/series/{result.series_uid}"
+            f"/instances/{result.sop_instance_uid}"
+        ],
+    }
+    if result.outcome is Outcome.KEPT:
+        item["WarningReason"] = [KEPT_STORED]
+        item["ErrorComment"] = [
+            "already stored with other content; the stored instance was kept "
+            "(CRGATE_DUPLICATE_POLICY=keep-first)"
+        ]
+    return dataset(item)
+
+
 def _response(request: Request, study: str | None, outcome: _Outcome) -> JSONResponse:
     root = dicomweb_root(request)
     body: dict[str, list[Any]] = {}
@@ -433,20 +455,9 @@ def _response(request: Request, study: str | None, outcome: _Outcome) -> JSONRes
     if outcome.failed:
         body["FailedSOPSequence"] = outcome.failed
     if outcome.stored:
-        body["ReferencedSOPSequence"] = [
-            dataset(
-                {
-                    "ReferencedSOPClassUID": [r.sop_class_uid],
-                    "ReferencedSOPInstanceUID": [r.sop_instance_uid],
-                    "RetrieveURL": [
-                        f"{root}/studies/{r.study_uid}/series/{r.series_uid}"
-                        f"/instances/{r.sop_instance_uid}"
-                    ],
-                }
-            )
-            for r in outcome.stored
-        ]
-    status = 200 if not outcome.failed else (202 if outcome.stored else 409)
+        body["ReferencedSOPSequence"] = [_referenced_item(root, r) for r in outcome.stored]
+    warned = any(r.outcome is Outcome.KEPT for r in outcome.stored)
+    status = 200 if not (outcome.failed or warned) else (202 if outcome.stored else 409)
     log.info(
         "STOW-RS: %d stored, %d failed (HTTP %d)", len(outcome.stored), len(outcome.failed), status
     )

@@ -1,6 +1,8 @@
 """WADO-RS (PS3.18 10.4): instances, metadata, frames, bulk data, rendered images, thumbnails.
 
-Whole instances stream as multipart/related (files read in chunks, one transcode at a time);
+Whole instances go out as multipart/related (files read in chunks, one transcode at a time);
+frames and bulk data as multipart/related or, asked for bare, one part. Bodies whose length is
+known (stored files, frames, bulk data, one transcoded instance) answer byte ranges;
 what can be sent is negotiated in services.core.retrieve.negotiation; a 406 problem lists what
 is offered.
 """
@@ -8,7 +10,7 @@ is offered.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from itertools import chain
@@ -20,9 +22,18 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from services.api.deps import READ_DICOMWEB, StateDep
 from services.api.dicomweb.endpoints import FRAMES, INSTANCE, SERIES, STUDY, add_level_route
+from services.api.ranges import Segment, ranged_response
 from services.core.dicom.dicomjson import to_dicom_json
 from services.core.dicom.mediatype import DICOM, DICOM_JSON, OCTET, format_media_type
-from services.core.dicom.multipart import RELATED, Part, iter_multipart, new_boundary
+from services.core.dicom.multipart import (
+    RELATED,
+    Part,
+    closing,
+    iter_multipart,
+    new_boundary,
+    part_head,
+    stable_boundary,
+)
 from services.core.errors import NotFound
 from services.core.retrieve.bulkdata import bulk_value, pixel_data_bytes
 from services.core.retrieve.errors import InvalidQuery, NotAcceptable
@@ -32,6 +43,7 @@ from services.core.retrieve.metadata import metadata_dataset
 from services.core.retrieve.negotiation import (
     AS_STORED,
     FRAME_OFFERS,
+    FrameFormat,
     negotiate_frames,
     negotiate_instances,
     negotiate_metadata,
@@ -71,31 +83,54 @@ def _accept(request: Request) -> str | None:
     return request.headers.get("accept")
 
 
-def _part(content_type: str, body: Iterable[bytes]) -> Part:
-    return {"Content-Type": content_type}, body
-
-
 def _related_type(part_type: str, boundary: str, syntax: str | None) -> str:
     """``multipart/related; type="<part_type>"[; transfer-syntax=<syntax>]; boundary=<boundary>``"""
     params = {"type": part_type, "transfer-syntax": syntax, "boundary": boundary}
     return format_media_type(RELATED, {k: v for k, v in params.items() if v is not None})
 
 
-def _multipart_response(parts: list[Part], part_type: str, syntax: str | None) -> Response:
-    boundary = new_boundary()
-    body = b"".join(iter_multipart(parts, boundary))
-    return Response(body, media_type=_related_type(part_type, boundary, syntax))
+def _framed(parts: Sequence[tuple[str, Segment]], boundary: str) -> list[Segment]:
+    """A multipart body as segments: each part's head, its body (bytes or a file), CRLF."""
+    segments: list[Segment] = []
+    for content_type, body in parts:
+        segments += [part_head(boundary, {"Content-Type": content_type}), body, b"\r\n"]
+    return [*segments, closing(boundary)]
+
+
+def _check_single(fmt: FrameFormat, count: int) -> None:
+    """406 when a bare (single-part) answer is asked for more than one frame."""
+    if fmt.single_part and count != 1:
+        raise NotAcceptable(
+            f"{count} frames come only as multipart/related; ask for one frame", FRAME_OFFERS
+        )
+
+
+def _frames_response(request: Request, data: list[bytes], fmt: FrameFormat) -> Response:
+    """Frames or bulk data: a bare part when asked so, else multipart; byte ranges either way."""
+    if fmt.single_part:
+        _check_single(fmt, len(data))
+        etag = stable_boundary("single part", fmt.content_type, *data)
+        return ranged_response(request, data, fmt.content_type, etag)
+    boundary = stable_boundary(fmt.content_type, *data)  # also the ETag: it fixes the bytes
+    body = _framed([(fmt.content_type, d) for d in data], boundary)
+    media_type = _related_type(fmt.media_type, boundary, fmt.transfer_syntax)
+    return ranged_response(request, body, media_type, boundary)
 
 
 # -- instances ---------------------------------------------------------------------------------
 
 
-def _dicom_part(instance: StoredInstance, target: str, threads: int) -> Part:
+def _dicom_part(instance: StoredInstance, target: str, threads: int) -> tuple[str, Segment]:
+    """The part's Content-Type and body: the stored file itself, or the transcoded bytes."""
     data = encode_instance(instance, target, threads=threads)
     if data is None:
-        content_type = f"{DICOM}; transfer-syntax={instance.transfer_syntax_uid}"
-        return _part(content_type, iter_file(instance.path))
-    return _part(f"{DICOM}; transfer-syntax={target}", [data])
+        return f"{DICOM}; transfer-syntax={instance.transfer_syntax_uid}", instance.path
+    return f"{DICOM}; transfer-syntax={target}", data
+
+
+def _streamed(part: tuple[str, Segment]) -> Part:
+    content_type, body = part
+    return {"Content-Type": content_type}, [body] if isinstance(body, bytes) else iter_file(body)
 
 
 def _logged(chunks: Iterator[bytes], what: str) -> Iterator[bytes]:
@@ -110,18 +145,34 @@ def _logged(chunks: Iterator[bytes], what: str) -> Iterator[bytes]:
 async def _instances_response(
     request: Request, state: Runtime, study: str, series: str | None = None, sop: str | None = None
 ) -> Response:
+    """Files that go out as stored, or one transcoded instance, make a body of known length
+    (byte ranges work); several transcoded instances stream, one transcode at a time."""
     instances = await _find(state, study, series, sop)
     target = negotiate_instances(_accept(request), {i.transfer_syntax_uid for i in instances})
     threads = state.settings.threads
+    syntax = None if target == AS_STORED else target
     # the first part is prepared before the response starts, so its errors get a status code
     first = await run_in_threadpool(_dicom_part, instances[0], target, threads)
-    rest = (_dicom_part(i, target, threads) for i in instances[1:])
+    if len(instances) == 1 or all(target in (AS_STORED, i.transfer_syntax_uid) for i in instances):
+        parts = [first] + [_dicom_part(i, target, threads) for i in instances[1:]]
+        boundary = stable_boundary(target, *(_identity(body) for _, body in parts))
+        media_type = _related_type(DICOM, boundary, syntax)
+        return ranged_response(request, _framed(parts, boundary), media_type, boundary)
+    rest = (_streamed(_dicom_part(i, target, threads)) for i in instances[1:])
     boundary = new_boundary()
     what = f"sop={sop}" if sop else f"series={series}" if series else f"study={study}"
     return StreamingResponse(
-        _logged(iter_multipart(chain([first], rest), boundary), what),
-        media_type=_related_type(DICOM, boundary, None if target == AS_STORED else target),
+        _logged(iter_multipart(chain([_streamed(first)], rest), boundary), what),
+        media_type=_related_type(DICOM, boundary, syntax),
     )
+
+
+def _identity(body: Segment) -> bytes | str:
+    """What fixes a part's bytes: the bytes, or a stored file's path, size and modification."""
+    if isinstance(body, bytes):
+        return body
+    stat = body.stat()
+    return f"{body}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
 for _level, _path in _LEVELS:
@@ -176,19 +227,18 @@ async def retrieve_frames(
     instance = await _one(state, study, series, sop)
     check_frames(instance, numbers)
     fmt = negotiate_frames(_accept(request), instance.transfer_syntax_uid)
+    _check_single(fmt, len(numbers))
     data = await run_in_threadpool(
         extract_frames, instance, numbers, fmt, threads=state.settings.threads
     )
-    return _multipart_response(
-        [_part(fmt.content_type, [d]) for d in data], fmt.media_type, fmt.transfer_syntax
-    )
+    return _frames_response(request, data, fmt)
 
 
 @router.get(INSTANCE + "/bulkdata/{tag}", name="wado_bulkdata")
 async def retrieve_bulkdata(
     study: str, series: str, sop: str, tag: str, request: Request, state: StateDep
 ) -> Response:
-    """Pixel Data: one uncompressed part, or one JPEG 2000 part per frame; other tags: the value."""
+    """Pixel Data: one uncompressed part, or one codestream per frame; other tags: the value."""
     instance = await _one(state, study, series, sop)
     if tag.upper() == PIXEL_DATA_TAG:
         if not instance.is_image:
@@ -202,9 +252,7 @@ async def retrieve_bulkdata(
         if fmt.media_type != OCTET:
             raise NotAcceptable(f"bulk data element {tag} comes only as {OCTET}", FRAME_OFFERS[:1])
         data = [await run_in_threadpool(bulk_value, instance, tag)]
-    return _multipart_response(
-        [_part(fmt.content_type, [d]) for d in data], fmt.media_type, fmt.transfer_syntax
-    )
+    return _frames_response(request, data, fmt)
 
 
 # -- rendered and thumbnails -------------------------------------------------------------------

@@ -14,6 +14,7 @@ from services.api.deps import SessionDep, StateDep, require
 from services.core import classify, jobs
 from services.core.auth import Principal, Role
 from services.core.classify import job_view
+from services.core.codecs import SYNTAX_HELP
 from services.core.contracts import JobTrigger
 from services.core.db.tables import Result
 from services.core.dicom.uids import validate_uid
@@ -41,12 +42,18 @@ async def post_classify(
         float | None, Query(description="compression ratio; 1 = lossless; omit for the policy")
     ] = None,
     model: Annotated[str | None, Query(description="model name (default: the site's)")] = None,
-    syntax: Annotated[
-        str | None, Query(description="j2k or j2k-lossless (default: from the CR)")
-    ] = None,
+    syntax: Annotated[str | None, Query(description=SYNTAX_HELP)] = None,
     wait: Annotated[
         float, Query(ge=0, le=MAX_WAIT_S, description="seconds to wait for the result")
     ] = 0,
+    reason: Annotated[
+        str | None,
+        Query(
+            max_length=1024,
+            description="why the CR may exceed the ceiling of the study's policy: needed (with "
+            "the admin role) above it, and audit-logged",
+        ),
+    ] = None,
 ) -> JSONResponse:
     principal: Principal | None = getattr(request.state, "principal", None)
     validate_uid(study_uid, "Study Instance UID")
@@ -60,6 +67,8 @@ async def post_classify(
         model=model,
         trigger=JobTrigger.API,
         requested_by=principal.name if principal else None,
+        may_exceed_ceiling=principal is not None and principal.role is Role.ADMIN,
+        reason=reason,
     )
     view = await _wait_for(state, job.id, wait)
     body: dict[str, Any] = {"job": view, "status_url": f"/jobs/{job.id}"}

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from services.api.deps import SessionDep, require
 from services.core import audit, policies
 from services.core.auth import Principal, Role
-from services.core.codecs import OutputSyntax
+from services.core.codecs import SYNTAX_HELP, OutputSyntax
 from services.core.db.tables import AuditEntry, Policy
 from services.core.params import MAX_COUNT
 from services.core.policies import PolicyChanges, PolicyKey, PolicySpec
@@ -28,8 +28,7 @@ ADMIN = require(Role.ADMIN)
 AdminDep = Annotated[Principal | None, Depends(ADMIN)]
 PolicyId = Annotated[int, Path(ge=1, le=2**31 - 1, description="the policy's id")]
 
-CR_HELP = "compression ratio: 1 = lossless, above 1 = irreversible JPEG 2000 at that ratio"
-SYNTAX_HELP = "output syntax; left out, it follows the CR (j2k-lossless for CR 1, else j2k)"
+CR_HELP = "compression ratio: 1 = lossless, above 1 = irreversible coding at that ratio"
 REASON_HELP = "why the CR may exceed the guideline maximum; required when it does"
 
 
@@ -95,6 +94,10 @@ class PolicyOut(BaseModel):
     )
     max_cr_preset: str | None = Field(description="the preset that set max_cr")
     override_reason: str | None = Field(description="why the CR is above max_cr, if it is")
+    violation: str | None = Field(
+        description="set when the CR is above max_cr with no override reason (a later preset "
+        "can put a policy there): lower it or give a reason"
+    )
     default: bool = Field(description="the default policy (cannot be deleted)")
     source: str = Field(description="how job results name this policy")
     created_at: datetime
@@ -127,12 +130,25 @@ class PresetOut(BaseModel):
     policy_count: int = Field(description="how many policies applying the preset sets")
 
 
+class SkippedOut(BaseModel):
+    policy_id: int
+    policy: str
+    cr: float = Field(description="the stricter CR the policy kept")
+    preset_cr: float = Field(description="the preset's maximum, now the policy's ceiling")
+    reason: str
+
+
 class PresetApplied(BaseModel):
     preset: str
     created: list[int] = Field(description="ids of policies created")
     updated: list[int] = Field(description="ids of policies changed")
     unchanged: list[int] = Field(description="ids of policies that already matched the preset")
+    skipped: list[SkippedOut] = Field(
+        description="policies whose stricter CR the preset kept (it set their ceiling only); "
+        "apply with force=true to raise them"
+    )
     policies: list[PolicyOut]
+    violations: list[str] = Field(description="policies above their ceiling after the change")
 
 
 class AuditOut(BaseModel):
@@ -163,6 +179,11 @@ def _actor(principal: Principal | None) -> str:
     return principal.name if principal is not None else "unknown"
 
 
+def _violation_text(session: Session, row: Policy) -> str | None:
+    found = policies.violation_of(session, row)
+    return found.message if found else None
+
+
 def _out(session: Session, row: Policy) -> PolicyOut:
     key = PolicyKey.of_row(row)
     limit = policies.ceiling(session, key, row)
@@ -180,6 +201,7 @@ def _out(session: Session, row: Policy) -> PolicyOut:
         max_cr=limit.max_cr if limit else None,
         max_cr_preset=limit.preset if limit else None,
         override_reason=row.override_reason,
+        violation=_violation_text(session, row),
         default=key.is_default,
         source=policies.source_of(row),
         created_at=_utc(row.created_at),
@@ -251,9 +273,16 @@ def list_presets() -> list[PresetOut]:
     response_model=PresetApplied,
     responses={404: {"description": "no such preset (the answer lists the names)"}},
 )
-def apply_preset(name: str, session: SessionDep, principal: AdminDep) -> PresetApplied:
+def apply_preset(
+    name: str,
+    session: SessionDep,
+    principal: AdminDep,
+    force: Annotated[
+        bool, Query(description="raise policies with a stricter CR to the preset's maximum too")
+    ] = False,
+) -> PresetApplied:
     with session.begin():
-        result = policies.apply_preset(session, name, actor=_actor(principal))
+        result = policies.apply_preset(session, name, actor=_actor(principal), force=force)
         ids = set(result.created + result.updated + result.unchanged)
         rows = [row for row in policies.list_policies(session) if row.id in ids]
         return PresetApplied(
@@ -261,7 +290,9 @@ def apply_preset(name: str, session: SessionDep, principal: AdminDep) -> PresetA
             created=result.created,
             updated=result.updated,
             unchanged=result.unchanged,
+            skipped=[SkippedOut(**vars(s)) for s in result.skipped],
             policies=[_out(session, row) for row in rows],
+            violations=[v.message for v in policies.violations(session)],
         )
 
 
@@ -358,11 +389,16 @@ def delete_policy(policy_id: PolicyId, session: SessionDep, principal: AdminDep)
 )
 def list_audit(
     session: SessionDep,
-    entity: Annotated[str | None, Query(description="only this entity, like policy")] = None,
+    entity: Annotated[
+        str | None, Query(description=f"only this entity: {', '.join(audit.ENTITIES)}")
+    ] = None,
+    since: Annotated[
+        datetime | None, Query(description="only entries at or after this time (ISO 8601)")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=audit.MAX_LIMIT)] = 100,
     offset: Annotated[int, Query(ge=0, le=MAX_COUNT)] = 0,
 ) -> AuditPage:
-    rows, total = audit.entries(session, entity=entity, limit=limit, offset=offset)
+    rows, total = audit.entries(session, entity=entity, since=since, limit=limit, offset=offset)
     return AuditPage(items=[_audit_out(r) for r in rows], total=total, limit=limit, offset=offset)
 
 

@@ -1,7 +1,6 @@
 """JPEG 2000 encoding of a whole image (all frames) to a target compression ratio.
 
-CR = uncompressed Pixel Data bytes (rows x cols x samples x frames x Bits Allocated / 8) divided
-by the encapsulated codestream bytes (each frame's codestream, padded to even length as stored).
+How the ratio is counted: :mod:`services.core.codecs.image`.
 
 OpenJPEG treats its rate as a cap and counts it against the declared precision, so the first
 attempt uses the rate the arithmetic predicts and later attempts correct it from the measured
@@ -26,12 +25,10 @@ from typing import Any
 
 import numpy.typing as npt
 
+from services.core.codecs.image import CR_TOLERANCE, EncodedImage, PixelLayout, stored_size
 from services.core.codecs.openjpeg import EncodeParams, encode_frame
 from services.core.errors import InvalidParameter
 from services.core.ratio import CompressionRatio
-
-CR_TOLERANCE = 0.02
-"""Relative distance between achieved and target CR accepted as "reached" (measured exactly)."""
 
 MAX_ATTEMPTS = 8
 CODEBLOCK_SIZES = (64, 32, 16)
@@ -64,51 +61,6 @@ class RateSearch:
 
 
 GATEWAY_SEARCH = RateSearch()
-
-
-@dataclass(frozen=True)
-class PixelLayout:
-    """What the codec needs to know about the pixels besides the array itself."""
-
-    rows: int
-    columns: int
-    samples: int
-    frames: int
-    bits_allocated: int
-    bits_stored: int
-    signed: bool
-
-    @property
-    def uncompressed_bytes(self) -> int:
-        bits = self.rows * self.columns * self.samples * self.frames * self.bits_allocated
-        return (bits + 7) // 8
-
-    @property
-    def declared_bytes(self) -> float:
-        """Bytes OpenJPEG's rate is relative to: the precision the codestream declares."""
-        return self.rows * self.columns * self.samples * self.frames * self.bits_stored / 8
-
-
-@dataclass(frozen=True)
-class EncodedImage:
-    """The codestreams of every frame and what they achieved."""
-
-    frames: list[bytes]
-    lossless: bool
-    target_cr: float
-    achieved_cr: float
-    reached: bool
-    note: str | None
-    attempts: int
-
-    @property
-    def compressed_bytes(self) -> int:
-        return stored_size(self.frames)
-
-
-def stored_size(codestreams: Sequence[bytes]) -> int:
-    """Bytes the codestreams take as encapsulated fragments (each padded to an even length)."""
-    return sum(len(c) + (len(c) & 1) for c in codestreams)
 
 
 def encode_image(

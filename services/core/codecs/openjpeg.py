@@ -1,4 +1,4 @@
-"""Raw JPEG 2000 codestreams through OpenJPEG's C API (via glymur.lib.openjp2).
+"""Raw JPEG 2000 codestreams through OpenJPEG's C API (via glymur.lib.openjp2), and decoding.
 
 glymur's high-level ``Jp2k`` writer declares 8 or 16 bits of precision whatever the data's real
 depth, and OpenJPEG's rate is relative to the declared precision. DICOM wants the codestream to
@@ -46,6 +46,15 @@ def _openjp2() -> Any:
             "upgrade the Debian package libopenjp2-7"
         )
     return openjp2
+
+
+def openjpeg_available() -> bool:
+    """True when crgate can encode JPEG 2000 here (libopenjp2 >= 2.4 through glymur)."""
+    try:
+        _openjp2()
+    except CodecUnavailable:
+        return False
+    return True
 
 
 def openjpeg_version() -> str:
@@ -196,20 +205,22 @@ def strip_comments(codestream: bytes) -> bytes:
 
 
 def decode_codestream(codestream: bytes, threads: int = 0) -> npt.NDArray[Any]:
-    """Decode a raw J2K codestream to (rows, cols) or (rows, cols, samples), with OpenJPEG.
+    """Decode a raw J2K or HTJ2K codestream to (rows, cols) or (rows, cols, samples), in memory.
 
-    Multi-component codestreams come back with the inverse component transform applied (RGB).
+    The decoder is OpenJPEG (>= 2.5, which reads HT code-blocks) as bundled in imagecodecs: no
+    temporary file and no process-wide option. Multi-component codestreams come back with the
+    inverse component transform applied (RGB).
     """
-    _openjp2()
-    import glymur
-
-    glymur.set_option("lib.num_threads", threads or default_threads())
-    with _temp_path(".j2k") as path:
-        path.write_bytes(codestream)
-        try:
-            data: npt.NDArray[Any] = glymur.Jp2k(str(path))[:]
-        except Exception as exc:
-            raise CodecError(f"OpenJPEG failed to decode a codestream: {exc}") from None
+    try:
+        import imagecodecs
+    except ImportError:  # pragma: no cover - imagecodecs is a hard dependency
+        raise CodecUnavailable("imagecodecs is not installed: pip install imagecodecs") from None
+    try:
+        data: npt.NDArray[Any] = imagecodecs.jpeg2k_decode(
+            codestream, numthreads=threads or default_threads()
+        )
+    except Exception as exc:  # imagecodecs raises its own error types
+        raise CodecError(f"OpenJPEG failed to decode a codestream: {exc}") from None
     return data
 
 

@@ -1,8 +1,12 @@
-"""QIDO-RS searches (PS3.18 10.6, matching per PS3.4 C.2.2.2) on the index tables.
+"""Searches of the index (QIDO-RS, PS3.18 10.6, and C-FIND, PS3.4 C.4.1; matching per PS3.4
+C.2.2.2): one query implementation for both.
 
-``parse_query`` turns query parameters into a ``Query`` (InvalidParameter naming the attribute
-when a key or value cannot be used); ``search`` runs it as one SQL query on SQLite or PostgreSQL
-(plus grouped counts for the page) and returns DICOM JSON objects.
+``parse_query`` turns QIDO-RS query parameters into a ``Query`` (InvalidParameter naming the
+attribute when a key or value cannot be used); ``search`` runs it as one SQL query on SQLite or
+PostgreSQL (plus grouped counts for the page) and returns DICOM JSON objects. C-FIND identifiers
+become the same ``Query`` (services/core/db/identifier.py) and run through ``iter_matches``
+(every match, page by page, as datasets); C-GET finds its instances with ``matching_instances``.
+The PATIENT level (C-FIND only) lists the distinct patients of the studies table.
 
 Matching, as implemented:
 - UIDs: single value or list (``,`` or ``\\`` separated, or the key repeated); exact.
@@ -19,15 +23,16 @@ Matching, as implemented:
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import date
 from enum import Enum, StrEnum, auto
 from typing import Any
 
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+from pydicom.dataset import Dataset
 from sqlalchemy import ColumnElement, Select, and_, exists, func, select, true
-from sqlalchemy.orm import InstrumentedAttribute, Session, aliased
+from sqlalchemy.orm import InstrumentedAttribute, Session, aliased, sessionmaker
 
 from services.core.db.tables import Instance, Series, Study
 from services.core.dicom.dicomjson import JsonDict, dataset, to_dicom_json
@@ -39,12 +44,15 @@ MAX_RESULTS = 1000  # per response; more results carry a warning and need offset
 
 
 class Level(StrEnum):
+    PATIENT = "patient"  # C-FIND's Patient Root model; QIDO-RS has no patient resource
     STUDY = "study"
     SERIES = "series"
     INSTANCE = "instance"
 
 
-_RANK = {Level.STUDY: 0, Level.SERIES: 1, Level.INSTANCE: 2}
+_RANK = {Level.PATIENT: -1, Level.STUDY: 0, Level.SERIES: 1, Level.INSTANCE: 2}
+#: the patient attributes (columns of the studies table), the PATIENT level's matching keys
+PATIENT_KEYS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex")
 
 
 class Kind(Enum):
@@ -82,10 +90,13 @@ class Attribute:
         return self.kind is not Kind.COMPUTED
 
 
-_S, _R, _I = Level.STUDY, Level.SERIES, Level.INSTANCE
+_P, _S, _R, _I = Level.PATIENT, Level.STUDY, Level.SERIES, Level.INSTANCE
 ATTRIBUTES: dict[str, Attribute] = {
     a.keyword: a
     for a in (
+        Attribute("NumberOfPatientRelatedStudies", _P, Kind.COMPUTED, default=False),
+        Attribute("NumberOfPatientRelatedSeries", _P, Kind.COMPUTED, default=False),
+        Attribute("NumberOfPatientRelatedInstances", _P, Kind.COMPUTED, default=False),
         Attribute("StudyDate", _S, Kind.DATE, Study.study_date),
         Attribute("StudyTime", _S, Kind.TIME, Study.study_time),
         Attribute("AccessionNumber", _S, Kind.TEXT, Study.accession_number),
@@ -125,6 +136,7 @@ ATTRIBUTES: dict[str, Attribute] = {
 # returned at every level, describing the result's own level; never matching keys
 PER_LEVEL = ("InstanceAvailability", "RetrieveURL")
 _PARENT_UIDS = {
+    Level.PATIENT: ("PatientID",),
     Level.STUDY: ("StudyInstanceUID",),
     Level.SERIES: ("StudyInstanceUID", "SeriesInstanceUID"),
     Level.INSTANCE: ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"),
@@ -185,7 +197,7 @@ def parse_query(
             seen_control.add(control)
             _control(query, control, value)
             continue
-        attr = _matching_attribute(key, level)
+        attr = matching_attribute(key, level)
         values.setdefault(attr.keyword, []).append(value)
     for keyword, given in values.items():
         attr = ATTRIBUTES[keyword]
@@ -193,7 +205,7 @@ def parse_query(
             raise InvalidParameter(
                 f"matching key {keyword} is given more than once; it takes a single value"
             )
-        parts = _values(attr, given)
+        parts = match_values(attr, given)
         query.fields.add(keyword)
         if parts:
             query.filters.append((attr, parts))
@@ -240,18 +252,24 @@ def _resolve(key: str) -> str:
     return key
 
 
-def _matching_attribute(key: str, level: Level) -> Attribute:
+def available(attr: Attribute, level: Level) -> bool:
+    """Whether ``attr`` describes results of ``level`` (its own level or one above)."""
+    if level is Level.PATIENT:
+        return attr.level is Level.PATIENT or attr.keyword in PATIENT_KEYS
+    return _RANK[attr.level] <= _RANK[level]
+
+
+def matching_attribute(key: str, level: Level) -> Attribute:
+    """The attribute a matching key names (keyword or tag); InvalidParameter if none here."""
     keyword = _resolve(key)
     attr = ATTRIBUTES.get(keyword)
     if attr is None or not attr.matchable:
-        usable = ", ".join(
-            k for k, a in ATTRIBUTES.items() if a.matchable and _RANK[a.level] <= _RANK[level]
-        )
+        usable = ", ".join(k for k, a in ATTRIBUTES.items() if a.matchable and available(a, level))
         raise InvalidParameter(
             f"{keyword} cannot be used as a matching key here; the {level.value}-level "
             f"matching keys are: {usable}"
         )
-    if _RANK[attr.level] > _RANK[level]:
+    if not available(attr, level):
         raise InvalidParameter(
             f"{keyword} is a {attr.level.value}-level attribute and cannot be matched in a "
             f"{level.value}-level search; search {attr.level.value} resources instead"
@@ -259,7 +277,7 @@ def _matching_attribute(key: str, level: Level) -> Attribute:
     return attr
 
 
-def _values(attr: Attribute, given: list[str]) -> list[str]:
+def match_values(attr: Attribute, given: list[str]) -> list[str]:
     """The values to match (empty: universal matching), checked for the attribute's kind."""
     name = attr.keyword
     if attr.kind in (Kind.UID, Kind.CODES, Kind.MODALITIES):
@@ -361,7 +379,11 @@ def _included(query: Query, names: Iterable[str]) -> set[str]:
     wanted: set[str] = set()
     for name in names:
         if name.lower() == "all":
-            wanted |= {k for k, a in ATTRIBUTES.items() if _RANK[a.level] <= _RANK[query.level]}
+            wanted |= {
+                k
+                for k, a in ATTRIBUTES.items()
+                if available(a, query.level) and a.level is not Level.PATIENT
+            }
             continue
         try:
             keyword = _resolve(name)
@@ -370,7 +392,7 @@ def _included(query: Query, names: Iterable[str]) -> set[str]:
         attr = ATTRIBUTES.get(keyword)
         if keyword in PER_LEVEL:
             continue
-        if attr is None or _RANK[attr.level] > _RANK[query.level]:
+        if attr is None or not available(attr, query.level):
             query.warnings.append(
                 f"includefield {keyword} is not available in {query.level.value}-level "
                 "results and was ignored"
@@ -385,17 +407,8 @@ def _included(query: Query, names: Iterable[str]) -> set[str]:
 
 def search(session: Session, query: Query, *, retrieve_root: str) -> SearchResult:
     """Run ``query``; ``retrieve_root`` is the DICOMweb base URL for RetrieveURL values."""
-    dialect = session.get_bind().dialect.name
-    statement = _base_select(query.level)
-    if query.study_uid is not None:
-        statement = statement.where(Study.study_uid == query.study_uid)
-    if query.series_uid is not None:
-        statement = statement.where(Series.series_uid == query.series_uid)
-    for attr, values in query.filters:
-        statement = statement.where(_condition(attr, values, dialect))
-    statement = statement.order_by(*_ordering(query.level))
     cap = min(query.limit or MAX_RESULTS, MAX_RESULTS)
-    rows = session.execute(statement.limit(cap + 1).offset(query.offset)).all()
+    rows = _rows(session, query, limit=cap + 1, offset=query.offset)
     warnings = list(query.warnings)
     if len(rows) > cap:
         rows = rows[:cap]
@@ -404,13 +417,62 @@ def search(session: Session, query: Query, *, retrieve_root: str) -> SearchResul
                 f"There are additional results that can be requested (at most {MAX_RESULTS} "
                 "per response; use offset)"
             )
-    shaped = [_Row(*row) if query.level is not Level.STUDY else _Row(row[0]) for row in rows]
-    extra = _computed(session, query, shaped)
-    items = [_to_json(query, row, extra, retrieve_root) for row in shaped]
+    extra = _computed(session, query, rows)
+    items = [to_dicom_json(_to_dataset(query, row, extra, retrieve_root)) for row in rows]
     return SearchResult(items=items, warnings=warnings)
 
 
+def iter_matches(
+    sessions: sessionmaker[Session], query: Query, *, page: int = MAX_RESULTS
+) -> Iterator[Dataset]:
+    """Every match of ``query`` as a dataset of its fields, read ``page`` rows at a time (one
+    short session per page, none open while the caller handles a result)."""
+    offset = query.offset
+    while True:
+        with sessions() as session:
+            rows = _rows(session, query, limit=page, offset=offset)
+            extra = _computed(session, query, rows)
+            found = [_to_dataset(query, row, extra, None) for row in rows]
+        yield from found
+        if len(rows) < page:
+            return
+        offset += page
+
+
+def matching_instances(session: Session, query: Query) -> list[Instance]:
+    """The instances under every match of ``query`` (at any level), in search order."""
+    statement = _filtered(_base_select(Level.INSTANCE), query, session)
+    rows = session.execute(statement.order_by(*_ordering(Level.INSTANCE))).all()
+    return [row[2] for row in rows]
+
+
+def _filtered(
+    statement: Select[*tuple[Any, ...]], query: Query, session: Session
+) -> Select[*tuple[Any, ...]]:
+    dialect = session.get_bind().dialect.name
+    if query.study_uid is not None:
+        statement = statement.where(Study.study_uid == query.study_uid)
+    if query.series_uid is not None:
+        statement = statement.where(Series.series_uid == query.series_uid)
+    for attr, values in query.filters:
+        statement = statement.where(_condition(attr, values, dialect))
+    return statement
+
+
+def _rows(session: Session, query: Query, *, limit: int, offset: int) -> list[_Row]:
+    statement = _filtered(_base_select(query.level), query, session)
+    statement = statement.order_by(*_ordering(query.level)).limit(limit).offset(offset)
+    rows = session.execute(statement).all()
+    if query.level is Level.PATIENT:
+        return [_Row(PatientRow(*row)) for row in rows]
+    if query.level is Level.STUDY:
+        return [_Row(row[0]) for row in rows]
+    return [_Row(*row) for row in rows]
+
+
 def _base_select(level: Level) -> Select[*tuple[Any, ...]]:
+    if level is Level.PATIENT:
+        return select(*_PATIENT_COLUMNS).distinct()
     if level is Level.STUDY:
         return select(Study)
     if level is Level.SERIES:
@@ -423,6 +485,8 @@ def _base_select(level: Level) -> Select[*tuple[Any, ...]]:
 
 
 def _ordering(level: Level) -> list[ColumnElement[Any]]:
+    if level is Level.PATIENT:
+        return [column.asc().nulls_first() for column in _PATIENT_COLUMNS]
     order: list[ColumnElement[Any]] = [
         Study.study_date.desc().nulls_last(),
         Study.study_time.desc().nulls_last(),
@@ -506,15 +570,36 @@ def _like_pattern(value: str) -> str:
 # -- results --------------------------------------------------------------------------------------
 
 
+_PATIENT_COLUMNS = (
+    Study.patient_id,
+    Study.patient_name,
+    Study.patient_birth_date,
+    Study.patient_sex,
+)
+
+
+@dataclass(frozen=True)
+class PatientRow:
+    """A PATIENT-level match: the patient attributes of one or more studies."""
+
+    patient_id: str | None
+    patient_name: str | None
+    patient_birth_date: str | None
+    patient_sex: str | None
+
+
 @dataclass(frozen=True)
 class _Row:
-    study: Study
+    study: Study | PatientRow
     series: Series | None = None
     instance: Instance | None = None
 
 
 @dataclass
 class _Computed:
+    studies_of_patient: dict[str, int] = field(default_factory=dict)
+    series_of_patient: dict[str, int] = field(default_factory=dict)
+    instances_of_patient: dict[str, int] = field(default_factory=dict)
     series_in_study: dict[str, int] = field(default_factory=dict)
     instances_in_study: dict[str, int] = field(default_factory=dict)
     modalities: dict[str, list[str]] = field(default_factory=dict)
@@ -524,7 +609,18 @@ class _Computed:
 def _computed(session: Session, query: Query, rows: list[_Row]) -> _Computed:
     """Counts and modalities for the studies and series on this page only."""
     out = _Computed()
-    studies = sorted({r.study.study_uid for r in rows})
+    patients = sorted({r.study.patient_id for r in rows if r.study.patient_id is not None})
+    if patients and "NumberOfPatientRelatedStudies" in query.fields:
+        out.studies_of_patient = _counts(session, Study.patient_id, patients)
+    if patients and "NumberOfPatientRelatedSeries" in query.fields:
+        out.series_of_patient = _counts(
+            session, Study.patient_id, patients, join=(Series, Series.study_uid)
+        )
+    if patients and "NumberOfPatientRelatedInstances" in query.fields:
+        out.instances_of_patient = _counts(
+            session, Study.patient_id, patients, join=(Instance, Instance.study_uid)
+        )
+    studies = sorted({r.study.study_uid for r in rows if isinstance(r.study, Study)})
     series = sorted({r.series.series_uid for r in rows if r.series is not None})
     if studies and "NumberOfStudyRelatedSeries" in query.fields:
         out.series_in_study = _counts(session, Series.study_uid, studies)
@@ -545,15 +641,23 @@ def _computed(session: Session, query: Query, rows: list[_Row]) -> _Computed:
 
 
 def _counts(
-    session: Session, column: InstrumentedAttribute[str], keys: list[str]
+    session: Session,
+    column: InstrumentedAttribute[str] | InstrumentedAttribute[str | None],
+    keys: list[str],
+    *,
+    join: tuple[type[Series] | type[Instance], InstrumentedAttribute[str]] | None = None,
 ) -> dict[str, int]:
-    result = session.execute(
-        select(column, func.count()).where(column.in_(keys)).group_by(column)
-    ).all()
-    return {key: int(count) for key, count in result}
+    """Rows per key; with ``join``, rows of that table per key of ``column``'s study."""
+    statement = select(column, func.count())
+    if join is not None:
+        table, study_uid = join
+        statement = statement.select_from(table).join(Study, Study.study_uid == study_uid)
+    result = session.execute(statement.where(column.in_(keys)).group_by(column)).all()
+    return {str(key): int(count) for key, count in result}
 
 
 def _retrieve_url(root: str, level: Level, row: _Row) -> str:
+    assert isinstance(row.study, Study)
     url = f"{root}/studies/{row.study.study_uid}"
     if level is not Level.STUDY and row.series is not None:
         url += f"/series/{row.series.series_uid}"
@@ -562,11 +666,16 @@ def _retrieve_url(root: str, level: Level, row: _Row) -> str:
     return url
 
 
-def _to_json(query: Query, row: _Row, extra: _Computed, root: str) -> JsonDict:
-    study_uid = row.study.study_uid
+def _to_dataset(query: Query, row: _Row, extra: _Computed, root: str | None) -> Dataset:
+    """The result's dataset: its fields (RetrieveURL only with a DICOMweb ``root``)."""
+    study_uid = row.study.study_uid if isinstance(row.study, Study) else ""
+    patient_id = row.study.patient_id or ""
     computed: dict[str, Any] = {
         "InstanceAvailability": ["ONLINE"],
-        "RetrieveURL": [_retrieve_url(root, query.level, row)],
+        "RetrieveURL": [_retrieve_url(root, query.level, row)] if root is not None else [],
+        "NumberOfPatientRelatedStudies": [extra.studies_of_patient.get(patient_id, 0)],
+        "NumberOfPatientRelatedSeries": [extra.series_of_patient.get(patient_id, 0)],
+        "NumberOfPatientRelatedInstances": [extra.instances_of_patient.get(patient_id, 0)],
         "ModalitiesInStudy": extra.modalities.get(study_uid, []),
         "NumberOfStudyRelatedSeries": [extra.series_in_study.get(study_uid, 0)],
         "NumberOfStudyRelatedInstances": [extra.instances_in_study.get(study_uid, 0)],
@@ -588,4 +697,4 @@ def _to_json(query: Query, row: _Row, extra: _Computed, root: str) -> JsonDict:
             assert attr.column is not None
             value = getattr(objects[attr.level], attr.column.key)
             values[keyword] = [] if value is None or value == "" else [value]
-    return to_dicom_json(dataset(values))
+    return dataset(values)

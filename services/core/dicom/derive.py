@@ -1,7 +1,9 @@
-"""Building the JPEG 2000 output dataset and its compression attributes (PS3.3 C.7.6.1.1.5).
+"""Building the output dataset (JPEG 2000 or HTJ2K) and its compression attributes (PS3.3
+C.7.6.1.1.5).
 
 Lossy output is a new instance: new SOP Instance UID, Image Type value 1 DERIVED, Lossy Image
-Compression "01", the achieved ratio and method ``ISO_15444_1`` appended to any earlier values,
+Compression "01", the achieved ratio and the codec's method (``ISO_15444_1`` for JPEG 2000,
+``ISO_15444_15`` for HTJ2K) appended to any earlier values,
 a Derivation Description naming the ratio, and a Source Image Sequence pointing at the original.
 Lossless output keeps its SOP Instance UID and never resets an earlier "01" to "00".
 """
@@ -18,13 +20,12 @@ from pydicom.uid import UID
 from pydicom.valuerep import format_number_as_ds
 
 from services.core.codecs import OutputSyntax
-from services.core.codecs.jpeg2000 import EncodedImage
+from services.core.codecs.image import EncodedImage
 from services.core.dicom.uids import new_uid, stable_uid
 from services.core.dicom.values import as_strings
 
 IMPLEMENTATION_VERSION = "CRGATE_01"
 IMPLEMENTATION_CLASS_UID = stable_uid("crgate", "implementation", 1)
-LOSSY_METHOD = "ISO_15444_1"
 #: Lossy Image Compression Method (PS3.3 C.7.6.1.1.5.1) of the lossy transfer syntaxes
 SYNTAX_METHODS = {
     "1.2.840.10008.1.2.4.50": "ISO_10918_1",  # JPEG baseline
@@ -73,9 +74,9 @@ def build_output(
             elif keyword in ds:
                 del ds[keyword]
     else:
-        _mark_lossy(ds, source, encoded, was_lossy)
+        _mark_lossy(ds, source, encoded, syntax, was_lossy)
         ds.LossyImageCompressionRatio = [*ratios, _ratio(encoded)]
-        ds.LossyImageCompressionMethod = [*methods, LOSSY_METHOD]
+        ds.LossyImageCompressionMethod = [*methods, syntax.codec.method]
 
     ds.PixelData = encapsulate(encoded.frames, has_bot=True)
     ds["PixelData"].VR = "OB"
@@ -89,7 +90,9 @@ def _ratio(encoded: EncodedImage) -> str:
     return str(format_number_as_ds(round(encoded.achieved_cr, 2)))
 
 
-def _mark_lossy(ds: Dataset, source: Dataset, encoded: EncodedImage, was_lossy: bool) -> None:
+def _mark_lossy(
+    ds: Dataset, source: Dataset, encoded: EncodedImage, syntax: OutputSyntax, was_lossy: bool
+) -> None:
     ratio = _ratio(encoded)
     now = datetime.now(UTC)
     ds.SOPInstanceUID = new_uid()
@@ -106,7 +109,7 @@ def _mark_lossy(ds: Dataset, source: Dataset, encoded: EncodedImage, was_lossy: 
             del ds[attr]
 
     description = (
-        f"JPEG 2000 irreversible (ISO_15444_1) lossy compression by crgate, "
+        f"{syntax.codec.title} irreversible ({syntax.codec.method}) lossy compression by crgate, "
         f"ratio {ratio}:1 (target {encoded.target_cr:g}:1)"
     )
     earlier = str(source.get("DerivationDescription", "")).strip()

@@ -14,6 +14,8 @@ DICOM = "application/dicom"
 DICOM_JSON = "application/dicom+json"
 OCTET = "application/octet-stream"
 JP2 = "image/jp2"
+JPHC = "image/jphc"  # HTJ2K codestreams (PS3.18 Table 8.7.3-5)
+JHC = "image/jhc"  # what some viewers send for image/jphc
 PNG = "image/png"
 JPEG = "image/jpeg"
 

@@ -5,13 +5,14 @@ returns events (a part's headers, a piece of its body, its end); memory stays bo
 chunk size plus the delimiter length, whatever the size of a part. ``close()`` raises when the
 body ended before the closing delimiter. Framing errors raise InvalidInput.
 
-Writing: ``new_boundary`` and ``iter_multipart`` build a body part by part (WADO-RS
-responses); the multipart Content-Type is written with ``mediatype.format_media_type``
+Writing: ``new_boundary`` (or ``stable_boundary``) and ``iter_multipart`` build a body part by
+part (WADO-RS responses); the multipart Content-Type is written with ``mediatype.format_media_type``
 (``content_type`` is its shorthand with always-quoted extra parameters).
 """
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -217,6 +218,16 @@ Part = tuple[Mapping[str, str], Iterable[bytes]]  # headers, body chunks (read l
 def new_boundary() -> str:
     """A fresh random boundary (32 hex digits: never found in a body by chance)."""
     return uuid.uuid4().hex
+
+
+def stable_boundary(*identity: bytes | str) -> str:
+    """A boundary that is the same for the same body (so byte ranges of one answer fit those of
+    the next): a hash of what identifies the parts, as unlikely in a body as a random one."""
+    digest = hashlib.blake2b(digest_size=16)
+    for item in identity:
+        digest.update(item.encode() if isinstance(item, str) else item)
+        digest.update(b"\0")
+    return digest.hexdigest()
 
 
 def content_type(part_type: str, boundary: str, **params: str) -> str:

@@ -14,7 +14,7 @@ import numpy.typing as npt
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
-from services.core.codecs.jpeg2000 import PixelLayout
+from services.core.codecs.image import PixelLayout
 from services.core.dicom.values import as_strings
 from services.core.errors import CodecError, NoPixelData, UnsupportedSyntax
 

@@ -1,6 +1,6 @@
 """The DICOM objects a classification job returns to the study it read.
 
-* :func:`derived_series`: the JPEG 2000 copies as one new derived series (MG, same study);
+* :func:`derived_series`: the JPEG 2000 / HTJ2K copies as one new derived series (MG, same study);
 * :func:`overlay_captures`: the saliency overlays (HiResCAM, Grad-CAM or occlusion) as
   Secondary Capture images (RGB, 8 bits);
 * :func:`findings_report`: a Comprehensive SR with the model, the compression and, per breast
@@ -60,7 +60,7 @@ PSNR               Peak signal-to-noise ratio (decoded copy against the original
 SSIM               Structural similarity index (mean SSIM)
 MAX-ABS-ERROR      Maximum absolute pixel error (stored values)
 BYTES-IN           Uncompressed pixel data size
-BYTES-OUT          JPEG 2000 codestream size
+BYTES-OUT          codestream size (JPEG 2000 or HTJ2K)
 =================  ============================================================
 """
 
@@ -81,6 +81,7 @@ from pydicom.sequence import Sequence
 from pydicom.sr.codedict import codes
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
+from services.core.codecs import OutputSyntax
 from services.core.dicom.derive import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
 from services.core.dicom.uids import stable_uid
 from services.core.errors import InvalidInput
@@ -95,7 +96,6 @@ _UNCOMPRESSED_PREDECESSOR = ("121320", "DCM", "Uncompressed predecessor")
 _LOSSY_COMPRESSED_PREDECESSOR = ("121330", "DCM", "Lossy compressed predecessor")
 _PROCESSING_SOURCE = ("121322", "DCM", "Source image for image processing operation")
 
-_LOSSLESS_DESCRIPTION = "JPEG 2000 reversible (lossless) compression by crgate, pixels unchanged"
 _BREAST_SITE = {"L": codes.SCT.LeftBreast, "R": codes.SCT.RightBreast}
 _RATIO = CodedConcept("{ratio}", "UCUM", "ratio")
 _PROBABILITY = CodedConcept("{probability}", "UCUM", "probability")
@@ -128,7 +128,7 @@ _CODES = {
     "ssim": _private("SSIM", "Structural similarity index"),
     "max_error": _private("MAX-ABS-ERROR", "Maximum absolute pixel error"),
     "bytes_in": _private("BYTES-IN", "Uncompressed pixel data size"),
-    "bytes_out": _private("BYTES-OUT", "JPEG 2000 codestream size"),
+    "bytes_out": _private("BYTES-OUT", "Codestream size"),
 }
 
 _PATIENT_STUDY_TYPE2 = (
@@ -162,7 +162,7 @@ def instance_uid(job_id: str, role: str, source_uid: str = "") -> str:
 def derived_series(
     classification: Classification, *, job_id: str, series_number: int = 9001
 ) -> list[Dataset]:
-    """The JPEG 2000 copies as one new series of the study, each a new instance.
+    """The compressed copies as one new series of the study, each a new instance.
 
     Each copy gets the job's UID for it (:func:`instance_uid`), lossy or lossless: not the
     random one derive.py gave a lossy copy, nor the original's that a lossless copy kept.
@@ -170,8 +170,10 @@ def derived_series(
     now = datetime.now()  # DICOM dates and times are local, as highdicom writes them
     uid = series_uid(job_id, "derived")
     lossless = all(r.lossless for r in classification.images)
+    titles = sorted({codec_title(r) for r in classification.images}) or ["JPEG 2000"]
+    title = " / ".join(titles)
     description = (
-        "crgate JPEG 2000 lossless" if lossless else f"crgate JPEG 2000 CR {classification.cr:g}"
+        f"crgate {title} lossless" if lossless else f"crgate {title} CR {classification.cr:g}"
     )
     return [
         _derived(result, (uid, job_id), series_number, index, description, now)
@@ -206,10 +208,19 @@ def _derived(
     ds.ImageType = image_type
     if result.lossless:
         earlier = str(ds.get("DerivationDescription", "")).strip()
-        ds.DerivationDescription = "; ".join(filter(None, [earlier, _LOSSLESS_DESCRIPTION]))
+        lossless_description = (
+            f"{codec_title(result)} reversible (lossless) compression by crgate, pixels unchanged"
+        )
+        ds.DerivationDescription = "; ".join(filter(None, [earlier, lossless_description]))
     ds.SourceImageSequence = Sequence([_source_reference(ds, source_uid)])
     _credit_acquisition(ds)
     return ds
+
+
+def codec_title(result: TranscodeResult) -> str:
+    """What the copy's transfer syntax is called ("JPEG 2000", "HTJ2K")."""
+    syntax = OutputSyntax.from_uid(result.output_syntax)
+    return syntax.codec.title if syntax is not None else str(UID(result.output_syntax).name)
 
 
 def _output_of(result: TranscodeResult) -> Dataset:
@@ -353,7 +364,7 @@ def _capture(
     sc.BurnedInAnnotation = "NO"
     sc.DerivationDescription = (
         f"{method} saliency of model {classification.model} (sha256 "
-        f"{classification.model_sha256[:16]}...) over the JPEG 2000 copy at CR "
+        f"{classification.model_sha256[:16]}...) over the {codec_title(result)} copy at CR "
         f"{result.achieved_cr:.2f}, rendered by crgate"
     )[:1024]
     reference = Dataset()

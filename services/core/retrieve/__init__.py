@@ -17,6 +17,7 @@ made with crgate's own OpenJPEG codec, always reversibly: a 4.91 request with no
 ratio gets a reversible (lossless) codestream labelled 4.91, which that syntax allows, so a
 retrieve never silently discards information. Lossy output is the transcode pipeline's job.
 
-Frames go out as ``application/octet-stream`` (uncompressed, little endian) or ``image/jp2``
-(a JPEG 2000 codestream: the stored fragments when the instance is stored as JPEG 2000).
+Frames go out as ``application/octet-stream`` (uncompressed, little endian, or with
+``transfer-syntax=*`` the stored fragments as they are, whatever the codec) or ``image/jp2`` (a
+JPEG 2000 codestream: the stored fragments when the instance is stored as JPEG 2000).
 """

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from services.core.dicom.mediatype import OCTET
+from pydicom.uid import UID
+
 from services.core.errors import NotFound
 from services.core.retrieve.errors import InvalidQuery
 from services.core.retrieve.frames import extract_frames
@@ -13,10 +14,10 @@ from services.core.retrieve.negotiation import FrameFormat
 def pixel_data_bytes(
     instance: StoredInstance, fmt: FrameFormat, *, threads: int = 0
 ) -> list[bytes]:
-    """Pixel Data as bulk data: one uncompressed part, or one J2K codestream per frame."""
+    """Pixel Data as bulk data: one uncompressed part, or one codestream per frame."""
     numbers = list(range(1, instance.frames + 1))
     parts = extract_frames(instance, numbers, fmt, threads=threads)
-    return [b"".join(parts)] if fmt.media_type == OCTET else parts
+    return parts if UID(fmt.transfer_syntax).is_encapsulated else [b"".join(parts)]
 
 
 def bulk_value(instance: StoredInstance, tag: str) -> bytes:

@@ -12,9 +12,9 @@ import numpy.typing as npt
 from pydicom.dataset import Dataset
 from pydicom.encaps import get_frame
 from pydicom.pixels.utils import pixel_array
-from pydicom.uid import JPEG2000, UID, JPEG2000Lossless
+from pydicom.uid import UID
 
-from services.core.codecs.jpeg2000 import encode_image
+from services.core.codecs import OutputSyntax
 from services.core.dicom.mediatype import OCTET
 from services.core.dicom.pixels import layout_of
 from services.core.errors import (
@@ -67,27 +67,31 @@ def check_frames(instance: StoredInstance, numbers: Sequence[int]) -> None:
 def extract_frames(
     instance: StoredInstance, numbers: Sequence[int], fmt: FrameFormat, *, threads: int = 0
 ) -> list[bytes]:
-    """The requested frames (1-based) as ``fmt`` says: raw little endian or J2K codestreams."""
+    """The requested frames (1-based) as ``fmt`` says: raw little endian, the stored
+    codestreams (``fmt`` names the stored encapsulated syntax, or one that holds them as they
+    are), or a lossless encode in the family of ``fmt``'s syntax (JPEG 2000 or HTJ2K)."""
     check_frames(instance, numbers)
     ds = read_instance(instance)
-    if fmt.media_type == OCTET:
-        return [_native_frame(ds, n - 1, instance.source) for n in numbers]
     stored = UID(ds.file_meta.TransferSyntaxUID)
-    reuse = stored == fmt.transfer_syntax or (
-        stored == JPEG2000Lossless and fmt.transfer_syntax == JPEG2000
+    target = OutputSyntax.from_uid(fmt.transfer_syntax)
+    reuse = stored.is_encapsulated and (
+        stored == fmt.transfer_syntax or (target is not None and target.holds(stored))
     )
-    if reuse:
+    if reuse:  # the stored codestream as it is: nothing decoded, whatever the codec
         frames = instance.frames
         return [get_frame(ds.PixelData, n - 1, number_of_frames=frames) for n in numbers]
+    if fmt.media_type == OCTET or target is None:
+        return [_native_frame(ds, n - 1, instance.source) for n in numbers]
+    codec = target.lossless_sibling.codec
     layout = replace(layout_of(ds, instance.source), frames=1)
     out = []
     for n in numbers:
         frame = decode(ds, n - 1, instance.source)
         try:
-            encoded = encode_image([frame], layout, 1.0, lossless=True, threads=threads)
+            encoded = codec.encode([frame], layout, 1.0, threads=threads)
         except CodecError as exc:
             raise NotAcceptable(
-                f"frame {n} of {instance.source} cannot be sent as JPEG 2000 ({exc})",
+                f"frame {n} of {instance.source} cannot be sent as {codec.title} ({exc})",
                 FRAME_OFFERS[:1],
             ) from None
         out.append(encoded.frames[0])

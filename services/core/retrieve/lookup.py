@@ -35,6 +35,7 @@ class StoredInstance:
     path: Path
     frames: int
     is_image: bool
+    sop_class_uid: str = ""
 
     @property
     def source(self) -> str:
@@ -70,13 +71,14 @@ def find_instances(
         if series is not None:
             raise NotFound(f"series {series} of study {study} is not stored here")
         raise NotFound(f"study {study} is not stored here")
-    found = [_stored(store, row) for row in rows]
+    found = [stored_instance(store, row) for row in rows]
     for instance in found:
         check_file(instance)
     return found
 
 
-def _stored(store: InstanceStore, row: Instance) -> StoredInstance:
+def stored_instance(store: InstanceStore, row: Instance) -> StoredInstance:
+    """What an index row says, with the file's absolute path (not checked here)."""
     return StoredInstance(
         study_uid=row.study_uid,
         series_uid=row.series_uid,
@@ -85,6 +87,7 @@ def _stored(store: InstanceStore, row: Instance) -> StoredInstance:
         path=store.absolute(row.path),
         frames=row.number_of_frames or 1,
         is_image=row.rows is not None,
+        sop_class_uid=row.sop_class_uid,
     )
 
 

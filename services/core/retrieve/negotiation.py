@@ -6,13 +6,24 @@ import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
-from pydicom.uid import JPEG2000, ExplicitVRLittleEndian, JPEG2000Lossless
+from pydicom.uid import (
+    HTJ2K,
+    JPEG2000,
+    UID,
+    ExplicitVRLittleEndian,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    JPEG2000Lossless,
+)
 
+from services.core.codecs import OutputSyntax
 from services.core.dicom.mediatype import (
     DICOM,
     DICOM_JSON,
+    JHC,
     JP2,
     JPEG,
+    JPHC,
     OCTET,
     PNG,
     is_media_type,
@@ -24,7 +35,8 @@ from services.core.retrieve.errors import NotAcceptable
 
 AS_STORED = "*"
 J2K_SYNTAXES = frozenset({JPEG2000Lossless, JPEG2000})
-TRANSCODABLE = (ExplicitVRLittleEndian, JPEG2000Lossless, JPEG2000)
+TRANSCODABLE = (ExplicitVRLittleEndian, *(s.uid for s in OutputSyntax))
+"""Whole instances can be sent in these (pixels coded reversibly); any other only as stored."""
 
 
 @dataclass(frozen=True)
@@ -113,8 +125,9 @@ def negotiate_instances(accept: str | None, stored: Collection[str]) -> str:
 class FrameFormat:
     """How frames (and Pixel Data as bulk data) are sent."""
 
-    media_type: str  # OCTET or JP2
-    transfer_syntax: str
+    media_type: str  # OCTET, or a codestream type (image/jp2, image/jphc, image/jhc)
+    transfer_syntax: str  # a compressed one: the stored fragments as they are (or J2K made)
+    single_part: bool = False  # the client asked for the bare frame, not multipart/related
 
     @property
     def content_type(self) -> str:
@@ -125,32 +138,55 @@ FRAME_OFFERS = [
     multipart_offer(OCTET, ExplicitVRLittleEndian),
     multipart_offer(JP2, JPEG2000Lossless),
     multipart_offer(JP2, JPEG2000),
+    multipart_offer(JPHC, HTJ2KLossless),
+    multipart_offer(JPHC, HTJ2KLosslessRPCL),
+    multipart_offer(JPHC, HTJ2K),
+    multipart_offer(OCTET, AS_STORED),
 ]
+CODESTREAM_SYNTAXES = {
+    JP2: (JPEG2000Lossless, JPEG2000),
+    JPHC: (HTJ2KLossless, HTJ2KLosslessRPCL, HTJ2K),
+    JHC: (HTJ2KLossless, HTJ2KLosslessRPCL, HTJ2K),
+}
+"""Frame media types that carry codestreams, and their syntaxes (the first is the default)."""
+_SINGLE_PART = (OCTET, *CODESTREAM_SYNTAXES)
+
+
+def _family(syntax: str | None) -> str | None:
+    """The codestream media type of a syntax (image/jp2 or image/jphc), if it has one."""
+    return next((m for m, family in CODESTREAM_SYNTAXES.items() if syntax in family), None)
 
 
 def negotiate_frames(accept: str | None, stored: str) -> FrameFormat:
-    """Uncompressed by default; JPEG 2000 (as stored when it is) for image/jp2 or a J2K syntax."""
-    uncompressed = FrameFormat(OCTET, ExplicitVRLittleEndian)
-    stored_j2k = stored if stored in J2K_SYNTAXES else None
+    """Uncompressed by default; the stored codestream for ``transfer-syntax=*`` or the stored
+    syntax named; JPEG 2000 for image/jp2 and HTJ2K for image/jphc (or image/jhc), as stored
+    when it is of that family, else a lossless encode. A bare ``application/octet-stream``,
+    ``image/jp2`` or ``image/jphc`` (no multipart) asks for a single part."""
+    encapsulated = bool(stored) and UID(stored).is_encapsulated
     for r in parse_accept(accept, FRAME_OFFERS) or [MediaRange("*/*", {}, 1.0)]:
-        part = _part_type(r, OCTET)
+        single = r.media_type in _SINGLE_PART
+        part = r.media_type if single else _part_type(r, OCTET)
         syntax = r.params.get("transfer-syntax")
-        if part == OCTET and syntax in (None, AS_STORED, ExplicitVRLittleEndian):
+        uncompressed = FrameFormat(OCTET, ExplicitVRLittleEndian, single)
+        family = CODESTREAM_SYNTAXES.get(str(part), ())
+        if encapsulated and syntax in (AS_STORED, stored):
+            if part == OCTET or stored in family:
+                return FrameFormat(str(part), stored, single)
+            if part == "*/*":
+                return FrameFormat(_family(stored) or OCTET, stored, single)
+        if part in (OCTET, "*/*") and syntax in (None, AS_STORED, ExplicitVRLittleEndian):
             return uncompressed
-        if part in (JP2, "image/*"):
+        if family:
             if syntax is None:
-                return FrameFormat(JP2, stored_j2k or JPEG2000Lossless)
-            if syntax == AS_STORED and stored_j2k:
-                return FrameFormat(JP2, stored_j2k)
-            if syntax in J2K_SYNTAXES:
-                return FrameFormat(JP2, syntax)
-        if part == "*/*":
-            if syntax in (None, ExplicitVRLittleEndian):
-                return uncompressed
-            if syntax == AS_STORED:
-                return FrameFormat(JP2, stored_j2k) if stored_j2k else uncompressed
-            if syntax in J2K_SYNTAXES:
-                return FrameFormat(JP2, syntax)
+                return FrameFormat(str(part), stored if stored in family else family[0], single)
+            if syntax in family:
+                return FrameFormat(str(part), str(syntax), single)
+        if part in ("image/*", "*/*"):
+            media = _family(syntax)
+            if syntax is None and part == "image/*":
+                return FrameFormat(JP2, stored if stored in J2K_SYNTAXES else JPEG2000Lossless)
+            if media is not None:
+                return FrameFormat(media, str(syntax), single)
     raise NotAcceptable(f"cannot send frames as {accept!r}", FRAME_OFFERS)
 
 

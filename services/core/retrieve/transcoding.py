@@ -1,4 +1,5 @@
-"""Whole instances in another transfer syntax, as Part 10 bytes (JPEG 2000 always reversible)."""
+"""Whole instances in another transfer syntax, as Part 10 bytes (pixels always coded
+reversibly: JPEG 2000 or HTJ2K lossless codestreams, under a lossless or lossy syntax)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,9 @@ import io
 
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.uid import JPEG2000, UID, ExplicitVRLittleEndian, JPEG2000Lossless
+from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from services.core.codecs import OutputSyntax
-from services.core.codecs.jpeg2000 import encode_image
 from services.core.dicom.derive import build_output
 from services.core.dicom.mediatype import DICOM
 from services.core.dicom.pixels import load_pixels
@@ -19,7 +19,6 @@ from services.core.retrieve.frames import decode, decoder_errors, little_endian_
 from services.core.retrieve.lookup import StoredInstance, read_instance
 from services.core.retrieve.negotiation import (
     AS_STORED,
-    J2K_SYNTAXES,
     multipart_offer,
     offered_for_instances,
 )
@@ -43,33 +42,34 @@ def dataset_bytes(ds: Dataset) -> bytes:
 
 
 def transcode(ds: Dataset, target: str, *, threads: int = 0, source: str = "<dataset>") -> Dataset:
-    """``ds`` in ``target`` (one of TRANSCODABLE); JPEG 2000 output is always reversible."""
+    """``ds`` in ``target`` (one of TRANSCODABLE). Pixels are always coded reversibly: a
+    lossy target syntax (JPEG 2000, HTJ2K) carries a lossless codestream of its family."""
     stored = UID(ds.file_meta.TransferSyntaxUID)
     if target == stored:
         return ds
     if target == ExplicitVRLittleEndian:
         return _to_explicit_le(ds, stored, source)
-    if target not in J2K_SYNTAXES:
+    syntax = OutputSyntax.from_uid(target)
+    if syntax is None:
         raise NotAcceptable(
             f"{source}: crgate does not write {UID(target).name or target}",
             offered_for_instances([stored]),
         )
-    if "PixelData" not in ds or (stored == JPEG2000Lossless and target == JPEG2000):
-        # no pixels: the JPEG 2000 syntaxes encode everything else as explicit VR little endian;
-        # a reversible codestream is valid in the 4.91 syntax as it stands
+    if "PixelData" not in ds or syntax.holds(stored):
+        # no pixels: the compressed syntaxes encode everything else as explicit VR little
+        # endian; stored codestreams this syntax holds as they are stay as they are
         ds.file_meta.TransferSyntaxUID = UID(target)
         return ds
+    lossless = syntax.lossless_sibling
     try:
         pixels = load_pixels(ds, source)
-        encoded = encode_image(
-            pixels.frame_list(), pixels.layout, 1.0, lossless=True, threads=threads
-        )
+        encoded = lossless.codec.encode(pixels.frame_list(), pixels.layout, 1.0, threads=threads)
     except CodecError as exc:
         raise NotAcceptable(
-            f"{source} cannot be sent as JPEG 2000 ({exc})",
+            f"{source} cannot be sent as {syntax.codec.title} ({exc})",
             [multipart_offer(DICOM, s) for s in (AS_STORED, ExplicitVRLittleEndian)],
         ) from None
-    out = build_output(ds, encoded, OutputSyntax.J2K_LOSSLESS, pixels.photometric)
+    out = build_output(ds, encoded, lossless, pixels.photometric)
     out.file_meta.TransferSyntaxUID = UID(target)
     return out
 

@@ -30,7 +30,8 @@ import numpy as np
 import numpy.typing as npt
 
 from services.core import metrics
-from services.core.codecs.jpeg2000 import CR_TOLERANCE, PixelLayout, encode_image
+from services.core.codecs.image import CR_TOLERANCE, PixelLayout
+from services.core.codecs.jpeg2000 import encode_image
 from services.core.codecs.openjpeg import decode_codestream, openjpeg_version
 from services.core.dicom.io import read_dataset
 from services.core.dicom.pixels import load_pixels

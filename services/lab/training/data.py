@@ -27,7 +27,8 @@ import numpy as np
 import numpy.typing as npt
 
 from services.core import metrics
-from services.core.codecs.jpeg2000 import PixelLayout, RateSearch, encode_image
+from services.core.codecs.image import PixelLayout
+from services.core.codecs.jpeg2000 import RateSearch, encode_image
 from services.core.codecs.openjpeg import decode_codestream
 from services.core.dicom.io import atomic_output, read_dataset
 from services.core.dicom.pixels import load_pixels

@@ -1,0 +1,61 @@
+"""``crgate audit`` and the audit entries of key creation and revocation (issue 12), through
+typer's CliRunner on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner, Result
+
+from services.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def crgate(tmp_path: Path, database_url: str):  # type: ignore[no-untyped-def]
+    env = {"CRGATE_DATABASE_URL": database_url, "COLUMNS": "200"}
+    data_dir = str(tmp_path / "var")
+    made = runner.invoke(app, ["migrate", "--data-dir", data_dir], env=env)
+    assert made.exit_code == 0, made.output
+
+    def call(*args: str) -> Result:
+        return runner.invoke(app, [*args, "--data-dir", data_dir], env=env)
+
+    return call
+
+
+def test_key_creation_and_revocation_are_audited_and_printed(crgate) -> None:  # type: ignore[no-untyped-def]
+    created = crgate("keys", "create", "--role", "operator", "--name", "ward scanner")
+    assert created.exit_code == 0, created.stderr
+    token = created.stdout.strip()
+    prefix = token.split("_")[1]
+    assert crgate("keys", "revoke", prefix).exit_code == 0
+    listed = crgate("audit", "--entity", "key", "--json")
+    assert listed.exit_code == 0, listed.stderr
+    *entries, first_admin = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert (first_admin["actor"], first_admin["after"]["role"]) == ("system", "admin")
+    assert [e["action"] for e in entries] == ["revoke", "create"]  # newest first
+    for entry in entries:
+        assert entry["actor"].startswith("cli:") and entry["entity"] == "key"
+        assert token not in json.dumps(entry) and "key_hash" not in json.dumps(entry)
+    assert entries[0]["after"]["revoked_at"] and entries[1]["after"]["name"] == "ward scanner"
+    table = crgate("audit")
+    assert table.exit_code == 0 and "revoke" in table.stdout and "create" in table.stdout
+    assert crgate("audit", "--since", "2999-01-01", "--json").stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (("--entity", "studies"), "use one of job, key, policy"),
+        (("--since", "yesterday"), "is not a date or time"),
+    ],
+)
+def test_bad_filters_are_one_line_with_exit_2(crgate, args: tuple[str, ...], words: str) -> None:  # type: ignore[no-untyped-def]
+    result = crgate("audit", *args)
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0]
