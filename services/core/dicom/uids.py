@@ -25,8 +25,8 @@ def validate_uid(value: str, what: str = "UID") -> str:
 
 
 def loggable_uid(value: object) -> str:
-    """``value`` quoted when it is one short token (digits, letters, dots, hyphens: a UID or a
-    typo of one), else only its length.
+    """``value`` quoted when it is one short token (digits, letters, dots, hyphens, slashes: a
+    UID, a typo of one, a path trick), else only its length.
 
     A malformed UID can hold whatever followed it in the file (a length that swallows the
     patient's name, ID and birth date, with the binary element headers between them): such a
@@ -38,7 +38,7 @@ def loggable_uid(value: object) -> str:
     return f"(a value of {len(text)} characters, withheld: not a UID)"
 
 
-_LOGGABLE_RE = re.compile(r"[0-9A-Za-z._-]{0,64}")
+_LOGGABLE_RE = re.compile(r"[0-9A-Za-z._/-]{0,64}")
 
 
 def new_uid() -> str:
