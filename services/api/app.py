@@ -6,10 +6,10 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Request, Response
 from starlette.routing import Match
 
-from services.api import cors, problems
+from services.api import cors, deps, problems
 from services.api.routes import (
     classify,
     destinations,
@@ -47,6 +47,7 @@ def create_app(settings: Settings | None = None, *, state: Runtime | None = None
         lifespan=lifespan,
         docs_url=None,  # served offline by routes/docs.py
         redoc_url=None,
+        dependencies=[Depends(deps.refuse_nul)],
     )
     problems.install(app)
     app.middleware("http")(_record_latency)

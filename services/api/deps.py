@@ -19,6 +19,7 @@ from fastapi import Depends, HTTPException, Request
 from sqlalchemy.orm import Session
 
 from services.core.auth import Principal, Role, verify_key
+from services.core.params import check_text
 from services.core.sessions import SessionSigner, Verified
 from services.runtime import Runtime
 
@@ -134,6 +135,17 @@ PUBLIC = Access(None)
 
 def require(role: Role, *, anonymous_read: bool = False) -> Access:
     return Access(role, anonymous_read=anonymous_read)
+
+
+def refuse_nul(request: Request) -> None:
+    """Every route's path and query parameters are free of NUL (PostgreSQL refuses it in text,
+    and no identifier, key or matching value holds one); an app-wide dependency."""
+    for name, value in request.path_params.items():
+        if isinstance(value, str):
+            check_text(value, f"path parameter {name}")
+    for name, value in request.query_params.multi_items():
+        check_text(name, f"query parameter name {name[:64]!r}")
+        check_text(value, f"query parameter {name}")
 
 
 READ_DICOMWEB = require(Role.VIEWER, anonymous_read=True)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -18,6 +19,7 @@ from services.core.errors import (
     InvalidInput,
     NotFound,
     OutputError,
+    TooLarge,
     UnsupportedSyntax,
 )
 
@@ -38,7 +40,7 @@ def status_of(exc: CrgateError, *, dicomweb: bool = False) -> int:
     Wrong input (InvalidInput and its kinds: a bad UID, CR, query key, a study without an image
     the model reads) is 422 on crgate's own API, like FastAPI's request validation, and 400 on
     DICOMweb, as PS3.18 asks of an invalid query or request. A codec that cannot do what was
-    asked is 422; an unsupported transfer syntax 406.
+    asked is 422; an unsupported transfer syntax 406; a size limit (TooLarge) 413.
     """
     if isinstance(exc, NotFound):
         return 404
@@ -50,6 +52,8 @@ def status_of(exc: CrgateError, *, dicomweb: bool = False) -> int:
         return 406
     if isinstance(exc, CodecError):
         return 422
+    if isinstance(exc, TooLarge):
+        return 413
     if isinstance(exc, InvalidInput):
         return 400 if dicomweb else 422
     if isinstance(exc, OutputError):
@@ -63,6 +67,7 @@ TITLES = {
     403: "Forbidden",
     404: "Not Found",
     406: "Not Acceptable",
+    408: "Request Timeout",
     409: "Conflict",
     413: "Content Too Large",
     415: "Unsupported Media Type",
@@ -93,7 +98,17 @@ def install(app: FastAPI) -> None:
             response.headers[name] = value
         return response
 
-    @app.exception_handler(Exception)
-    async def _internal(_request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error: %s", type(exc).__name__)
-        return problem(500, "Internal Error", f"internal error ({type(exc).__name__}); see the log")
+    @app.middleware("http")
+    async def _internal(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        """An unexpected error becomes a 500 problem here, inside the app: Starlette's
+        outermost error handler would answer it too but then re-raise it to the server,
+        which closes the client's keep-alive connection."""
+        try:
+            return await call_next(request)
+        except Exception as exc:
+            log.exception("unhandled error: %s", type(exc).__name__)
+            return problem(
+                500, "Internal Error", f"internal error ({type(exc).__name__}); see the log"
+            )

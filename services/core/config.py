@@ -58,6 +58,33 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(
         2 * 1024**3, ge=1, description="largest STOW-RS request body accepted (413 above)"
     )
+    http_body_timeout: float = Field(
+        30.0,
+        gt=0,
+        description="seconds a STOW-RS body may send nothing before it is refused (408)",
+    )
+    max_inflated_bytes: int = Field(
+        64 * 1024**2,
+        ge=1024,
+        description="largest size a deflated instance may inflate to (refused above: 413 in "
+        "STOW-RS, 0xA700 in C-STORE)",
+    )
+    max_pdu_bytes: int = Field(
+        4 * 1024**2,
+        ge=16384,
+        le=2**32 - 1,
+        description="largest P-DATA PDU the SCP accepts (its Maximum Length; 0 = no limit is "
+        "not allowed: one PDU is held in memory whole)",
+    )
+    dicom_acse_timeout: float = Field(
+        10.0, gt=0, description="seconds the SCP waits for an association request or release"
+    )
+    dicom_network_timeout: float = Field(
+        60.0, gt=0, description="seconds the SCP waits for data on an idle association"
+    )
+    max_frames_per_request: int = Field(
+        1000, ge=1, description="most frame numbers one WADO-RS frames request may name"
+    )
     anonymous_read: bool = Field(
         False, description="let requests without a key read DICOMweb (viewer role)"
     )

@@ -6,6 +6,7 @@ CrgateError                  base: a message a person can act on
  |    +-- NoPixelData        a DICOM file without an image
  |    +-- InvalidParameter   a parameter out of range (CR <= 0, NaN, unknown syntax)
  |    +-- InvalidUID         a UID that is not a valid DICOM UID
+ |    +-- TooLarge           over a configured size limit (inflated size, PDU, frame list)
  +-- CodecError              encoding or decoding failed
  |    +-- UnsupportedSyntax  no installed decoder handles the transfer syntax
  |    +-- CodecUnavailable   a required codec library is missing (names the package)
@@ -48,6 +49,10 @@ class InvalidParameter(InvalidInput):
 
 class InvalidUID(InvalidInput):
     pass
+
+
+class TooLarge(InvalidInput):
+    """Over a size limit that keeps memory bounded (the message names the setting)."""
 
 
 class CodecError(CrgateError):

@@ -11,25 +11,23 @@ import logging
 import os
 import struct
 import threading
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import pydicom
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.core.config import DuplicatePolicy
 from services.core.db import repository
 from services.core.db.tables import Instance
 from services.core.dicom.compare import same_data_set
-from services.core.dicom.uids import validate_uid
+from services.core.dicom.uids import loggable_uid, validate_uid
+from services.core.dicom.validation import DEFAULT_MAX_INFLATED_BYTES, check_dataset, read_part10
 from services.core.errors import (
     Conflict,
     CrgateError,
@@ -78,6 +76,7 @@ class Header:
     sop_instance_uid: str
     study_uid: str
     series_uid: str
+    row: repository.IndexRow
 
 
 class Ingestor:
@@ -88,10 +87,12 @@ class Ingestor:
         store: InstanceStore,
         sessions: sessionmaker[Session],
         duplicate_policy: DuplicatePolicy = DuplicatePolicy.KEEP_FIRST,
+        max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES,
     ) -> None:
         self.store = store
         self.sessions = sessions
         self.duplicate_policy = duplicate_policy
+        self.max_inflated_bytes = max_inflated_bytes
         self.observers: list[Callable[[IngestResult, Channel], None]] = []
         self._uid_locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
@@ -103,18 +104,28 @@ class Ingestor:
         channel: Channel,
         source: str | None = None,
         expected_study_uid: str | None = None,
+        expected_sop_class_uid: str | None = None,
     ) -> IngestResult:
         """Ingest a complete Part 10 file staged in the store's ``incoming/`` directory.
 
         The staged file is consumed: moved into place, or removed when refused.
-        ``source`` is the calling AE title or client address (logged, indexed).
+        ``source`` is the calling AE title or client address (logged, indexed);
+        ``expected_sop_class_uid`` the SOP class the sender announced (C-STORE's context).
         """
         try:
-            header = read_header(staged)
+            header = read_header(staged, max_inflated_bytes=self.max_inflated_bytes)
             if expected_study_uid is not None and header.study_uid != expected_study_uid:
                 raise InvalidInput(
                     f"instance {header.sop_instance_uid} belongs to study {header.study_uid}, "
                     f"not to the study {expected_study_uid} named in the request"
+                )
+            if expected_sop_class_uid is not None and header.sop_class_uid != str(
+                expected_sop_class_uid
+            ):
+                raise InvalidInput(
+                    f"sent as {UID(str(expected_sop_class_uid)).name} but is "
+                    f"{UID(header.sop_class_uid).name} (instance {header.sop_instance_uid}; "
+                    "the presentation context's SOP class must be the data set's)"
                 )
             uid = header.sop_instance_uid
             with self._lock_for(uid), self.store.lock(uid):  # this process's threads, then all
@@ -202,11 +213,9 @@ class Ingestor:
                 # a row for this SOP Instance UID was committed meanwhile (by a writer that does
                 # not take the lock): a duplicate only if that row's file holds our content
                 return self._committed_meanwhile(ours, header, relative, size)
-            except SQLAlchemyError as exc:
+            except BaseException as exc:  # no file stays without its row
                 self.store.remove(relative)
-                raise OutputError(
-                    f"instance {header.sop_instance_uid} not stored: index write failed ({exc})"
-                ) from None
+                raise _index_error(header, exc) from None
         return self._result(header, Outcome.STORED, size)
 
     def _row(self, sop_instance_uid: str) -> Instance | None:
@@ -277,9 +286,12 @@ class Ingestor:
             )
         try:
             self.store.replace(staged, relative)
-            self._index(header, relative, size, channel, source, replace=True)
-        except (OSError, SQLAlchemyError) as exc:
+        except OSError as exc:
             raise OutputError(f"cannot replace instance {header.sop_instance_uid}: {exc}") from None
+        try:
+            self._index(header, relative, size, channel, source, replace=True)
+        except BaseException as exc:
+            raise _index_error(header, exc) from None
         return self._result(header, Outcome.REPLACED, size)
 
     def _index(
@@ -296,7 +308,7 @@ class Ingestor:
         with self.sessions() as session, session.begin():
             repository.upsert_instance(
                 session,
-                ds=header.dataset,
+                row=header.row,
                 transfer_syntax_uid=header.transfer_syntax_uid,
                 path=relative,
                 size_bytes=size,
@@ -315,6 +327,23 @@ class Ingestor:
             outcome=outcome,
             size_bytes=size,
         )
+
+
+def _index_error(header: Header, exc: BaseException) -> BaseException:
+    """What an index write failure becomes: a value the database refused is the instance's
+    fault (a refusal); anything else of the database is an outage (retry later). The
+    statement's parameters (patient data) never reach the message."""
+    if isinstance(exc, DataError):
+        return InvalidInput(
+            f"instance {header.sop_instance_uid} not stored: the index refused one of its values "
+            f"({type(exc.orig).__name__})"
+        )
+    if isinstance(exc, SQLAlchemyError):
+        return OutputError(
+            f"instance {header.sop_instance_uid} not stored: index write failed "
+            f"({type(exc).__name__}; see the database log)"
+        )
+    return exc
 
 
 def same_instance(a: Path, b: Path) -> bool:
@@ -404,31 +433,21 @@ def _same_inode(fh: BinaryIO, path: Path) -> bool:
         return False
 
 
-def read_header(path: Path) -> Header:
+def read_header(path: Path, *, max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES) -> Header:
     """Read and check a Part 10 file's header without loading its pixel data into memory.
 
     Raises NotDicom (not DICOM, truncated), InvalidUID, InvalidInput (missing attributes,
-    file meta disagreeing with the dataset) or NoPixelData (an image SOP class without pixels).
+    file meta disagreeing with the dataset, an unreadable element, Pixel Data that does not
+    match Rows x Columns x ...), UnsupportedSyntax (an unknown transfer syntax), TooLarge (a
+    deflated body beyond ``max_inflated_bytes``) or NoPixelData (an image SOP class without
+    pixels). Messages name UIDs and tags, never other values.
     """
     size = path.stat().st_size
-    try:
-        ds = pydicom.dcmread(path, defer_size=1024)
-    except InvalidDicomError as exc:
-        raise NotDicom(f"not a DICOM Part 10 file ({exc})") from None
-    except (
-        EOFError,
-        OSError,
-        ValueError,
-        KeyError,
-        TypeError,
-        AttributeError,
-        zlib.error,
-        struct.error,
-    ) as exc:
-        raise NotDicom(f"unreadable or truncated DICOM file ({exc})") from None
+    ds = read_part10(path, max_inflated_bytes=max_inflated_bytes)
     if "TransferSyntaxUID" not in ds.file_meta:
         raise NotDicom("the file has no Transfer Syntax UID in its file meta information")
     _check_complete(path, ds, size)
+    check_dataset(ds, _describe(ds))
     missing = [
         k
         for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
@@ -444,7 +463,8 @@ def read_header(path: Path) -> Header:
     meta_sop = ds.file_meta.get("MediaStorageSOPInstanceUID")
     if meta_sop and str(meta_sop) != sop_uid:
         raise InvalidInput(
-            f"file meta Media Storage SOP Instance UID {meta_sop} differs from the dataset's "
+            f"file meta Media Storage SOP Instance UID {loggable_uid(meta_sop)} differs from the "
+            "dataset's "
             f"SOP Instance UID {sop_uid}"
         )
     if _is_image_class(sop_class) and not any(
@@ -458,7 +478,16 @@ def read_header(path: Path) -> Header:
         sop_instance_uid=sop_uid,
         study_uid=study,
         series_uid=series,
+        row=repository.index_row(ds),
     )
+
+
+def _describe(ds: Dataset) -> str:
+    """``instance <SOP Instance UID>`` when that UID is readable and valid, for messages."""
+    try:
+        return f"instance {validate_uid(str(ds.get('SOPInstanceUID')))}"
+    except Exception:  # unreadable (unknown VR) or invalid: not quoted
+        return "the instance (its SOP Instance UID is unreadable)"
 
 
 def _check_complete(path: Path, ds: Dataset, file_size: int) -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from services.core import logredact
 from services.core.arrivals import ArrivalTracker
 from services.core.classify import JobContext
 from services.core.config import Settings
@@ -67,12 +68,18 @@ def build_job_context(
 
 
 def _job_context(settings: Settings, index: Index) -> JobContext:
+    logredact.install()  # every process that reads DICOM builds one
     store = open_store(settings)
     return JobContext(
         settings=settings,
         sessions=index.sessions,
         store=store,
-        ingestor=Ingestor(store, index.sessions, settings.duplicate_policy),
+        ingestor=Ingestor(
+            store,
+            index.sessions,
+            settings.duplicate_policy,
+            max_inflated_bytes=settings.max_inflated_bytes,
+        ),
         forward=DicomForwarder(settings.forward_to, settings.ae_title)
         if settings.forward_to
         else None,

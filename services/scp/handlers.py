@@ -9,8 +9,12 @@ Status for each refusal (PS3.4 B.2.3; the comment says which case it is):
 ====================================  ======  =============================================
 NotDicom (unreadable, truncated)      0xC000  Error: cannot understand
 NoPixelData, InvalidUID, InvalidInput 0xA900  Error: data set does not match SOP class
+(a value the index refuses, Pixel      (comment: which attribute or which check)
+Data unlike its Rows x Columns...,
+a SOP class other than the context's)
 Conflict (same UID, other content,    0xC010  Error: cannot understand (0xC000-0xCFFF range;
   CRGATE_DUPLICATE_POLICY=refuse)             C-STORE has no "duplicate" failure status)
+TooLarge (inflates beyond the limit)  0xA700  Refused: out of resources (comment: the limit)
 OutputError (disk, index database)    0xA700  Refused: out of resources (a retry may work)
 any other CrgateError                 0xC000  cannot understand
 an unexpected exception               0xC001  comment: "internal error: <type name>"
@@ -35,6 +39,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 
+from services.core.dicom.uids import loggable_uid
 from services.core.errors import (
     Conflict,
     CrgateError,
@@ -42,8 +47,10 @@ from services.core.errors import (
     NoPixelData,
     NotDicom,
     OutputError,
+    TooLarge,
 )
 from services.core.ingest import Channel, Ingestor, Outcome
+from services.scp.limits import Requested
 from services.scp.staging import Transfers
 
 log = logging.getLogger("crgate.scp")
@@ -65,6 +72,8 @@ def status_for(exc: BaseException) -> tuple[int, str]:
         return CANNOT_UNDERSTAND, "not a complete DICOM data set (unreadable or truncated)"
     if isinstance(exc, Conflict):
         return DUPLICATE_CONFLICT, "SOP Instance UID already stored with other content"
+    if isinstance(exc, TooLarge):
+        return OUT_OF_RESOURCES, _comment(str(exc))
     if isinstance(exc, OutputError):
         return OUT_OF_RESOURCES, "cannot store now (disk or index unavailable); retry"
     if isinstance(exc, NoPixelData):
@@ -114,13 +123,18 @@ def handle_store(event: Event, ingestor: Ingestor, transfers: Transfers) -> Data
     """Ingest the streamed file; success only after ``ingest_file`` returned."""
     assoc = event.assoc
     request: C_STORE = event.request  # type: ignore[assignment]
-    sop_uid = str(request.AffectedSOPInstanceUID)
+    sop_uid = loggable_uid(request.AffectedSOPInstanceUID)
     source = calling_ae(assoc)
     try:
         received = Path(event.dataset_path)
         if not transfers.claim(assoc, received):
             received = _stage(received, ingestor)  # written outside incoming/: move it there
-        result = ingestor.ingest_file(received, channel=Channel.DIMSE, source=source)
+        result = ingestor.ingest_file(
+            received,
+            channel=Channel.DIMSE,
+            source=source,
+            expected_sop_class_uid=str(event.context.abstract_syntax),
+        )
     except Exception as exc:
         code, comment = status_for(exc)
         if code == INTERNAL_ERROR:
@@ -176,19 +190,30 @@ def handle_rejected(event: Event) -> None:
     )
 
 
-def handle_requested(event: Event, allowed_hosts: frozenset[str]) -> None:
-    """Reject callers whose source address is not allowed (before any negotiation)."""
+def handle_requested(event: Event, allowed_hosts: frozenset[str], requested: Requested) -> None:
+    """Reject callers whose source address is not allowed, and any association over the limit
+    of open associations (counted from their request: idle connections do not count)."""
     assoc = event.assoc
-    if not allowed_hosts or assoc.requestor.address in allowed_hosts:
+    if allowed_hosts and assoc.requestor.address not in allowed_hosts:
+        log.warning(
+            "association rejected: calling AE %r from %s: address not in the allowed hosts",
+            str(_primitive(assoc).calling_ae_title).strip(),
+            _peer(assoc),
+        )
+        # rejected-permanent, service-user, no reason given
+        assoc.acse.send_reject(0x01, 0x01, 0x01)
+        assoc.kill()
         return
-    log.warning(
-        "association rejected: calling AE %r from %s: address not in the allowed hosts",
-        str(_primitive(assoc).calling_ae_title).strip(),
-        _peer(assoc),
-    )
-    # rejected-permanent, service-user, no reason given
-    assoc.acse.send_reject(0x01, 0x01, 0x01)
-    assoc.kill()
+    if not requested.admit(assoc):
+        log.warning(
+            "association rejected: calling AE %r from %s: %d associations are open already",
+            str(_primitive(assoc).calling_ae_title).strip(),
+            _peer(assoc),
+            requested.limit,
+        )
+        # rejected-transient, service-provider (presentation), local-limit-exceeded
+        assoc.acse.send_reject(0x02, 0x03, 0x02)
+        assoc.kill()
 
 
 def handle_aborted(event: Event) -> None:
@@ -197,8 +222,9 @@ def handle_aborted(event: Event) -> None:
     )
 
 
-def handle_conn_close(event: Event, transfers: Transfers) -> None:
+def handle_conn_close(event: Event, transfers: Transfers, requested: Requested) -> None:
     """Remove the files of transfers that never completed (A-ABORT, dropped connection)."""
+    requested.forget(event.assoc)
     dropped = transfers.drop(event.assoc)
     if dropped:
         log.warning(

@@ -40,7 +40,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from services.core.config import Settings
 from services.core.ingest import Ingestor
-from services.scp import handlers, queryretrieve, staging
+from services.scp import handlers, limits, queryretrieve, staging
 
 log = logging.getLogger("crgate.scp")
 
@@ -63,7 +63,8 @@ TRANSFER_SYNTAXES = [
     HTJ2K,
     RLELossless,
 ]
-MAX_ASSOCIATIONS = 32
+MAX_ASSOCIATIONS = 32  # open at once, counted from their request (services/scp/limits.py)
+MAX_CONNECTIONS = 128  # TCP connections, each a thread, idle ones included
 DRAIN_SECONDS = 10.0
 
 
@@ -115,10 +116,15 @@ class ScpServer:
 
 def create_ae(settings: Settings) -> AE:
     """Our AE: Verification, every storage SOP class (either role: a C-GET peer takes the SCP
-    role), C-FIND and C-GET, unlimited PDU, optional AE allow-list."""
+    role), C-FIND and C-GET, a bounded PDU size (one PDU is held in memory whole), short ACSE
+    and network timeouts, optional AE allow-list."""
     ae = AE(ae_title=settings.ae_title)
-    ae.maximum_pdu_size = 0
-    ae.maximum_associations = MAX_ASSOCIATIONS
+    ae.maximum_pdu_size = settings.max_pdu_bytes
+    ae.acse_timeout = settings.dicom_acse_timeout
+    ae.network_timeout = settings.dicom_network_timeout
+    ae.dimse_timeout = settings.dicom_network_timeout
+    ae.maximum_associations = MAX_CONNECTIONS
+    limits.cap_pdu(ae, settings.max_pdu_bytes)
     uncompressed = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
     ae.add_supported_context(Verification, uncompressed)
     for context in AllStoragePresentationContexts:
@@ -154,17 +160,18 @@ def start_server(
     """
     ae = create_ae(settings)
     transfers = staging.register(ae, ingestor.store.incoming)
+    requested = limits.Requested(MAX_ASSOCIATIONS)
     handlers_: list[Any] = [
         (evt.EVT_C_ECHO, handlers.handle_echo),
         (evt.EVT_C_STORE, handlers.handle_store, [ingestor, transfers]),
         (evt.EVT_C_FIND, queryretrieve.handle_find, [ingestor.sessions, settings.ae_title]),
         (evt.EVT_C_GET, queryretrieve.handle_get, [ingestor.sessions, ingestor.store]),
         (evt.EVT_C_MOVE, queryretrieve.handle_move, [ingestor.sessions, ingestor.store]),
-        (evt.EVT_REQUESTED, handlers.handle_requested, [settings.allowed_host_set]),
+        (evt.EVT_REQUESTED, handlers.handle_requested, [settings.allowed_host_set, requested]),
         (evt.EVT_ACCEPTED, handlers.handle_accepted),
         (evt.EVT_REJECTED, handlers.handle_rejected),
         (evt.EVT_ABORTED, handlers.handle_aborted),
-        (evt.EVT_CONN_CLOSE, handlers.handle_conn_close, [transfers]),
+        (evt.EVT_CONN_CLOSE, handlers.handle_conn_close, [transfers, requested]),
     ]
     if on_closed is not None:
         handlers_.append((evt.EVT_CONN_CLOSE, handlers.notify_closed, [on_closed]))

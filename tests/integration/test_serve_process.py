@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,31 +34,40 @@ class Served:
     dicom_port: int
 
 
-@pytest.fixture
-def served(tmp_path: Path) -> Iterator[Served]:
-    """`crgate serve` on free ports with a fresh data directory (SQLite: no database URL)."""
+@contextmanager
+def serving(tmp_path: Path, **env: str) -> Iterator[Served]:
+    """`crgate serve` on free ports with a fresh data directory and ``env`` (CRGATE_*) set."""
     data_dir, log = tmp_path / "var", tmp_path / "serve.log"
     http_port, dicom_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CRGATE_")}
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("CRGATE_")} | env
     command = [str(CRGATE), "serve", "--data-dir", str(data_dir)]
     command += ["--http-port", str(http_port), "--dicom-port", str(dicom_port)]
     with log.open("wb") as fh:
-        proc = subprocess.Popen(command, stdout=fh, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{http_port}"
-    deadline = time.monotonic() + 60
-    while True:
-        assert proc.poll() is None, f"crgate serve exited early:\n{log.read_text()}"
-        try:
-            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, f"no /healthz after 60 s:\n{log.read_text()}"
-        time.sleep(0.1)
-    yield Served(proc, data_dir, log, url, dicom_port)
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait(10)
+        proc = subprocess.Popen(command, stdout=fh, stderr=subprocess.STDOUT, env=environ)
+    try:
+        url = f"http://127.0.0.1:{http_port}"
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, f"crgate serve exited early:\n{log.read_text()}"
+            try:
+                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, f"no /healthz after 60 s:\n{log.read_text()}"
+            time.sleep(0.1)
+        yield Served(proc, data_dir, log, url, dicom_port)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[Served]:
+    """`crgate serve` on SQLite (no database URL)."""
+    with serving(tmp_path) as server:
+        yield server
 
 
 def test_serve_stores_pushed_study_finds_it_and_stops_cleanly(

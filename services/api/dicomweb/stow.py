@@ -45,12 +45,15 @@ from services.core.errors import (
     Conflict,
     CrgateError,
     InvalidInput,
+    InvalidParameter,
     InvalidUID,
     NotDicom,
     OutputError,
+    TooLarge,
     UnsupportedSyntax,
 )
 from services.core.ingest import Channel, Ingestor, IngestResult, Outcome
+from services.core.params import parse_count
 from services.core.storage import InstanceStore
 
 log = logging.getLogger(__name__)
@@ -73,6 +76,10 @@ KEPT_STORED = 0xB000
 
 class _TooLarge(Exception):
     """The body passed max_upload_bytes, or carries more than MAX_PARTS parts."""
+
+
+class _TooSlow(Exception):
+    """Nothing of the body arrived for http_body_timeout seconds."""
 
 
 @dataclass
@@ -116,7 +123,17 @@ async def _store(request: Request, study: str | None) -> Response:
     parts: list[_Part] = []
     try:
         try:
-            await _receive(request, boundary_or_error, state.store, parts, limit)
+            await _receive(
+                request,
+                boundary_or_error,
+                state.store,
+                parts,
+                limit,
+                state.settings.http_body_timeout,
+            )
+        except _TooSlow as exc:
+            log.info("STOW-RS body stalled; %d part(s) discarded", len(parts))
+            return problem(408, "Request Timeout", str(exc))
         except ClientDisconnect:
             log.info("STOW-RS client disconnected mid-body; %d part(s) discarded", len(parts))
             return Response(status_code=400)  # nobody reads it
@@ -153,9 +170,11 @@ def _check_headers(request: Request, limit: int) -> str | Response:
         )
     length = request.headers.get("content-length")
     if length is not None:
-        if not length.strip().isdigit():
-            return problem(400, "Bad Request", f"Content-Length {length!r} is not a number")
-        if int(length) > limit:
+        try:
+            declared = parse_count(length.strip(), "Content-Length")
+        except InvalidParameter as exc:
+            return problem(400, "Bad Request", str(exc))
+        if declared > limit:
             return problem(
                 413,
                 "Content Too Large",
@@ -169,20 +188,36 @@ def _check_headers(request: Request, limit: int) -> str | Response:
 
 
 async def _receive(
-    request: Request, boundary: str, store: InstanceStore, parts: list[_Part], limit: int
+    request: Request,
+    boundary: str,
+    store: InstanceStore,
+    parts: list[_Part],
+    limit: int,
+    timeout: float,
 ) -> None:
     """Stream the body into staged files, one per part; raises InvalidInput on bad framing.
 
     The event loop only receives and counts; parsing and writing run in a worker thread, one
     batch of chunks at a time. Chunks that arrive while a batch is being written form the next
-    batch (at most MAX_PENDING_BYTES before the loop waits), so memory stays bounded.
+    batch (at most MAX_PENDING_BYTES before the loop waits), so memory stays bounded. A body
+    that sends nothing for ``timeout`` seconds raises _TooSlow (its staged files are removed).
     """
     stager = _Stager(boundary, store, parts)
     received = pending = 0
     batch: list[bytes] = []
     writing: asyncio.Task[None] | None = None
+    chunks = request.stream().__aiter__()
     try:
-        async for chunk in request.stream():
+        while True:
+            try:
+                chunk = await asyncio.wait_for(anext(chunks), timeout)
+            except StopAsyncIteration:
+                break
+            except TimeoutError:
+                raise _TooSlow(
+                    f"nothing of the request body arrived for {timeout:g} s "
+                    "(CRGATE_HTTP_BODY_TIMEOUT); send the body without pauses"
+                ) from None
             received += len(chunk)
             if received > limit:
                 raise _TooLarge(
@@ -204,7 +239,7 @@ async def _receive(
         if writing is not None:
             await asyncio.wait({writing})  # its thread must not stage a file after _discard
             error = None if writing.cancelled() else writing.exception()
-            if error is not None and isinstance(exc, ClientDisconnect | _TooLarge):
+            if error is not None and isinstance(exc, ClientDisconnect | _TooLarge | _TooSlow):
                 raise error from None  # earlier in the body: it wins, as in a serial parse
         raise
 
@@ -350,24 +385,20 @@ async def _ingest(
 
 
 def _peek(path: Path) -> tuple[str | None, str | None, str | None]:
-    """SOP Class UID, SOP Instance UID and transfer syntax when readable and valid, else None."""
+    """SOP Class UID, SOP Instance UID and transfer syntax from the file meta when readable and
+    valid, else None. The data set is not parsed: a deflated one would be inflated whole in
+    memory (a 120 KB part inflating to 120 MB cost 250 MB here), a deep one recursed into;
+    ingest reads it with its limits and checks it agrees with the meta."""
     try:
-        ds = pydicom.dcmread(
-            path,
-            stop_before_pixels=True,
-            specific_tags=["SOPClassUID", "SOPInstanceUID"],
-        )
+        meta = pydicom.filereader.read_file_meta_info(path)
     except Exception:
         return None, None, None
     found: list[str | None] = []
-    for value in (
-        ds.get("SOPClassUID"),
-        ds.get("SOPInstanceUID"),
-        ds.file_meta.get("TransferSyntaxUID"),
-    ):
+    for keyword in ("MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID", "TransferSyntaxUID"):
         try:
+            value = meta.get(keyword)  # an unknown VR raises here
             found.append(validate_uid(str(value)) if value else None)
-        except InvalidUID:
+        except Exception:  # unreadable or invalid: ingest says why
             found.append(None)
     return found[0], found[1], found[2]
 
@@ -377,6 +408,7 @@ _FAILURE_REASONS: tuple[tuple[type[CrgateError], int], ...] = (
     (NotDicom, CANNOT_UNDERSTAND),
     (Conflict, DUPLICATE_DIFFERENT),
     (UnsupportedSyntax, SYNTAX_NOT_SUPPORTED),
+    (TooLarge, OUT_OF_RESOURCES),
     (InvalidInput, DOES_NOT_MATCH),
     (OutputError, OUT_OF_RESOURCES),
 )

@@ -223,7 +223,7 @@ for _level, _path in _LEVELS:
 async def retrieve_frames(
     study: str, series: str, sop: str, frames: str, request: Request, state: StateDep
 ) -> Response:
-    numbers = parse_frame_list(frames)
+    numbers = parse_frame_list(frames, state.settings.max_frames_per_request)
     instance = await _one(state, study, series, sop)
     check_frames(instance, numbers)
     fmt = negotiate_frames(_accept(request), instance.transfer_syntax_uid)

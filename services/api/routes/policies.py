@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Response
+from fastapi import APIRouter, Depends, Path, Query, Response
 from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session
 
@@ -18,6 +18,7 @@ from services.core import audit, policies
 from services.core.auth import Principal, Role
 from services.core.codecs import SYNTAX_HELP, OutputSyntax
 from services.core.db.tables import AuditEntry, Policy
+from services.core.params import MAX_COUNT
 from services.core.policies import PolicyChanges, PolicyKey, PolicySpec
 
 router = APIRouter(tags=["policies"])
@@ -25,6 +26,7 @@ router = APIRouter(tags=["policies"])
 READ = require(Role.OPERATOR)
 ADMIN = require(Role.ADMIN)
 AdminDep = Annotated[Principal | None, Depends(ADMIN)]
+PolicyId = Annotated[int, Path(ge=1, le=2**31 - 1, description="the policy's id")]
 
 CR_HELP = "compression ratio: 1 = lossless, above 1 = irreversible coding at that ratio"
 REASON_HELP = "why the CR may exceed the guideline maximum; required when it does"
@@ -330,7 +332,7 @@ def resolve(
     response_model=PolicyOut,
     dependencies=[Depends(READ)],
 )
-def get_policy(policy_id: int, session: SessionDep) -> PolicyOut:
+def get_policy(policy_id: PolicyId, session: SessionDep) -> PolicyOut:
     return _out(session, policies.get_policy(session, policy_id))
 
 
@@ -340,7 +342,7 @@ def get_policy(policy_id: int, session: SessionDep) -> PolicyOut:
     response_model=PolicyOut,
 )
 def update_policy(
-    policy_id: int, body: PolicyUpdate, session: SessionDep, principal: AdminDep
+    policy_id: PolicyId, body: PolicyUpdate, session: SessionDep, principal: AdminDep
 ) -> Any:
     changes: PolicyChanges = {}
     given = body.model_fields_set
@@ -372,7 +374,7 @@ def update_policy(
     response_class=Response,
     responses={409: {"description": "the default policy cannot be deleted"}},
 )
-def delete_policy(policy_id: int, session: SessionDep, principal: AdminDep) -> Response:
+def delete_policy(policy_id: PolicyId, session: SessionDep, principal: AdminDep) -> Response:
     with session.begin():
         policies.delete_policy(session, policy_id, actor=_actor(principal))
     return Response(status_code=204)
@@ -394,7 +396,7 @@ def list_audit(
         datetime | None, Query(description="only entries at or after this time (ISO 8601)")
     ] = None,
     limit: Annotated[int, Query(ge=1, le=audit.MAX_LIMIT)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_COUNT)] = 0,
 ) -> AuditPage:
     rows, total = audit.entries(session, entity=entity, since=since, limit=limit, offset=offset)
     return AuditPage(items=[_audit_out(r) for r in rows], total=total, limit=limit, offset=offset)

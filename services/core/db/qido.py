@@ -38,6 +38,7 @@ from services.core.db.tables import Instance, Series, Study
 from services.core.dicom.dicomjson import JsonDict, dataset, to_dicom_json
 from services.core.dicom.uids import validate_uid
 from services.core.errors import InvalidParameter, InvalidUID
+from services.core.params import check_text, parse_count
 
 MAX_RESULTS = 1000  # per response; more results carry a warning and need offset
 
@@ -184,7 +185,8 @@ def parse_query(
     include: list[str] = []
     seen_control: set[str] = set()
     for raw_key, raw_value in params:
-        key, value = raw_key.strip(), raw_value.strip()
+        key = check_text(raw_key, f"query parameter name {raw_key[:64]!r}").strip()
+        value = check_text(raw_value, f"query parameter {key}").strip()
         control = key.lower()
         if control in _CONTROL:
             if control == "includefield":
@@ -222,9 +224,7 @@ def _control(query: Query, name: str, value: str) -> None:
                 "Only literal matching has been performed."
             )
         return
-    if not value.isdigit():
-        raise InvalidParameter(f"{name} must be a non-negative integer, not {value!r}")
-    number = int(value)
+    number = parse_count(value, name)
     if name == "limit":
         if number == 0:
             raise InvalidParameter("limit must be at least 1 (leave it out for no limit)")
@@ -298,8 +298,12 @@ def match_values(attr: Attribute, given: list[str]) -> list[str]:
         _date_range(name, value)
     elif attr.kind is Kind.TIME:
         _time_range(name, value)
-    elif attr.kind is Kind.INT and not re.fullmatch(r"[+-]?[0-9]{1,10}", value):
-        raise InvalidParameter(f"{name} must be an integer, not {value!r}")
+    elif attr.kind is Kind.INT and not (
+        re.fullmatch(r"[+-]?[0-9]{1,10}", value) and -(2**31) <= int(value) < 2**31
+    ):
+        raise InvalidParameter(
+            f"{name} must be an integer from {-(2**31)} to {2**31 - 1} (VR IS), not {value!r}"
+        )
     return [value]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -11,12 +12,43 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from services.core.db.tables import Instance, Series, Study
+from services.core.errors import InvalidInput
+
+INT32 = range(-(2**31), 2**31)  # the Integer columns
+
+
+@dataclass(frozen=True)
+class IndexRow:
+    """The study, series and instance values an instance's index row holds, built (and checked)
+    before anything is written: a value the database would refuse is refused here."""
+
+    study: dict[str, Any]
+    series: dict[str, Any]
+    instance: dict[str, Any]
+
+
+def index_row(ds: Dataset) -> IndexRow:
+    """The index values of ``ds``; InvalidInput naming the attribute (never its value) when one
+    cannot be read (an unknown VR) or holds a NUL character (PostgreSQL refuses it)."""
+    return IndexRow(
+        study=_checked(_study_values, ds),
+        series=_checked(_series_values, ds),
+        instance=_checked(_instance_values, ds),
+    )
+
+
+def _checked(build: Any, ds: Dataset) -> dict[str, Any]:
+    values: dict[str, Any] = build(ds)
+    for column, value in values.items():
+        if isinstance(value, str) and "\x00" in value:
+            raise InvalidInput(f"the value of {column} holds a NUL character; it cannot be indexed")
+    return values
 
 
 def upsert_instance(
     session: Session,
     *,
-    ds: Dataset,
+    row: IndexRow,
     transfer_syntax_uid: str,
     path: str,
     size_bytes: int,
@@ -28,9 +60,9 @@ def upsert_instance(
 
     Raises IntegrityError when the instance row exists and ``replace`` is false.
     """
-    insert_ignore(session, Study.__table__, _study_values(ds))
-    insert_ignore(session, Series.__table__, _series_values(ds))
-    values = _instance_values(ds)
+    insert_ignore(session, Study.__table__, row.study)
+    insert_ignore(session, Series.__table__, row.series)
+    values = dict(row.instance)
     values.update(
         transfer_syntax_uid=transfer_syntax_uid,
         path=path,
@@ -98,8 +130,17 @@ def _insert(session: Session, table: Any) -> Any:
     raise RuntimeError(f"unsupported database dialect {dialect}")  # pragma: no cover
 
 
+def _get(ds: Dataset, keyword: str) -> Any:
+    try:
+        return ds.get(keyword)
+    except Exception as exc:  # pydicom raises many types on a malformed element
+        raise InvalidInput(
+            f"{keyword} cannot be read ({type(exc).__name__}: unknown VR or malformed value)"
+        ) from None
+
+
 def _text(ds: Dataset, keyword: str, limit: int) -> str | None:
-    value = ds.get(keyword)
+    value = _get(ds, keyword)
     if value is None or value == "":
         return None
     if isinstance(value, MultiValue | list | tuple):  # not PersonName: it iterates its chars
@@ -108,11 +149,13 @@ def _text(ds: Dataset, keyword: str, limit: int) -> str | None:
 
 
 def _int(ds: Dataset, keyword: str) -> int | None:
-    value = ds.get(keyword)
+    """An integer value; None when absent, not an integer or beyond the column."""
+    value = _get(ds, keyword)
     try:
-        return int(value) if value not in (None, "") else None
+        number = int(value) if value not in (None, "") else None
     except (TypeError, ValueError):
         return None
+    return number if number is None or number in INT32 else None
 
 
 def _study_values(ds: Dataset) -> dict[str, Any]:

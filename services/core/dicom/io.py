@@ -28,7 +28,17 @@ def read_dataset(path: Path) -> Dataset:
         raise NotDicom(f"{path}: permission denied") from None
     except InvalidDicomError as exc:
         raise NotDicom(f"{path}: not a DICOM Part 10 file ({exc})") from None
-    except (EOFError, OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+    except RecursionError:
+        raise NotDicom(f"{path}: sequences nest too deeply to be read") from None
+    except (
+        EOFError,
+        OSError,
+        ValueError,
+        KeyError,
+        TypeError,
+        AttributeError,
+        NotImplementedError,
+    ) as exc:
         raise NotDicom(f"{path}: unreadable or truncated DICOM file ({exc})") from None
     if "TransferSyntaxUID" not in ds.file_meta:
         raise NotDicom(f"{path}: DICOM file has no Transfer Syntax UID in its file meta")

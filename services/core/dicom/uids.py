@@ -18,10 +18,27 @@ def validate_uid(value: str, what: str = "UID") -> str:
     """
     if not isinstance(value, str) or len(value) > 64 or not _UID_RE.match(value):
         raise InvalidUID(
-            f"{what} {value!r} is not a valid DICOM UID "
+            f"{what} {loggable_uid(value)} is not a valid DICOM UID "
             "(digits and dots, no leading zeros, at most 64 characters)"
         )
     return value
+
+
+def loggable_uid(value: object) -> str:
+    """``value`` quoted when it is one short token (digits, letters, dots, hyphens, slashes: a
+    UID, a typo of one, a path trick), else only its length.
+
+    A malformed UID can hold whatever followed it in the file (a length that swallows the
+    patient's name, ID and birth date, with the binary element headers between them): such a
+    value never reaches a log or an error text.
+    """
+    text = str(value)
+    if _LOGGABLE_RE.fullmatch(text):
+        return repr(text)
+    return f"(a value of {len(text)} characters, withheld: not a UID)"
+
+
+_LOGGABLE_RE = re.compile(r"[0-9A-Za-z._/-]{0,64}")
 
 
 def new_uid() -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from services.core.errors import InvalidInput, UnsupportedSyntax
+from services.core.errors import CodecError, InvalidInput, UnsupportedSyntax
 
 
 class NotAcceptable(UnsupportedSyntax):
@@ -22,3 +22,8 @@ class NotAcceptable(UnsupportedSyntax):
 
 class InvalidQuery(InvalidInput):
     """A malformed frame list, window, viewport, quality or bulk data tag (HTTP 400)."""
+
+
+class StoredMalformed(CodecError):
+    """A stored file that fails ingest's checks (stored before them, or changed since): its
+    pixels or elements cannot be served (HTTP 422)."""

@@ -17,23 +17,39 @@ from pydicom.uid import UID
 from services.core.codecs import OutputSyntax
 from services.core.dicom.mediatype import OCTET
 from services.core.dicom.pixels import layout_of
-from services.core.errors import CodecError, CrgateError, NotFound, UnsupportedSyntax
+from services.core.errors import (
+    CodecError,
+    CrgateError,
+    InvalidParameter,
+    NotFound,
+    TooLarge,
+    UnsupportedSyntax,
+)
+from services.core.params import parse_count
 from services.core.retrieve.errors import InvalidQuery, NotAcceptable
 from services.core.retrieve.lookup import StoredInstance, read_instance
 from services.core.retrieve.negotiation import FRAME_OFFERS, FrameFormat
 
+DEFAULT_MAX_FRAMES = 1000  # Settings.max_frames_per_request
 
-def parse_frame_list(text: str) -> list[int]:
-    """``"1,3"`` -> [1, 3] (1-based); InvalidQuery on anything else."""
-    numbers = []
+
+def parse_frame_list(text: str, limit: int = DEFAULT_MAX_FRAMES) -> list[int]:
+    """``"1,3"`` -> [1, 3] (1-based, repeats dropped, order kept); InvalidQuery on anything
+    else, TooLarge above ``limit`` distinct frames (a response holds each frame once)."""
+    numbers: dict[int, None] = {}
     for item in text.split(","):
-        item = item.strip()
-        if not (item.isascii() and item.isdigit()) or int(item) < 1:
+        try:
+            numbers[parse_count(item.strip(), "frame number", minimum=1)] = None
+        except InvalidParameter:
             raise InvalidQuery(
-                f"frame list {text!r}: use comma-separated frame numbers from 1, e.g. 1,2"
-            )
-        numbers.append(int(item))
-    return numbers
+                f"frame list {text[:80]!r}: use comma-separated frame numbers from 1, e.g. 1,2"
+            ) from None
+    if len(numbers) > limit:
+        raise TooLarge(
+            f"the frame list names {len(numbers)} frames; at most {limit} per request "
+            "(CRGATE_MAX_FRAMES_PER_REQUEST)"
+        )
+    return list(numbers)
 
 
 def check_frames(instance: StoredInstance, numbers: Sequence[int]) -> None:

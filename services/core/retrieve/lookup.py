@@ -14,7 +14,9 @@ from services.core.db import repository
 from services.core.db.tables import Instance
 from services.core.dicom.io import read_dataset
 from services.core.dicom.uids import validate_uid
-from services.core.errors import NotFound
+from services.core.dicom.validation import check_dataset
+from services.core.errors import CrgateError, NotDicom, NotFound
+from services.core.retrieve.errors import StoredMalformed
 from services.core.storage import InstanceStore
 
 log = logging.getLogger(__name__)
@@ -106,9 +108,25 @@ def check_file(instance: StoredInstance) -> None:
 
 
 def read_instance(instance: StoredInstance) -> Dataset:
-    """The whole dataset; NotFound (logged) when the file vanished since it was looked up."""
+    """The whole dataset; NotFound (logged) when the file vanished since it was looked up,
+    StoredMalformed when it cannot be served (see ``servable``)."""
     check_file(instance)
-    return read_dataset(instance.path)
+    try:
+        ds = read_dataset(instance.path)
+    except NotDicom as exc:
+        reason = str(exc).removeprefix(f"{instance.path}: ")  # no server path in an answer
+        raise StoredMalformed(f"{instance.source} is stored but unreadable: {reason}") from None
+    return servable(ds, instance)
+
+
+def servable(ds: Dataset, instance: StoredInstance) -> Dataset:
+    """``ds`` when it passes the checks ingest makes today; StoredMalformed (HTTP 422) saying
+    why not (a file stored before ingest checked it, or changed in the store since)."""
+    try:
+        check_dataset(ds, instance.source)
+    except CrgateError as exc:
+        raise StoredMalformed(f"the stored file cannot be served: {exc}") from None
+    return ds
 
 
 def iter_file(path: Path, chunk: int = CHUNK_BYTES) -> Iterator[bytes]:

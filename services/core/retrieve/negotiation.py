@@ -162,7 +162,8 @@ def negotiate_frames(accept: str | None, stored: str) -> FrameFormat:
     syntax named; JPEG 2000 for image/jp2 and HTJ2K for image/jphc (or image/jhc), as stored
     when it is of that family, else a lossless encode. A bare ``application/octet-stream``,
     ``image/jp2`` or ``image/jphc`` (no multipart) asks for a single part."""
-    encapsulated = bool(stored) and UID(stored).is_encapsulated
+    known = bool(stored) and UID(stored).is_transfer_syntax  # a stored file may predate checks
+    encapsulated = known and UID(stored).is_encapsulated
     for r in parse_accept(accept, FRAME_OFFERS) or [MediaRange("*/*", {}, 1.0)]:
         single = r.media_type in _SINGLE_PART
         part = r.media_type if single else _part_type(r, OCTET)
