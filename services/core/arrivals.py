@@ -1,14 +1,16 @@
-"""Study arrival: when is a study ready, and auto-classification of ready studies.
+"""Study arrival: when is a study ready, and the policies' actions on ready studies.
 
 Instances are grouped by Study Instance UID. The ingest observer (``ArrivalTracker.__call__``,
 before the acknowledgement) only records the arrival: one upsert of the study's row (instances so
 far, last arrival) that also clears its settled mark. It reads no policy, model card or file.
 
 Housekeeping (``ArrivalTracker.housekeeping``, every CRGATE_ARRIVAL_SWEEP_SECONDS) decides, for
-unsettled studies only: is there an ``auto_classify`` policy that acts on the study (its
-mammograms' modality, body part and pediatric), and is the study ready: the policy's expected
-instance count reached, or its quiet period over with no new instance. A ready study becomes a
-job at the policy's CR. A study no policy acts on, or whose job was made, is settled: housekeeping
+unsettled studies only: is there a policy that acts on some of the study's images (classify,
+compress or forward; matched by each series' modality and body part and the patient's age), and
+is the study ready: each such policy's expected instance count reached, or its quiet period over
+with no new instance. A ready study becomes jobs at the policies' CRs: a classification of its
+mammograms, a compression per policy that compresses. A study no policy acts on, or whose jobs
+were made, is settled: housekeeping
 does not look at it again until a new instance arrives; a study still waiting stays unsettled.
 A late instance changes the study's instance set, hence the job's idempotency key: it makes a new
 job and a new result, never a changed old one. Housekeeping also sends again jobs whose worker
@@ -23,21 +25,17 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import cast
 
-from sqlalchemy import Table, bindparam, select, update
+from sqlalchemy import Table, bindparam, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from services.core import classify, jobs
-from services.core.classify import (
-    CLASSIFIABLE_MODALITY,
-    JobContext,
-    resolve_study_policy,
-)
+from services.core import classify, compress, jobs
+from services.core.classify import JobContext, resolve_study_policy
 from services.core.contracts import ClassifyPayload, JobQueue, JobTrigger, SweepPayload
 from services.core.db.repository import insert_or_update
 from services.core.db.tables import Policy, Series, StudyArrival
 from services.core.errors import CrgateError
 from services.core.ingest import Channel, IngestResult, Outcome
-from services.core.policies import ANY, ResolvedPolicy
+from services.core.policies import ANY, CLASSIFIABLE_MODALITY, ResolvedPolicy
 
 log = logging.getLogger(__name__)
 
@@ -125,35 +123,43 @@ def _mark_classified(sessions: sessionmaker[Session], arrival: Arrival) -> None:
         )
 
 
-def _auto_policies(session: Session) -> list[Policy]:
-    """The policies that auto-classify mammograms of some body part."""
+def _acting_policies(session: Session) -> list[Policy]:
+    """The policies that do something by themselves: classify, compress or forward."""
     query = select(Policy).where(
-        Policy.auto_classify.is_(True), Policy.modality.in_([ANY, CLASSIFIABLE_MODALITY])
+        or_(
+            Policy.auto_classify.is_(True),
+            Policy.auto_compress.is_(True),
+            Policy.forward_to.is_not(None),
+        )
     )
-    return list(session.scalars(query))
+    return [p for p in session.scalars(query) if p.auto_classify or p.auto_compress or p.forward_to]
 
 
-def _mammogram_body_parts(session: Session, study_uids: list[str]) -> dict[str, set[str]]:
-    """Each study's body parts of its mammogram series (studies without one are left out)."""
-    parts: dict[str, set[str]] = {}
+def _series_keys(session: Session, study_uids: list[str]) -> dict[str, set[tuple[str, str]]]:
+    """Each study's (modality, body part) pairs of its series (studies without one left out)."""
+    keys: dict[str, set[tuple[str, str]]] = {}
     for start in range(0, len(study_uids), _IN_CHUNK):
         rows = session.execute(
-            select(Series.study_uid, Series.body_part_examined).where(
-                Series.study_uid.in_(study_uids[start : start + _IN_CHUNK]),
-                Series.modality == CLASSIFIABLE_MODALITY,
+            select(Series.study_uid, Series.modality, Series.body_part_examined).where(
+                Series.study_uid.in_(study_uids[start : start + _IN_CHUNK])
             )
         )
-        for uid, part in rows:
-            parts.setdefault(uid, set()).add((part or "").strip().upper())
-    return parts
+        for uid, modality, part in rows:
+            pair = ((modality or "").strip().upper(), (part or "").strip().upper())
+            keys.setdefault(uid, set()).add(pair)
+    return keys
 
 
-def _could_act(policies: list[Policy], body_parts: set[str] | None) -> bool:
-    """Whether one of the auto policies could be the study's (the pediatric part is left to the
-    full resolution: it reads a header)."""
-    if body_parts is None:  # no mammogram: nothing to classify
+def _could_act(policies: list[Policy], series: set[tuple[str, str]] | None) -> bool:
+    """Whether one of the acting policies could be one of the study's series' (the pediatric
+    part is left to the full resolution: it reads a header)."""
+    if not series:
         return False
-    return any(p.body_part == ANY or p.body_part in body_parts for p in policies)
+    return any(
+        (p.modality == ANY or p.modality == modality) and p.body_part in (ANY, part)
+        for p in policies
+        for modality, part in series
+    )
 
 
 class ArrivalTracker:
@@ -177,8 +183,8 @@ class ArrivalTracker:
         if not waiting:
             return []
         with self.ctx.sessions() as session:
-            auto = _auto_policies(session)
-            parts = _mammogram_body_parts(session, [a.study_uid for a in waiting]) if auto else {}
+            auto = _acting_policies(session)
+            parts = _series_keys(session, [a.study_uid for a in waiting]) if auto else {}
         started: list[str] = []
         done: list[Arrival] = []
         try:
@@ -197,27 +203,50 @@ class ArrivalTracker:
         return started
 
     def _consider(self, arrival: Arrival) -> tuple[str | None, bool]:
-        """(the job made, whether the study is handled) for a study an auto policy may act on."""
-        policy = self._policy(arrival.study_uid)
-        if policy is None or not policy.auto_classify:
-            return None, True
-        expected = policy.expected_instances
-        ready = expected is not None and arrival.count >= expected
-        quiet = datetime.now(UTC) - arrival.last >= timedelta(seconds=policy.quiet_seconds)
-        if not (ready or quiet):
-            return None, False
-        try:
-            job_id = self._request_job(arrival.study_uid)
-        except CrgateError as exc:  # its images went, the model is not installed...
-            log.warning("study %s not auto-classified: %s", arrival.study_uid, exc)
-            return None, True
-        _mark_classified(self.ctx.sessions, arrival)
-        log.info("study %s ready (%d instances): job %s", arrival.study_uid, arrival.count, job_id)
-        return job_id, True
+        """(a job made, whether the study is handled) for a study an acting policy may act on.
 
-    def _request_job(self, study_uid: str) -> str:
-        """Ask for the ready study's classification at its policy's CR (a job that exists
-        already for the same instance set and parameters is not sent again)."""
+        The study is ready when every policy that acts on some of its images is: its expected
+        instance count reached, or its quiet period over. Then each acts: classify (the
+        mammograms), compress (the images under policies that compress), forward (with the
+        outputs of those jobs; originals under forward-only policies right away).
+        """
+        acting = [g for g in self._groups(arrival.study_uid) if g.policy.acts]
+        if not acting:
+            return None, True
+        now = datetime.now(UTC)
+        for group in acting:
+            expected = group.policy.expected_instances
+            ready = expected is not None and arrival.count >= expected
+            quiet = now - arrival.last >= timedelta(seconds=group.policy.quiet_seconds)
+            if not (ready or quiet):
+                return None, False
+        made: list[str] = []
+        for what, act in (("classified", self._classify), ("compressed", self._compress)):
+            try:
+                made += act(arrival.study_uid, acting)
+            except CrgateError as exc:  # its images went, the model is not installed...
+                log.warning("study %s not %s: %s", arrival.study_uid, what, exc)
+        _mark_classified(self.ctx.sessions, arrival)
+        log.info("study %s ready (%d instances): jobs %s", arrival.study_uid, arrival.count, made)
+        return (made[0] if made else None), True
+
+    def _groups(self, study_uid: str) -> list[compress.PolicyGroup]:
+        with self.ctx.sessions() as session:
+            try:
+                instances = compress.compressible_instances(session, study_uid)
+                return compress.policy_groups(session, self.ctx, instances)
+            except CrgateError:
+                return []
+
+    def _classify(self, study_uid: str, acting: list[compress.PolicyGroup]) -> list[str]:
+        """The study's classification at its policy's CR, when that policy classifies (a job
+        that exists already for the same instance set and parameters is not sent again)."""
+        with self.ctx.sessions() as session:
+            if not classify.classifiable_instances(session, study_uid):
+                return []  # no mammogram: nothing a model reads
+        policy = self._policy(study_uid)
+        if policy is None or not policy.auto_classify:
+            return []
         job, _created = classify.request(
             self.ctx,
             self.queue,
@@ -228,7 +257,24 @@ class ArrivalTracker:
             trigger=JobTrigger.ARRIVAL,
             requested_by="arrival",
         )
-        return job.id
+        return [job.id]
+
+    def _compress(self, study_uid: str, acting: list[compress.PolicyGroup]) -> list[str]:
+        """One compress job per policy that compresses some of the study's images."""
+        ids = {g.policy.policy_id for g in acting if g.policy.auto_compress}
+        if not ids:
+            return []
+        made = compress.request(
+            self.ctx,
+            self.queue,
+            study_uid,
+            cr=None,
+            syntax=None,
+            trigger=JobTrigger.ARRIVAL,
+            requested_by="arrival",
+            policy_ids=ids,
+        )
+        return [job.id for job, _created in made]
 
     def _send_again(self) -> None:
         """Jobs and sweeps whose worker died, and those queued too long (their message was

@@ -36,7 +36,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from services.core import audit, jobs
 from services.core.codecs import OutputSyntax
 from services.core.config import DuplicatePolicy, Settings
-from services.core.contracts import ClassifyPayload, JobQueue, JobStatus, JobTrigger
+from services.core.contracts import ClassifyPayload, JobKind, JobQueue, JobStatus, JobTrigger
 from services.core.db.tables import Instance, Job, Policy, Result, Series, Study
 from services.core.dicom.io import read_dataset
 from services.core.errors import (
@@ -51,13 +51,19 @@ from services.core.inference.registry import find_card, installed
 from services.core.inference.runtime import Classifier, get_classifier
 from services.core.ingest import Channel, Ingestor
 from services.core.pipeline import Classification, TranscodeResult, classify_datasets
-from services.core.policies import Ceiling, OverrideRequired, PolicyKey, ceiling, resolve_policy
+from services.core.policies import (
+    CLASSIFIABLE_MODALITY,
+    Ceiling,
+    OverrideRequired,
+    PolicyKey,
+    ceiling,
+    resolve_policy,
+)
 from services.core.ratio import CompressionRatio
 from services.core.storage import InstanceStore
 
 log = logging.getLogger(__name__)
 
-CLASSIFIABLE_MODALITY = "MG"
 OVERLAY_MAX_SIDE = 1024
 PEDIATRIC_BELOW_YEARS = 18  # pediatric policies apply to patients younger than this
 _AGE_UNIT_YEARS = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0}
@@ -234,7 +240,7 @@ def prepare(
             applied_cr, source = cr, "requested"
             exceeded = _exceeded_ceiling(session, study_uid, ctx.store, cr)
             if exceeded is not None:
-                _check_override(cr, exceeded, may_exceed_ceiling, reason)
+                check_override(cr, exceeded, may_exceed_ceiling, reason)
     out_syntax = OutputSyntax.for_cr(applied_cr, syntax)
     return jobs.JobRequest(
         study_uid=study_uid,
@@ -262,7 +268,7 @@ def _exceeded_ceiling(
     return limit if limit is not None and cr > limit.max_cr else None
 
 
-def _check_override(cr: float, limit: Ceiling, allowed: bool, reason: str | None) -> None:
+def check_override(cr: float, limit: Ceiling, allowed: bool, reason: str | None) -> None:
     if not allowed:
         raise Forbidden(
             f"CR {cr:g} is above the maximum {limit.max_cr:g} set by preset {limit.preset} for "
@@ -291,13 +297,13 @@ def resolve_study_policy(session: Session, study_uid: str, store: InstanceStore)
     ).first()
     body_part = series.body_part_examined if series is not None else None
     instances = classifiable_instances(session, study_uid)
-    pediatric = _study_pediatric(store, instances[0]) if instances else None
+    pediatric = study_pediatric(store, instances[0]) if instances else None
     return resolve_policy(
         session, modality=CLASSIFIABLE_MODALITY, body_part=body_part, pediatric=pediatric
     )
 
 
-def _study_pediatric(store: InstanceStore, instance: Instance) -> bool | None:
+def study_pediatric(store: InstanceStore, instance: Instance) -> bool | None:
     try:
         header = pydicom.dcmread(store.absolute(instance.path), stop_before_pixels=True)
     except (OSError, ValueError, EOFError, InvalidDicomError):
@@ -346,18 +352,30 @@ def run_job(ctx: JobContext, job_id: str) -> str | None:
     if job is None:
         with ctx.sessions() as session:
             return jobs.get_job(session, job_id).result_id
-    log.info("job %s: study %s at CR %g (attempt %d)", job.id, job.study_uid, job.cr, job.attempts)
+    log.info(
+        "job %s: %s study %s at CR %g (attempt %d)",
+        job.id,
+        job.kind,
+        job.study_uid,
+        job.cr,
+        job.attempts,
+    )
     try:
         with jobs.JOBS.beating(ctx.sessions, job_id) as progress:
-            result = _classify(
-                ctx,
-                job_id,
-                job.study_uid,
-                CompressionRatio(job.cr),
-                job.syntax,
-                job.model,
-                progress,
-            )
+            if job.kind == JobKind.COMPRESS:
+                from services.core import compress  # it builds on this module
+
+                result = compress.execute(ctx, job_id, progress)
+            else:
+                result = _classify(
+                    ctx,
+                    job_id,
+                    job.study_uid,
+                    CompressionRatio(job.cr),
+                    job.syntax,
+                    job.model,
+                    progress,
+                )
     except CrgateError as exc:
         jobs.fail(ctx.sessions, job_id, reason=str(exc))
         log.warning("job %s failed: %s", job_id, exc)
@@ -499,11 +517,11 @@ def _store_outputs(
             r = ctx.outputs_ingestor.ingest_dataset(
                 ds, channel=Channel.WORKER, source=f"job:{job_id}"
             )
-            reference = _reference(r.series_uid, r.sop_instance_uid, r.sop_class_uid)
+            ref = reference(r.series_uid, r.sop_instance_uid, r.sop_class_uid)
             if key == "report":
-                stored[key] = reference
+                stored[key] = ref
             else:
-                stored[key].append(reference)
+                stored[key].append(ref)
             files.append(
                 ctx.store.absolute(
                     ctx.store.relative_path(r.study_uid, r.series_uid, r.sop_instance_uid)
@@ -518,7 +536,7 @@ def _store_outputs(
     return stored
 
 
-def _reference(series_uid: str, sop_uid: str, sop_class_uid: str) -> dict[str, str]:
+def reference(series_uid: str, sop_uid: str, sop_class_uid: str) -> dict[str, str]:
     return {"series_uid": series_uid, "sop_instance_uid": sop_uid, "sop_class_uid": sop_class_uid}
 
 
@@ -544,6 +562,7 @@ def result_payload(
             job_id, "derived", image["input_sop_instance_uid"]
         )
     return {
+        "kind": JobKind.CLASSIFY.value,
         "result_id": result_id,
         "job_id": job_id,
         "study_uid": classification.breasts[0].study_uid if classification.breasts else None,
@@ -571,14 +590,16 @@ def job_view(session: Session, job_id: str) -> dict[str, Any]:
     job = jobs.get_job(session, job_id)
     return {
         "id": job.id,
+        "kind": job.kind,
         "study_uid": job.study_uid,
         "status": job.status,
         "reason": job.reason,
         "cr": job.cr,
         "requested_cr": job.requested_cr,
         "syntax": job.syntax,
-        "model": job.model,
-        "model_sha256": job.model_sha256,
+        "model": job.model or None,
+        "model_sha256": job.model_sha256 or None,
+        "options": job.options or {},
         "policy": job.policy_source,
         "trigger": job.trigger,
         "progress": {"done": job.progress_done, "total": job.progress_total},

@@ -25,9 +25,14 @@ class JobStatus(StrEnum):
     FAILED = "failed"
 
 
+class JobKind(StrEnum):
+    CLASSIFY = "classify"  # transcode the mammograms, classify them at the CR and as received
+    COMPRESS = "compress"  # transcode every image of the study (any modality) at the CR
+
+
 class JobTrigger(StrEnum):
     API = "api"  # POST /studies/{uid}/classify
-    ARRIVAL = "arrival"  # auto-classification when a study became ready
+    ARRIVAL = "arrival"  # a policy's action when a study became ready
     CLI = "cli"
 
 

@@ -12,6 +12,7 @@ worker died is not, so a job that kills its worker every time stops after ``MAX_
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import socket
@@ -21,13 +22,13 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from services.core.contracts import JobQueue, JobStatus, JobTrigger, Payload
+from services.core.contracts import JobKind, JobQueue, JobStatus, JobTrigger, Payload
 from services.core.db.tables import Job, Result, Sweep
 from services.core.errors import NotFound
 
@@ -55,10 +56,14 @@ class JobRequest:
     trigger: JobTrigger
     requested_cr: float | None = None
     requested_by: str | None = None
+    kind: JobKind = JobKind.CLASSIFY
+    options: dict[str, Any] | None = None  # compress jobs: keep_copy, forward_to, forward_what
 
     @property
     def idempotency_key(self) -> str:
         parts = [self.study_uid, f"{self.cr:.6g}", self.syntax, self.model_sha256]
+        if self.kind is not JobKind.CLASSIFY:  # classify keys stay what they were
+            parts += [self.kind.value, json.dumps(self.options, sort_keys=True)]
         parts.extend(sorted(self.instance_uids))
         return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
@@ -87,6 +92,8 @@ def submit(sessions: sessionmaker[Session], request: JobRequest) -> tuple[Job, b
             return existing, True
     job = Job(
         id=str(uuid.uuid4()),
+        kind=request.kind.value,
+        options=request.options,
         idempotency_key=key,
         study_uid=request.study_uid,
         cr=request.cr,

@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session
 from services.core import audit
 from services.core.codecs import OutputSyntax
 from services.core.config import Settings
-from services.core.db.tables import Policy
+from services.core.db.tables import Destination, Policy
 from services.core.errors import Conflict, InvalidParameter, NotFound
 from services.core.ratio import validate_cr
 
@@ -41,6 +41,8 @@ MAX_QUIET_SECONDS = 7 * 86400
 MAX_EXPECTED_INSTANCES = 100_000
 MG_SCREENING_VIEWS = 4  # a screening mammogram: CC and MLO of each breast
 PRESETS_FILE = "cr-guidelines.csv"
+CLASSIFIABLE_MODALITY = "MG"  # the modality the installed models read
+FORWARDABLE = ("originals", "compressed", "results")  # what a forward action may send
 _CODE = re.compile(r"^[A-Z0-9_]{1,16}$")  # a DICOM CS value without spaces
 _PEDIATRIC = {"yes": "yes", "no": "no", "*": ANY, "any": ANY}
 
@@ -141,6 +143,10 @@ class PolicySpec:
     expected_instances: int | None = None
     quiet_seconds: int = DEFAULT_QUIET_SECONDS
     override_reason: str | None = None
+    auto_compress: bool = False
+    keep_copy: bool = True
+    forward_to: list[str] | None = None
+    forward_what: list[str] | None = None
 
 
 class PolicyChanges(TypedDict, total=False):
@@ -151,6 +157,10 @@ class PolicyChanges(TypedDict, total=False):
     auto_classify: bool
     expected_instances: int | None
     quiet_seconds: int
+    auto_compress: bool
+    keep_copy: bool
+    forward_to: list[str] | None
+    forward_what: list[str] | None
 
 
 @dataclass(frozen=True)
@@ -177,6 +187,15 @@ class ResolvedPolicy:
     preset: str | None
     max_cr: float | None
     source: str
+    auto_compress: bool = False
+    keep_copy: bool = True
+    forward_to: list[str] | None = None
+    forward_what: list[str] | None = None
+
+    @property
+    def acts(self) -> bool:
+        """Whether the policy does something by itself when a study is complete."""
+        return self.auto_classify or self.auto_compress or bool(self.forward_to)
 
     @property
     def id(self) -> int:  # the same as policy_id, for callers that treat it like the row
@@ -218,6 +237,39 @@ def _quiet(value: int) -> int:
     return value
 
 
+def _auto_classify(value: bool, key: PolicyKey) -> bool:
+    """Classification only where a model reads the modality (mammography)."""
+    if value and key.modality not in (ANY, CLASSIFIABLE_MODALITY):
+        raise InvalidParameter(
+            f"a policy for {key.modality} cannot classify: the installed models read "
+            f"{CLASSIFIABLE_MODALITY} images only (compress and forward work for every modality)"
+        )
+    return value
+
+
+def _destinations(session: Session, names: list[str] | None) -> list[str] | None:
+    """Destination names, each registered (``/destinations``); None or [] = no forwarding."""
+    if not names:
+        return None
+    known = set(session.scalars(select(Destination.name)))
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise InvalidParameter(
+            f"unknown destination {unknown[0]!r}: register it first (POST /destinations or "
+            f"crgate destination add); known: {', '.join(sorted(known)) or 'none'}"
+        )
+    return list(dict.fromkeys(names))
+
+
+def _forward_what(values: list[str] | None) -> list[str] | None:
+    if not values:
+        return None
+    wrong = [v for v in values if v not in FORWARDABLE]
+    if wrong:
+        raise InvalidParameter(f"forward_what {wrong[0]!r}: choose among {', '.join(FORWARDABLE)}")
+    return list(dict.fromkeys(values))
+
+
 def _reason(value: str | None) -> str | None:
     return value.strip() if value and value.strip() else None
 
@@ -232,6 +284,10 @@ def snapshot(row: Policy) -> dict[str, Any]:
         "cr": row.cr,
         "syntax": row.syntax,
         "auto_classify": row.auto_classify,
+        "auto_compress": row.auto_compress,
+        "keep_copy": row.keep_copy,
+        "forward_to": row.forward_to,
+        "forward_what": row.forward_what,
         "expected_instances": row.expected_instances,
         "quiet_seconds": row.quiet_seconds,
         "preset": row.preset,
@@ -408,6 +464,10 @@ def resolve_policy(
         preset=row.preset,
         max_cr=row.max_cr,
         source=source_of(row),
+        auto_compress=row.auto_compress,
+        keep_copy=row.keep_copy,
+        forward_to=row.forward_to,
+        forward_what=row.forward_what,
     )
 
 
@@ -439,7 +499,11 @@ def create_policy(session: Session, spec: PolicySpec, *, actor: str) -> Policy:
         pediatric=key.pediatric,
         cr=cr,
         syntax=syntax,
-        auto_classify=spec.auto_classify,
+        auto_classify=_auto_classify(spec.auto_classify, key),
+        auto_compress=spec.auto_compress,
+        keep_copy=spec.keep_copy,
+        forward_to=_destinations(session, spec.forward_to),
+        forward_what=_forward_what(spec.forward_what),
         expected_instances=_expected(spec.expected_instances),
         quiet_seconds=_quiet(spec.quiet_seconds),
         preset=None,
@@ -494,7 +558,15 @@ def update_policy(
     row.cr = cr
     row.syntax = syntax
     if "auto_classify" in changes:
-        row.auto_classify = bool(changes["auto_classify"])
+        row.auto_classify = _auto_classify(bool(changes["auto_classify"]), key)
+    if "auto_compress" in changes:
+        row.auto_compress = bool(changes["auto_compress"])
+    if "keep_copy" in changes:
+        row.keep_copy = bool(changes["keep_copy"])
+    if "forward_to" in changes:
+        row.forward_to = _destinations(session, changes["forward_to"])
+    if "forward_what" in changes:
+        row.forward_what = _forward_what(changes["forward_what"])
     if "expected_instances" in changes:
         row.expected_instances = _expected(changes["expected_instances"])
     if "quiet_seconds" in changes:
@@ -538,6 +610,10 @@ def set_policy(
         cr=changes["cr"],
         syntax=changes.get("syntax"),
         auto_classify=changes.get("auto_classify", False),
+        auto_compress=changes.get("auto_compress", False),
+        keep_copy=changes.get("keep_copy", True),
+        forward_to=changes.get("forward_to"),
+        forward_what=changes.get("forward_what"),
         expected_instances=changes.get("expected_instances"),
         quiet_seconds=changes.get("quiet_seconds", DEFAULT_QUIET_SECONDS),
         override_reason=override_reason,

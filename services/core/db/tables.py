@@ -17,7 +17,9 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
     func,
+    true,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -146,6 +148,11 @@ class Policy(Base):
     cr: Mapped[float] = mapped_column(Float)
     syntax: Mapped[str] = mapped_column(String(16))
     auto_classify: Mapped[bool] = mapped_column(Boolean, default=False)
+    auto_compress: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # compressed copies go into the study as a derived series (False: only to destinations)
+    keep_copy: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
+    forward_to: Mapped[list[str] | None] = mapped_column(JSON)  # destination names
+    forward_what: Mapped[list[str] | None] = mapped_column(JSON)  # originals, compressed, results
     expected_instances: Mapped[int | None] = mapped_column(Integer)
     quiet_seconds: Mapped[int] = mapped_column(Integer, default=120)
     preset: Mapped[str | None] = mapped_column(String(16))
@@ -172,11 +179,15 @@ class AuditEntry(Base):
 
 
 class Job(Base):
-    """One classification request; idempotency_key makes asking twice give the same job."""
+    """One classification or compression request; idempotency_key makes asking twice give the
+    same job."""
 
     __tablename__ = "jobs"
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16), default="classify", server_default="classify")
+    # what the job does with its outputs: keep_copy, forward_to, forward_what
+    options: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     idempotency_key: Mapped[str] = mapped_column(String(64), unique=True)
     study_uid: Mapped[str] = mapped_column(String(64), index=True)
     cr: Mapped[float] = mapped_column(Float)

@@ -1,6 +1,7 @@
 """The DICOM objects a classification job returns to the study it read.
 
 * :func:`derived_series`: the JPEG 2000 / HTJ2K copies as one new derived series (MG, same study);
+  :func:`derived_copies` does the same for any series a compress job transcodes;
 * :func:`overlay_captures`: the saliency overlays (HiResCAM, Grad-CAM or occlusion) as
   Secondary Capture images (RGB, 8 bits);
 * :func:`findings_report`: a Comprehensive SR with the model, the compression and, per breast
@@ -167,17 +168,30 @@ def derived_series(
     Each copy gets the job's UID for it (:func:`instance_uid`), lossy or lossless: not the
     random one derive.py gave a lossy copy, nor the original's that a lossless copy kept.
     """
-    now = datetime.now()  # DICOM dates and times are local, as highdicom writes them
-    uid = series_uid(job_id, "derived")
-    lossless = all(r.lossless for r in classification.images)
-    titles = sorted({codec_title(r) for r in classification.images}) or ["JPEG 2000"]
-    title = " / ".join(titles)
-    description = (
-        f"crgate {title} lossless" if lossless else f"crgate {title} CR {classification.cr:g}"
+    return derived_copies(
+        classification.images, job_id=job_id, cr=classification.cr, series_number=series_number
     )
+
+
+def derived_copies(
+    images: list[TranscodeResult],
+    *,
+    job_id: str,
+    cr: float,
+    series_number: int = 9001,
+    series_role: str = "derived",
+) -> list[Dataset]:
+    """Copies as one new series (``series_uid(job_id, series_role)``); a compress job makes
+    one such series per source series, with a role per source series."""
+    now = datetime.now()  # DICOM dates and times are local, as highdicom writes them
+    uid = series_uid(job_id, series_role)
+    lossless = all(r.lossless for r in images)
+    titles = sorted({codec_title(r) for r in images}) or ["JPEG 2000"]
+    title = " / ".join(titles)
+    description = f"crgate {title} lossless" if lossless else f"crgate {title} CR {cr:g}"
     return [
         _derived(result, (uid, job_id), series_number, index, description, now)
-        for index, result in enumerate(classification.images, start=1)
+        for index, result in enumerate(images, start=1)
     ]
 
 

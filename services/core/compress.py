@@ -1,0 +1,441 @@
+"""The compress use case: every image of a stored study, of any modality, transcoded at a CR.
+
+``request`` makes the jobs (a route, the arrival tracker or a test asks): with a CR, one job for
+every image of the study; without one, one job per policy that the study's series fall under
+(a PET/CT study under two policies gets two). ``execute`` is the job's body, run by
+``classify.run_job`` for jobs of kind ``compress``: per image decode -> encode at the CR ->
+measure -> a derived copy (one derived series per source series, kept in the study, or only
+written for the destinations when the policy says ``keep_copy=false``). An image the transcoder
+cannot code (palette colour, 1 bit, float pixels, an undecodable syntax) is skipped with its
+reason; the rest of the study goes on. Multi-frame images are coded frame by frame, one result
+row per image with its frame count. Originals are never changed or deleted.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from services.core import audit, jobs
+from services.core.classify import (
+    JobContext,
+    check_override,
+    job_instances,
+    reference,
+    study_pediatric,
+)
+from services.core.codecs import OutputSyntax
+from services.core.contracts import ClassifyPayload, JobKind, JobQueue, JobTrigger
+from services.core.db.tables import Instance, Job, Policy, Result, Series, Study
+from services.core.dicom.io import read_dataset, write_dataset
+from services.core.errors import CrgateError, InvalidInput, NotFound
+from services.core.ingest import Channel
+from services.core.pipeline import TranscodeResult, transcode_dataset
+from services.core.policies import Ceiling, PolicyKey, ResolvedPolicy, ceiling, resolve_policy
+from services.core.ratio import CompressionRatio
+
+log = logging.getLogger(__name__)
+
+DEFAULT_FORWARD_WHAT = ("compressed", "results")
+
+
+@dataclass(frozen=True)
+class PolicyGroup:
+    """The images of a study that fall under one policy."""
+
+    policy: ResolvedPolicy
+    instances: list[Instance]
+
+
+def compressible_instances(session: Session, study_uid: str) -> list[Instance]:
+    """The study's images as received (rows with a Rows value; crgate's own outputs and
+    non-image objects such as SR left out)."""
+    query = (
+        select(Instance)
+        .where(
+            Instance.study_uid == study_uid,
+            Instance.channel != Channel.WORKER.value,
+            Instance.rows.is_not(None),
+        )
+        .order_by(Instance.series_uid, Instance.instance_number, Instance.sop_instance_uid)
+    )
+    return list(session.scalars(query))
+
+
+def policy_groups(
+    session: Session, ctx: JobContext, instances: list[Instance]
+) -> list[PolicyGroup]:
+    """Group ``instances`` by the policy of their series (modality, body part) and patient."""
+    if not instances:
+        return []
+    series = {
+        s.series_uid: s
+        for s in session.scalars(
+            select(Series).where(Series.series_uid.in_({i.series_uid for i in instances}))
+        )
+    }
+    pediatric = study_pediatric(ctx.store, instances[0])
+    groups: dict[int, PolicyGroup] = {}
+    for instance in instances:
+        row = series.get(instance.series_uid)
+        policy = resolve_policy(
+            session,
+            modality=row.modality if row is not None else None,
+            body_part=row.body_part_examined if row is not None else None,
+            pediatric=pediatric,
+        )
+        groups.setdefault(policy.policy_id, PolicyGroup(policy, [])).instances.append(instance)
+    return list(groups.values())
+
+
+def forward_options(policy: ResolvedPolicy) -> dict[str, Any]:
+    """What a policy's forward action sends, as job options (nothing when it has none)."""
+    if not policy.forward_to:
+        return {}
+    return {
+        "forward_to": list(policy.forward_to),
+        "forward_what": list(policy.forward_what or DEFAULT_FORWARD_WHAT),
+    }
+
+
+def request(
+    ctx: JobContext,
+    queue: JobQueue,
+    study_uid: str,
+    *,
+    cr: CompressionRatio | None,
+    syntax: str | None,
+    trigger: JobTrigger,
+    requested_by: str | None,
+    keep_copy: bool | None = None,
+    may_exceed_ceiling: bool = False,
+    reason: str | None = None,
+    policy_ids: set[int] | None = None,
+) -> list[tuple[Job, bool]]:
+    """Ask for the study's compression: the jobs made (or found: the same request twice gives
+    the same jobs), each with whether it is new. ``policy_ids`` limits a policy-driven request
+    to the groups of those policies (the arrival tracker asks only for policies that compress).
+
+    A CR above the ceiling of a policy the study falls under needs ``may_exceed_ceiling`` (the
+    admin role) and a ``reason``; the override is audit-logged.
+    """
+    planned = prepare(
+        ctx,
+        study_uid,
+        cr=cr,
+        syntax=syntax,
+        trigger=trigger,
+        requested_by=requested_by,
+        keep_copy=keep_copy,
+        may_exceed_ceiling=may_exceed_ceiling,
+        reason=reason,
+        policy_ids=policy_ids,
+    )
+    made = []
+    for job_request, exceeded in planned:
+        job, created = jobs.submit(ctx.sessions, job_request)
+        if exceeded is not None:
+            with ctx.sessions.begin() as session:
+                audit.record(
+                    session,
+                    actor=requested_by or "unknown",
+                    action="override",
+                    entity="job",
+                    entity_id=job.id,
+                    before=None,
+                    after={
+                        "kind": JobKind.COMPRESS.value,
+                        "study_uid": study_uid,
+                        "cr": job_request.cr,
+                        "max_cr": exceeded.max_cr,
+                        "preset": exceeded.preset,
+                    },
+                    reason=reason,
+                )
+        if created:
+            jobs.hand_over(queue, ClassifyPayload(job_id=job.id), f"job {job.id}")
+        made.append((job, created))
+    return made
+
+
+def prepare(
+    ctx: JobContext,
+    study_uid: str,
+    *,
+    cr: CompressionRatio | None,
+    syntax: str | None,
+    trigger: JobTrigger,
+    requested_by: str | None,
+    keep_copy: bool | None,
+    may_exceed_ceiling: bool,
+    reason: str | None,
+    policy_ids: set[int] | None,
+) -> list[tuple[jobs.JobRequest, Ceiling | None]]:
+    """The job requests for a compression of the study, and the ceiling each exceeds."""
+    if syntax is not None:
+        OutputSyntax.parse(syntax)  # a bad name is refused before anything else
+    with ctx.sessions() as session:
+        if session.get(Study, study_uid) is None:
+            raise NotFound(f"no study {study_uid} in the store")
+        instances = compressible_instances(session, study_uid)
+        if not instances:
+            raise InvalidInput(
+                f"study {study_uid} has no image to compress (only objects without pixel "
+                "data, or crgate's own outputs)"
+            )
+        groups = policy_groups(session, ctx, instances)
+        if policy_ids is not None:
+            groups = [g for g in groups if g.policy.policy_id in policy_ids]
+        if cr is None:
+            return [
+                (_policy_request(study_uid, g, syntax, trigger, requested_by, keep_copy), None)
+                for g in groups
+            ]
+        exceeded = _lowest_exceeded(session, groups, cr)
+    if exceeded is not None:
+        check_override(cr, exceeded, may_exceed_ceiling, reason)
+    out_syntax = OutputSyntax.for_cr(cr, syntax)
+    job_request = jobs.JobRequest(
+        study_uid=study_uid,
+        cr=float(cr),
+        syntax=out_syntax.value,
+        model="",
+        model_sha256="",
+        instance_uids=tuple(i.sop_instance_uid for g in groups for i in g.instances),
+        policy_id=None,
+        policy_source="requested",
+        trigger=trigger,
+        requested_cr=float(cr),
+        requested_by=requested_by,
+        kind=JobKind.COMPRESS,
+        options={"keep_copy": True if keep_copy is None else keep_copy},
+    )
+    return [(job_request, exceeded)]
+
+
+def _policy_request(
+    study_uid: str,
+    group: PolicyGroup,
+    syntax: str | None,
+    trigger: JobTrigger,
+    requested_by: str | None,
+    keep_copy: bool | None,
+) -> jobs.JobRequest:
+    policy = group.policy
+    options: dict[str, Any] = {"keep_copy": policy.keep_copy if keep_copy is None else keep_copy}
+    if trigger is JobTrigger.ARRIVAL:  # the policy's forward action goes with its compression
+        options.update(forward_options(policy))
+    return jobs.JobRequest(
+        study_uid=study_uid,
+        cr=policy.cr,
+        syntax=OutputSyntax.for_cr(policy.cr, syntax or policy.syntax).value,
+        model="",
+        model_sha256="",
+        instance_uids=tuple(i.sop_instance_uid for i in group.instances),
+        policy_id=policy.policy_id,
+        policy_source=policy.source,
+        trigger=trigger,
+        requested_by=requested_by,
+        kind=JobKind.COMPRESS,
+        options=options,
+    )
+
+
+def _lowest_exceeded(session: Session, groups: list[PolicyGroup], cr: float) -> Ceiling | None:
+    """The lowest ceiling among the groups' policies that ``cr`` is above."""
+    found: Ceiling | None = None
+    for group in groups:
+        p = group.policy
+        limit = ceiling(
+            session, PolicyKey(p.modality, p.body_part, p.pediatric), session.get(Policy, p.id)
+        )
+        if (
+            limit is not None
+            and cr > limit.max_cr
+            and (found is None or limit.max_cr < found.max_cr)
+        ):
+            found = limit
+    return found
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+@dataclass
+class _Done:
+    """What the job did with its images so far."""
+
+    images: list[dict[str, Any]]
+    skipped: list[dict[str, Any]]
+    outputs: list[dict[str, str]]
+    files: list[Path]
+
+
+def execute(ctx: JobContext, job_id: str, progress: Callable[[int, int], None]) -> Result:
+    """The body of a compress job: every image it was made for, one at a time (bounded
+    memory), then the result row."""
+    started = time.perf_counter()
+    with ctx.sessions() as session:
+        job = jobs.get_job(session, job_id)
+        instances = job_instances(session, job)
+        series = {
+            s.series_uid: s
+            for s in session.scalars(
+                select(Series).where(Series.series_uid.in_({i.series_uid for i in instances}))
+            )
+        }
+        cr, syntax, options = CompressionRatio(job.cr), job.syntax, dict(job.options or {})
+        study_uid, policy_source, requested_cr = job.study_uid, job.policy_source, job.requested_cr
+    if not instances:
+        raise InvalidInput(f"study {study_uid} has no image to compress any more")
+    result_id = str(uuid.uuid4())
+    keep_copy = bool(options.get("keep_copy", True))
+    done = _Done([], [], [], [])
+    order = {uid: n for n, uid in enumerate(dict.fromkeys(i.series_uid for i in instances), 1)}
+    for count, instance in enumerate(instances, start=1):
+        source = series.get(instance.series_uid)
+        where = {
+            "input_sop_instance_uid": instance.sop_instance_uid,
+            "series_uid": instance.series_uid,
+            "modality": source.modality if source is not None else None,
+        }
+        try:
+            ds = read_dataset(ctx.store.absolute(instance.path))
+            transcoded = transcode_dataset(
+                ds,
+                cr=cr,
+                syntax=syntax,
+                threads=ctx.settings.threads,
+                source=instance.sop_instance_uid,
+            )
+        except CrgateError as exc:  # this image cannot be coded; the others go on
+            done.skipped.append({**where, "reason": str(exc)})
+            log.info("job %s: image %s skipped: %s", job_id, instance.sop_instance_uid, exc)
+        else:
+            _keep(
+                ctx,
+                done,
+                transcoded,
+                where,
+                (job_id, result_id, keep_copy),
+                order[instance.series_uid],
+            )
+            done.images.append(_image_row(transcoded, where, ds.get("NumberOfFrames")))
+        progress(count, len(instances))
+    compressed_at = time.perf_counter()
+    forwarded = _forward(ctx, options, instances, done.files)
+    finished = time.perf_counter()
+    payload = {
+        "kind": JobKind.COMPRESS.value,
+        "result_id": result_id,
+        "job_id": job_id,
+        "study_uid": study_uid,
+        "requested_cr": requested_cr,
+        "applied_cr": float(cr),
+        "syntax": syntax,
+        "policy": policy_source,
+        "summary": _summary(done),
+        "images": done.images,
+        "skipped": done.skipped,
+        "outputs": {"kept_in_study": keep_copy, "derived": done.outputs, **forwarded},
+        "timings_ms": {
+            "compress": round((compressed_at - started) * 1000, 1),
+            "total": round((finished - started) * 1000, 1),
+        },
+    }
+    return Result(id=result_id, job_id=job_id, study_uid=study_uid, payload=payload)
+
+
+def _keep(
+    ctx: JobContext,
+    done: _Done,
+    transcoded: TranscodeResult,
+    where: dict[str, Any],
+    job: tuple[str, str, bool],
+    series_index: int,
+) -> None:
+    """Store the derived copy in the study (keep_copy), or write it among the result's files
+    for the destinations only."""
+    from services.core.dicom import results as objects
+
+    job_id, result_id, keep_copy = job
+    (copy,) = objects.derived_copies(
+        [transcoded],
+        job_id=job_id,
+        cr=transcoded.target_cr,
+        series_number=9000 + series_index,
+        series_role=f"derived:{where['series_uid']}",
+    )
+    if keep_copy:
+        stored = ctx.outputs_ingestor.ingest_dataset(
+            copy, channel=Channel.WORKER, source=f"job:{job_id}"
+        )
+        done.outputs.append(
+            reference(stored.series_uid, stored.sop_instance_uid, stored.sop_class_uid)
+        )
+        done.files.append(
+            ctx.store.absolute(
+                ctx.store.relative_path(
+                    stored.study_uid, stored.series_uid, stored.sop_instance_uid
+                )
+            )
+        )
+    else:
+        path = ctx.results_dir(result_id) / "copies" / f"{copy.SOPInstanceUID}.dcm"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_dataset(copy, path)
+        done.files.append(path)
+    where["output_sop_instance_uid"] = str(copy.SOPInstanceUID)
+
+
+def _image_row(
+    transcoded: TranscodeResult, where: dict[str, Any], frames: object
+) -> dict[str, Any]:
+    row = {**where, **transcoded.as_dict()}
+    row["output_sop_instance_uid"] = where["output_sop_instance_uid"]
+    row["frames"] = int(str(frames)) if frames not in (None, "") else 1
+    for key in ("source", "output"):
+        row.pop(key, None)
+    for key in ("decode_ms", "encode_ms", "metrics_ms", "total_ms"):
+        row[key] = round(row[key], 1)
+    return row
+
+
+def _summary(done: _Done) -> dict[str, Any]:
+    bytes_in = sum(i["bytes_in"] for i in done.images)
+    bytes_out = sum(i["bytes_out"] for i in done.images)
+    return {
+        "images": len(done.images),
+        "frames": sum(i["frames"] for i in done.images),
+        "skipped": len(done.skipped),
+        "bytes_in": bytes_in,
+        "bytes_out": bytes_out,
+        "achieved_cr": round(bytes_in / bytes_out, 3) if bytes_out else None,
+        "min_psnr_db": min((i["psnr_db"] for i in done.images), default=None),
+        "max_abs_error": max((i["max_abs_error"] for i in done.images), default=None),
+    }
+
+
+def _forward(
+    ctx: JobContext, options: dict[str, Any], instances: list[Instance], copies: list[Path]
+) -> dict[str, Any]:
+    """The job's forward action (a policy's): never fails the result."""
+    if ctx.forward is None:  # CRGATE_FORWARD_TO: every job's outputs
+        return {}
+    what = set(options.get("forward_what") or DEFAULT_FORWARD_WHAT)
+    files = list(copies) if "compressed" in what else []
+    if "originals" in what:
+        files += [ctx.store.absolute(i.path) for i in instances]
+    try:
+        return {"forwarded": ctx.forward(files)}
+    except Exception as exc:  # forwarding never fails a stored result
+        log.warning("forwarding failed: %s", type(exc).__name__)
+        return {"forwarded": {"sent": 0, "error": f"forwarding failed: {type(exc).__name__}"}}
