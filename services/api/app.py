@@ -12,6 +12,7 @@ from starlette.routing import Match
 from services.api import cors, deps, problems
 from services.api.routes import (
     classify,
+    compress,
     destinations,
     docs,
     login,
@@ -59,6 +60,7 @@ def create_app(settings: Settings | None = None, *, state: Runtime | None = None
     app.include_router(policies.router)
     app.include_router(sweeps.router)
     app.include_router(classify.router)
+    app.include_router(compress.router)
     app.include_router(models.router)
     app.include_router(destinations.router)
     _include_dicomweb(app)

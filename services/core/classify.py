@@ -1,8 +1,8 @@
 """The one classify use case: from a study UID to a stored result.
 
 ``prepare`` turns a request (API, arrival tracker, CLI) into a job request: it checks the study
-and resolves the CR (explicit, or the site's policy). ``run_job`` is the whole task body, the
-same code whether a Celery worker or the in-process runner of `crgate serve` runs it:
+and resolves the CR (explicit, or the site's policy). ``execute`` is the job's body, run by
+services/core/runner.py whether a Celery worker or the in-process runner of `crgate serve` runs it:
 
 claim the job -> read the mammograms it was made for -> transcode at the CR + classify (on the
 compressed copy and on the original) -> overlay PNGs -> DICOM outputs through the ingest path
@@ -40,7 +40,6 @@ from services.core.contracts import ClassifyPayload, JobKind, JobQueue, JobStatu
 from services.core.db.tables import Instance, Job, Policy, Result, Series, Study
 from services.core.dicom.io import read_dataset
 from services.core.errors import (
-    CrgateError,
     Forbidden,
     InvalidInput,
     InvalidParameter,
@@ -340,49 +339,12 @@ def _years_between(birth: object, study: object) -> float | None:
     return float(years) if years >= 0 else None
 
 
-def run_job(ctx: JobContext, job_id: str) -> str | None:
-    """Run job ``job_id`` to the end; return its result id (None when it failed).
-
-    Permanent problems (a CrgateError: bad study, undecodable image) fail the job with the
-    reason. Anything else propagates so that the caller (Celery) retries (it gives a job
-    stopped by a transient error back to the queue first); a stale-job sweep puts a job back if
-    its worker died, and the claim fails it after ``jobs.MAX_ATTEMPTS`` such deaths.
-    """
-    job = jobs.claim(ctx.sessions, job_id, stale_after_s=ctx.settings.job_stale_seconds)
-    if job is None:
-        with ctx.sessions() as session:
-            return jobs.get_job(session, job_id).result_id
-    log.info(
-        "job %s: %s study %s at CR %g (attempt %d)",
-        job.id,
-        job.kind,
-        job.study_uid,
-        job.cr,
-        job.attempts,
-    )
-    try:
-        with jobs.JOBS.beating(ctx.sessions, job_id) as progress:
-            if job.kind == JobKind.COMPRESS:
-                from services.core import compress  # it builds on this module
-
-                result = compress.execute(ctx, job_id, progress)
-            else:
-                result = _classify(
-                    ctx,
-                    job_id,
-                    job.study_uid,
-                    CompressionRatio(job.cr),
-                    job.syntax,
-                    job.model,
-                    progress,
-                )
-    except CrgateError as exc:
-        jobs.fail(ctx.sessions, job_id, reason=str(exc))
-        log.warning("job %s failed: %s", job_id, exc)
-        return None
-    jobs.succeed(ctx.sessions, job_id, result=result)
-    log.info("job %s succeeded: result %s", job_id, result.id)
-    return result.id
+def execute(ctx: JobContext, job_id: str, progress: Callable[[int, int], None]) -> Result:
+    """The body of a classify job (services/core/runner.py runs its lifecycle)."""
+    with ctx.sessions() as session:
+        job = jobs.get_job(session, job_id)
+        study_uid, cr, syntax, model = job.study_uid, job.cr, job.syntax, job.model
+    return _classify(ctx, job_id, study_uid, CompressionRatio(cr), syntax, model, progress)
 
 
 def _classify(

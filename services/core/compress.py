@@ -3,7 +3,7 @@
 ``request`` makes the jobs (a route, the arrival tracker or a test asks): with a CR, one job for
 every image of the study; without one, one job per policy that the study's series fall under
 (a PET/CT study under two policies gets two). ``execute`` is the job's body, run by
-``classify.run_job`` for jobs of kind ``compress``: per image decode -> encode at the CR ->
+services/core/runner.py for jobs of kind ``compress``: per image decode -> encode at the CR ->
 measure -> a derived copy (one derived series per source series, kept in the study, or only
 written for the destinations when the policy says ``keep_copy=false``). An image the transcoder
 cannot code (palette colour, 1 bit, float pixels, an undecodable syntax) is skipped with its
@@ -391,7 +391,7 @@ def _keep(
     else:
         path = ctx.results_dir(result_id) / "copies" / f"{copy.SOPInstanceUID}.dcm"
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_dataset(copy, path)
+        write_dataset(copy, path, private=True)
         done.files.append(path)
     where["output_sop_instance_uid"] = str(copy.SOPInstanceUID)
 

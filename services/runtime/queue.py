@@ -2,7 +2,7 @@
 
 Producers never import task code: the Celery queue sends ``contracts.TASK_CLASSIFY`` by name;
 the in-process queue (no broker configured: `crgate serve` on one machine) runs the same task
-body, ``core.classify.run_job``, on a background thread.
+body, ``core.runner.run_job``, on a background thread.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from services.core import jobs
-from services.core.classify import JobContext, run_job
+from services.core.classify import JobContext
 from services.core.config import Settings
 from services.core.contracts import (
     QUEUE_CLASSIFY,
@@ -27,6 +27,7 @@ from services.core.contracts import (
     SweepPayload,
 )
 from services.core.db.tables import Job, Sweep
+from services.core.runner import run_job
 
 log = logging.getLogger(__name__)
 

@@ -102,7 +102,7 @@ class SweepTask(JobTask):
 
 @celery_app.task(name=TASK_CLASSIFY, base=JobTask, bind=True, **RETRIES)  # type: ignore[untyped-decorator]
 def run_classify_job(self: JobTask, job_id: str) -> str | None:
-    from services.core.classify import run_job
+    from services.core.runner import run_job
 
     result: str | None = self.run_job(job_id, run_job)
     return result

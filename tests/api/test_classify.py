@@ -18,7 +18,7 @@ from sqlalchemy import delete, select, update
 
 from services.core import classify, jobs
 from services.core.auth import Role
-from services.core.classify import prepare, run_job
+from services.core.classify import prepare
 from services.core.contracts import JobTrigger
 from services.core.db.tables import Instance, Job, Result
 from services.core.dicom.uids import new_uid
@@ -26,6 +26,7 @@ from services.core.dicom.values import as_strings
 from services.core.ingest import Channel
 from services.core.policies import PolicyKey, set_policy
 from services.core.ratio import CompressionRatio
+from services.core.runner import run_job
 from services.lab.phantom import PhantomConfig, generate_study
 from services.runtime import Runtime
 from tests.conftest import HeldQueue

@@ -70,16 +70,16 @@ async def post_classify(
         may_exceed_ceiling=principal is not None and principal.role is Role.ADMIN,
         reason=reason,
     )
-    view = await _wait_for(state, job.id, wait)
+    view = await wait_for(state, job.id, wait)
     body: dict[str, Any] = {"job": view, "status_url": f"/jobs/{job.id}"}
     if view["result_id"]:
-        body["result"] = await run_in_threadpool(_payload, state, view["result_id"])
+        body["result"] = await run_in_threadpool(result_payload, state, view["result_id"])
         body["result_url"] = f"/studies/{study_uid}/results/{view['result_id']}"
         return JSONResponse(body, status_code=200)
     return JSONResponse(body, status_code=202, headers={"Location": f"/jobs/{job.id}"})
 
 
-async def _wait_for(state: Any, job_id: str, wait_s: float) -> dict[str, Any]:
+async def wait_for(state: Any, job_id: str, wait_s: float) -> dict[str, Any]:
     deadline = time.monotonic() + wait_s
     while True:
         with state.sessions() as session:
@@ -89,7 +89,7 @@ async def _wait_for(state: Any, job_id: str, wait_s: float) -> dict[str, Any]:
         await asyncio.sleep(0.2)
 
 
-def _payload(state: Any, result_id: str) -> Any:
+def result_payload(state: Any, result_id: str) -> Any:
     with state.sessions() as session:
         row = session.get(Result, result_id)
         return row.payload if row is not None else None

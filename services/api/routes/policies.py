@@ -7,7 +7,7 @@ need an admin key. Every change is audit-logged with the key's name as the actor
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Response
 from pydantic import BaseModel, Field
@@ -23,6 +23,7 @@ from services.core.policies import PolicyChanges, PolicyKey, PolicySpec
 
 router = APIRouter(tags=["policies"])
 
+Forwardable = Literal["originals", "compressed", "results"]
 READ = require(Role.OPERATOR)
 ADMIN = require(Role.ADMIN)
 AdminDep = Annotated[Principal | None, Depends(ADMIN)]
@@ -47,7 +48,26 @@ class PolicyIn(BaseModel):
     cr: float = Field(description=CR_HELP, examples=[20])
     syntax: OutputSyntax | None = Field(None, description=SYNTAX_HELP)
     auto_classify: bool = Field(
-        False, description="classify a study by itself once it is complete (or quiet)"
+        False,
+        description="classify a study by itself once it is complete (or quiet); only for MG "
+        "or * (the modality the models read)",
+    )
+    auto_compress: bool = Field(
+        False, description="compress the matching images of a complete study at the CR"
+    )
+    keep_copy: bool = Field(
+        True,
+        description="keep compressed copies in the study as a derived series; false: only "
+        "send them to the destinations",
+    )
+    forward_to: list[str] | None = Field(
+        None, max_length=16, description="registered destination names to forward to"
+    )
+    forward_what: list[Forwardable] | None = Field(
+        None,
+        max_length=3,
+        description="what is forwarded: originals, compressed, results (default: compressed "
+        "and results)",
     )
     expected_instances: int | None = Field(
         None, ge=1, description="a study is complete at this many instances (MG screening: 4)"
@@ -68,6 +88,14 @@ class PolicyUpdate(BaseModel):
     cr: float | None = Field(None, description=CR_HELP)
     syntax: OutputSyntax | None = Field(None, description=SYNTAX_HELP)
     auto_classify: bool | None = Field(None, description="classify complete studies by itself")
+    auto_compress: bool | None = Field(None, description="compress complete studies by itself")
+    keep_copy: bool | None = Field(None, description="keep compressed copies in the study")
+    forward_to: list[str] | None = Field(
+        None, max_length=16, description="destination names; [] or null stops forwarding"
+    )
+    forward_what: list[Forwardable] | None = Field(
+        None, max_length=3, description="originals, compressed, results"
+    )
     expected_instances: int | None = Field(
         None, ge=1, description="instances that make a study complete; null clears it"
     )
@@ -85,6 +113,10 @@ class PolicyOut(BaseModel):
     cr: float = Field(description=CR_HELP)
     syntax: OutputSyntax
     auto_classify: bool
+    auto_compress: bool
+    keep_copy: bool
+    forward_to: list[str] | None
+    forward_what: list[str] | None
     expected_instances: int | None
     quiet_seconds: int
     preset: str | None = Field(description="the guideline preset that last set this policy")
@@ -109,6 +141,10 @@ class ResolvedOut(BaseModel):
     cr: float
     syntax: OutputSyntax
     auto_classify: bool
+    auto_compress: bool
+    keep_copy: bool
+    forward_to: list[str] | None
+    forward_what: list[str] | None
     expected_instances: int | None
     quiet_seconds: int
     preset: str | None
@@ -195,6 +231,10 @@ def _out(session: Session, row: Policy) -> PolicyOut:
         cr=row.cr,
         syntax=OutputSyntax(row.syntax),
         auto_classify=row.auto_classify,
+        auto_compress=row.auto_compress,
+        keep_copy=row.keep_copy,
+        forward_to=row.forward_to,
+        forward_what=row.forward_what,
         expected_instances=row.expected_instances,
         quiet_seconds=row.quiet_seconds,
         preset=row.preset,
@@ -233,6 +273,10 @@ def create_policy(body: PolicyIn, session: SessionDep, principal: AdminDep) -> A
             cr=body.cr,
             syntax=body.syntax.value if body.syntax else None,
             auto_classify=body.auto_classify,
+            auto_compress=body.auto_compress,
+            keep_copy=body.keep_copy,
+            forward_to=body.forward_to,
+            forward_what=[str(w) for w in body.forward_what or []],
             expected_instances=body.expected_instances,
             quiet_seconds=body.quiet_seconds,
             override_reason=body.override_reason,
@@ -318,6 +362,10 @@ def resolve(
         cr=found.cr,
         syntax=found.output_syntax,
         auto_classify=found.auto_classify,
+        auto_compress=found.auto_compress,
+        keep_copy=found.keep_copy,
+        forward_to=found.forward_to,
+        forward_what=found.forward_what,
         expected_instances=found.expected_instances,
         quiet_seconds=found.quiet_seconds,
         preset=found.preset,
@@ -352,6 +400,14 @@ def update_policy(
         changes["syntax"] = body.syntax.value
     if body.auto_classify is not None:
         changes["auto_classify"] = body.auto_classify
+    if body.auto_compress is not None:
+        changes["auto_compress"] = body.auto_compress
+    if body.keep_copy is not None:
+        changes["keep_copy"] = body.keep_copy
+    if "forward_to" in given:
+        changes["forward_to"] = body.forward_to
+    if "forward_what" in given:
+        changes["forward_what"] = [str(w) for w in body.forward_what or []]
     if "expected_instances" in given:
         changes["expected_instances"] = body.expected_instances
     if body.quiet_seconds is not None:

@@ -67,10 +67,11 @@ def _short_element(ds: Dataset) -> str | None:
 
 
 @contextlib.contextmanager
-def atomic_output(path: Path) -> Iterator[BinaryIO]:
+def atomic_output(path: Path, *, private: bool = False) -> Iterator[BinaryIO]:
     """Yield a temp file beside ``path``; on success fsync it and rename it into place.
 
-    On any failure the temp file is removed, so no partial output is ever visible.
+    On any failure the temp file is removed, so no partial output is ever visible. A
+    ``private`` file (crgate's own store of patient data) stays 0600; others follow the umask.
     """
     path = Path(path)
     directory = path.parent
@@ -83,7 +84,8 @@ def atomic_output(path: Path) -> Iterator[BinaryIO]:
         with os.fdopen(fd, "wb") as fh:
             yield fh
             fh.flush()
-            os.fchmod(fh.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600
+            if not private:
+                os.fchmod(fh.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600
             os.fsync(fh.fileno())
         tmp.replace(path)
         _fsync_dir(directory)
@@ -109,10 +111,11 @@ def _fsync_dir(directory: Path) -> None:
         os.close(dfd)
 
 
-def write_dataset(ds: Dataset, path: Path) -> int:
-    """Write ``ds`` as a Part 10 file atomically; return the number of bytes written."""
+def write_dataset(ds: Dataset, path: Path, *, private: bool = False) -> int:
+    """Write ``ds`` as a Part 10 file atomically (0600 when ``private``); return the number
+    of bytes written."""
     try:
-        with atomic_output(path) as fh:
+        with atomic_output(path, private=private) as fh:
             ds.save_as(fh, enforce_file_format=True)
             size = fh.tell()
     except OSError as exc:
