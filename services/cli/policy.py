@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from services.cli.common import DataDir, actor, err, fail, out, settings_from
 from services.core import policies
 from services.core.codecs import SYNTAX_HELP
+from services.core.db.tables import Policy
 from services.core.errors import CrgateError
 from services.core.policies import PolicyChanges, PolicyKey
 
@@ -33,6 +34,26 @@ def _sessions(data_dir: Path | None) -> sessionmaker[Session]:
 
 def _pediatric(value: str | None) -> str:
     return policies.ANY if value is None else policies.pediatric_value(value)
+
+
+def _actions(p: Policy) -> str:
+    """What a policy does by itself: compress (kept or not), classify, forward to."""
+    acts = []
+    if p.auto_compress:
+        acts.append("compress" if p.keep_copy else "compress (not kept)")
+    if p.auto_classify:
+        acts.append("classify")
+    if p.forward_to:
+        what = "+".join(p.forward_what or ("compressed", "results"))
+        acts.append(f"forward {what} to {', '.join(p.forward_to)}")
+    return "; ".join(acts) or "-"
+
+
+def _words(value: str | None) -> list[str] | None:
+    """A comma-separated option as a list ("" = none)."""
+    if value is None:
+        return None
+    return [w.strip() for w in value.split(",") if w.strip()]
 
 
 def _num(value: float | None) -> str:
@@ -57,7 +78,7 @@ def list_cmd(data_dir: DataDir = None) -> None:
                         p.pediatric,
                         _num(p.cr),
                         p.syntax,
-                        "yes" if p.auto_classify else "no",
+                        _actions(p),
                         _num(p.expected_instances),
                         str(p.quiet_seconds),
                         p.preset or "-",
@@ -75,7 +96,7 @@ def list_cmd(data_dir: DataDir = None) -> None:
         "pediatric",
         "cr",
         "syntax",
-        "auto",
+        "acts",
         "expected",
         "quiet s",
         "preset",
@@ -110,6 +131,33 @@ def set_cmd(
             "--auto-classify/--no-auto-classify", help="classify complete studies by itself"
         ),
     ] = None,
+    auto_compress: Annotated[
+        bool | None,
+        typer.Option(
+            "--auto-compress/--no-auto-compress",
+            help="compress the matching images of complete studies at the CR",
+        ),
+    ] = None,
+    keep_copy: Annotated[
+        bool | None,
+        typer.Option(
+            "--keep-copy/--no-keep-copy",
+            help="keep compressed copies in the study (no: only send them to destinations)",
+        ),
+    ] = None,
+    forward_to: Annotated[
+        str | None,
+        typer.Option(
+            "--forward-to", help="destination names, comma-separated ('' stops forwarding)"
+        ),
+    ] = None,
+    forward_what: Annotated[
+        str | None,
+        typer.Option(
+            "--forward-what",
+            help="what to forward, comma-separated: originals, compressed, results",
+        ),
+    ] = None,
     expected_instances: Annotated[
         int | None,
         typer.Option("--expected-instances", help="a study is complete at this many instances"),
@@ -132,6 +180,14 @@ def set_cmd(
         changes["syntax"] = syntax
     if auto_classify is not None:
         changes["auto_classify"] = auto_classify
+    if auto_compress is not None:
+        changes["auto_compress"] = auto_compress
+    if keep_copy is not None:
+        changes["keep_copy"] = keep_copy
+    if forward_to is not None:
+        changes["forward_to"] = _words(forward_to)
+    if forward_what is not None:
+        changes["forward_what"] = _words(forward_what)
     if expected_instances is not None:
         changes["expected_instances"] = expected_instances
     if quiet_seconds is not None:

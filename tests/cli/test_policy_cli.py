@@ -202,3 +202,19 @@ def test_preset_reports_what_it_kept_and_list_shows_violations(crgate: CliRunner
     assert forced.exit_code == 0 and "0 kept a stricter CR" in forced.stderr
     ct = next(p for p in crgate.rows() if p.modality == "CT" and p.pediatric == "yes")
     assert ct.cr == 15
+
+
+def test_set_gives_a_policy_actions_and_list_shows_them(crgate: CliRunnerCall) -> None:
+    made = crgate("set", "--modality", "CT", "--cr", "8", "--auto-compress", "--no-keep-copy")
+    assert made.exit_code == 0, made.stderr
+    ct = next(p for p in crgate.rows() if p.modality == "CT")
+    assert (ct.auto_compress, ct.keep_copy, ct.forward_to) == (True, False, None)
+    assert "compress (not kept)" in crgate("list").stdout
+    refused = crgate("set", "--modality", "CT", "--auto-classify")
+    assert refused.exit_code == EXIT_INVALID
+    assert "cannot classify" in one_error_line(refused)
+    unknown = crgate("set", "--modality", "CT", "--forward-to", "PACS1")
+    assert unknown.exit_code == EXIT_INVALID
+    assert "unknown destination 'PACS1'" in one_error_line(unknown)
+    what = crgate("set", "--modality", "CT", "--forward-what", "originals,everything")
+    assert what.exit_code == EXIT_INVALID and "everything" in one_error_line(what)
