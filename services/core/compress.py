@@ -14,12 +14,15 @@ row per image with its frame count. Originals are never changed or deleted.
 from __future__ import annotations
 
 import logging
+import os
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -43,6 +46,9 @@ from services.core.policies import Ceiling, PolicyKey, ResolvedPolicy, ceiling, 
 from services.core.ratio import CompressionRatio
 
 log = logging.getLogger(__name__)
+
+MAX_PARALLEL_IMAGES = 4
+_T = TypeVar("_T")
 
 DEFAULT_FORWARD_WHAT = ("compressed", "results")
 
@@ -280,8 +286,8 @@ class _Done:
 
 
 def execute(ctx: JobContext, job_id: str, progress: Callable[[int, int], None]) -> Result:
-    """The body of a compress job: every image it was made for, one at a time (bounded
-    memory), then the result row."""
+    """The body of a compress job: every image it was made for, a few at a time in threads
+    (bounded memory), each stored in order, then the result row."""
     started = time.perf_counter()
     with ctx.sessions() as session:
         job = jobs.get_job(session, job_id)
@@ -300,36 +306,43 @@ def execute(ctx: JobContext, job_id: str, progress: Callable[[int, int], None]) 
     keep_copy = bool(options.get("keep_copy", True))
     done = _Done([], [], [], [])
     order = {uid: n for n, uid in enumerate(dict.fromkeys(i.series_uid for i in instances), 1)}
-    for count, instance in enumerate(instances, start=1):
-        source = series.get(instance.series_uid)
-        where = {
-            "input_sop_instance_uid": instance.sop_instance_uid,
-            "series_uid": instance.series_uid,
-            "modality": source.modality if source is not None else None,
-        }
+    workers = parallel_images(ctx.settings.threads, len(instances))
+    threads = ctx.settings.threads if workers == 1 else (ctx.settings.threads or 1)
+
+    def code(instance: Instance) -> tuple[TranscodeResult | CrgateError, int]:
+        """Read, decode, encode, measure one image (numpy, OpenJPEG and OpenJPH release the
+        GIL: images run in parallel threads)."""
         try:
             ds = read_dataset(ctx.store.absolute(instance.path))
-            transcoded = transcode_dataset(
-                ds,
-                cr=cr,
-                syntax=syntax,
-                threads=ctx.settings.threads,
-                source=instance.sop_instance_uid,
+            frames = int(ds.get("NumberOfFrames") or 1)
+            coded = transcode_dataset(
+                ds, cr=cr, syntax=syntax, threads=threads, source=instance.sop_instance_uid
             )
         except CrgateError as exc:  # this image cannot be coded; the others go on
-            done.skipped.append({**where, "reason": str(exc)})
-            log.info("job %s: image %s skipped: %s", job_id, instance.sop_instance_uid, exc)
-        else:
-            _keep(
-                ctx,
-                done,
-                transcoded,
-                where,
-                (job_id, result_id, keep_copy),
-                order[instance.series_uid],
-            )
-            done.images.append(_image_row(transcoded, where, ds.get("NumberOfFrames")))
-        progress(count, len(instances))
+            return exc, 0
+        return replace(coded, decoded=None), frames  # the measured pixels are not kept
+
+    with ThreadPoolExecutor(workers, thread_name_prefix="compress") as pool:
+        coded_images = _in_order(pool, code, instances, window=workers + 1)
+        for count, (instance, (coded, frames)) in enumerate(
+            zip(instances, coded_images, strict=True), start=1
+        ):
+            source = series.get(instance.series_uid)
+            where = {
+                "input_sop_instance_uid": instance.sop_instance_uid,
+                "series_uid": instance.series_uid,
+                "modality": source.modality if source is not None else None,
+            }
+            if isinstance(coded, CrgateError):
+                done.skipped.append({**where, "reason": str(coded)})
+                log.info(
+                    "job %s: image %s skipped: %s", job_id, where["input_sop_instance_uid"], coded
+                )
+            else:
+                job_ref = (job_id, result_id, keep_copy)
+                _keep(ctx, done, coded, where, job_ref, order[instance.series_uid])
+                done.images.append(_image_row(coded, where, frames))
+            progress(count, len(instances))
     compressed_at = time.perf_counter()
     forwarded = _forward(ctx, options, instances, done.files)
     finished = time.perf_counter()
@@ -352,6 +365,31 @@ def execute(ctx: JobContext, job_id: str, progress: Callable[[int, int], None]) 
         },
     }
     return Result(id=result_id, job_id=job_id, study_uid=study_uid, payload=payload)
+
+
+def parallel_images(threads: int, images: int) -> int:
+    """How many images a job codes at once: one per core (at most MAX_PARALLEL_IMAGES), or one
+    when the site fixed the threads per encode (CRGATE_THREADS)."""
+    if threads or images < 2:
+        return 1
+    return max(1, min(MAX_PARALLEL_IMAGES, len(os.sched_getaffinity(0)), images))
+
+
+def _in_order(
+    pool: ThreadPoolExecutor,
+    fn: Callable[[Instance], _T],
+    items: Iterable[Instance],
+    *,
+    window: int,
+) -> Iterator[_T]:
+    """``pool.map`` with at most ``window`` results in flight (bounded memory), in order."""
+    pending: deque[Future[_T]] = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 def _keep(
@@ -396,12 +434,10 @@ def _keep(
     where["output_sop_instance_uid"] = str(copy.SOPInstanceUID)
 
 
-def _image_row(
-    transcoded: TranscodeResult, where: dict[str, Any], frames: object
-) -> dict[str, Any]:
+def _image_row(transcoded: TranscodeResult, where: dict[str, Any], frames: int) -> dict[str, Any]:
     row = {**where, **transcoded.as_dict()}
     row["output_sop_instance_uid"] = where["output_sop_instance_uid"]
-    row["frames"] = int(str(frames)) if frames not in (None, "") else 1
+    row["frames"] = frames
     for key in ("source", "output"):
         row.pop(key, None)
     for key in ("decode_ms", "encode_ms", "metrics_ms", "total_ms"):

@@ -47,6 +47,7 @@ def _into_study(ds: Dataset, study_uid: str, series_uid: str, number: int) -> Da
     ds.InstanceNumber = number
     ds.PatientID = "CMP-1"
     ds.PatientName = "Compress^Test"
+    ds.PatientAge = "045Y"  # one adult patient (the test files come from several)
     return ds
 
 
