@@ -155,6 +155,7 @@ def request(
     requested_by: str | None,
     may_exceed_ceiling: bool = False,
     reason: str | None = None,
+    store: bool = True,
 ) -> tuple[Job, bool]:
     """Ask for a classification: the one way a route, the arrival tracker or a test makes a job.
 
@@ -162,8 +163,9 @@ def request(
     twice gives the same job) and hands a new one to the queue. A queue that cannot take it
     (broker down) leaves the job recorded as queued: the housekeeping pass sends it again.
     A requested CR above the ceiling of the study's policy needs ``may_exceed_ceiling`` (the
-    admin role) and a ``reason``; the override is audit-logged. Returns the job and whether
-    it is new.
+    admin role) and a ``reason``; the override is audit-logged. ``store=False`` keeps every
+    output out of the patient's study (a research copy: the result and its overlay PNGs only).
+    Returns the job and whether it is new.
     """
     job_request, exceeded = prepare(
         ctx,
@@ -175,6 +177,7 @@ def request(
         requested_by=requested_by,
         may_exceed_ceiling=may_exceed_ceiling,
         reason=reason,
+        store=store,
     )
     job, created = jobs.submit(ctx.sessions, job_request)
     if exceeded is not None:
@@ -211,6 +214,7 @@ def prepare(
     requested_by: str | None,
     may_exceed_ceiling: bool = False,
     reason: str | None = None,
+    store: bool = True,
 ) -> tuple[jobs.JobRequest, Ceiling | None]:
     """Check the study and the parameters; resolve the CR from the policy when none is given.
 
@@ -253,6 +257,7 @@ def prepare(
         trigger=trigger,
         requested_cr=cr,
         requested_by=requested_by,
+        options=None if store else {"store": False},
     ), exceeded
 
 
@@ -360,6 +365,7 @@ def _classify(
     with ctx.sessions() as session:
         job = jobs.get_job(session, job_id)
         policy_source, requested_cr = job.policy_source, job.requested_cr
+        store = (job.options or {}).get("store", True)
         instances = job_instances(session, job)
     if not instances:
         raise InvalidInput(f"study {study_uid} has no image the model can read any more")
@@ -374,16 +380,20 @@ def _classify(
     overlays = _write_overlays(
         ctx.results_dir(result_id), classification, sources, ctx.settings.threads
     )
-    outputs = _store_outputs(
-        ctx,
-        classification,
-        sources,
-        overlays,
-        job_id=job_id,
-        result_id=result_id,
-        card=classifier.card,
-        policy_source=policy_source,
-        requested_cr=requested_cr,
+    outputs = (
+        _store_outputs(
+            ctx,
+            classification,
+            sources,
+            overlays,
+            job_id=job_id,
+            result_id=result_id,
+            card=classifier.card,
+            policy_source=policy_source,
+            requested_cr=requested_cr,
+        )
+        if store
+        else {"stored_in_study": False}
     )
     finished = time.perf_counter()
     payload = result_payload(

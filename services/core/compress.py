@@ -358,7 +358,7 @@ def execute(ctx: JobContext, job_id: str, progress: Callable[[int, int], None]) 
         "summary": _summary(done),
         "images": done.images,
         "skipped": done.skipped,
-        "outputs": {"kept_in_study": keep_copy, "derived": done.outputs, **forwarded},
+        "outputs": {"stored_in_study": keep_copy, "derived": done.outputs, **forwarded},
         "timings_ms": {
             "compress": round((compressed_at - started) * 1000, 1),
             "total": round((finished - started) * 1000, 1),

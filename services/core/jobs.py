@@ -62,7 +62,7 @@ class JobRequest:
     @property
     def idempotency_key(self) -> str:
         parts = [self.study_uid, f"{self.cr:.6g}", self.syntax, self.model_sha256]
-        if self.kind is not JobKind.CLASSIFY:  # classify keys stay what they were
+        if self.kind is not JobKind.CLASSIFY or self.options:  # plain classify keys as before
             parts += [self.kind.value, json.dumps(self.options, sort_keys=True)]
         parts.extend(sorted(self.instance_uids))
         return hashlib.sha256("|".join(parts).encode()).hexdigest()

@@ -364,3 +364,32 @@ def test_pediatric_policy_applies_to_a_pediatric_study(
     assert cr == 8 and "pediatric" in source
     cr, source = policy_of(mg_study)  # adults (40 to 76 years)
     assert cr == 20 and "pediatric" not in source
+
+
+def test_a_research_copy_above_the_ceiling_stays_out_of_the_study(
+    client: TestClient, state: Runtime, mg_study: str
+) -> None:
+    """store=false: the result and its overlay PNGs, no object in the patient's study."""
+    with state.sessions() as session, session.begin():
+        set_policy(session, PolicyKey.of("MG"), {"cr": 10}, actor="test")
+        from services.core.policies import apply_preset
+
+        apply_preset(session, "RCR", actor="test")  # MG/BREAST at most 20
+    params = {"cr": 100, "reason": "reader study", "store": "false", "wait": 120}
+    response = client.post(f"/studies/{mg_study}/classify", params=params)
+    assert response.status_code == 200, response.text
+    result = response.json()["result"]
+    assert result["outputs"] == {"stored_in_study": False}
+    assert response.json()["job"]["options"] == {"store": False}
+    with state.sessions() as session:
+        made = session.scalars(
+            select(Instance).where(
+                Instance.study_uid == mg_study, Instance.channel == Channel.WORKER.value
+            )
+        ).all()
+    assert made == []
+    for sop_uid in result["overlays"]:
+        png = client.get(
+            f"/studies/{mg_study}/results/{result['result_id']}/overlays/{sop_uid}.png"
+        )
+        assert png.status_code == 200 and png.content[:4] == b"\x89PNG"

@@ -187,9 +187,9 @@ def test_without_cr_each_policy_compresses_its_own_images(
 def test_keep_copy_false_leaves_the_study_as_it_was(
     client: TestClient, state: Runtime, study: str
 ) -> None:
-    (entry,) = compress(client, study, cr=20, keep_copy="false")["jobs"]
+    (entry,) = compress(client, study, cr=20, store="false")["jobs"]
     result = entry["result"]
-    assert result["outputs"]["kept_in_study"] is False and result["outputs"]["derived"] == []
+    assert result["outputs"]["stored_in_study"] is False and result["outputs"]["derived"] == []
     assert derived_instances(state, study) == []
     copies = state.job_context.results_dir(result["result_id"]) / "copies"
     assert len(list(copies.glob("*.dcm"))) == len(result["images"])
@@ -208,7 +208,7 @@ def test_over_the_ceiling_needs_an_admin_and_a_reason(
     assert refused.json()["max_cr"] == 5 and "admin" in refused.json()["detail"]
     no_reason = client.post(f"/studies/{study}/compress", params={"cr": 9})
     assert no_reason.status_code == 422 and "reason" in no_reason.json()["detail"]
-    (entry,) = compress(client, study, cr=9, reason="phantom research", keep_copy="false")["jobs"]
+    (entry,) = compress(client, study, cr=9, reason="phantom research", store="false")["jobs"]
     with state.sessions() as session:
         override = session.scalars(
             select(AuditEntry).where(

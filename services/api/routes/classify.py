@@ -54,6 +54,13 @@ async def post_classify(
             "the admin role) above it, and audit-logged",
         ),
     ] = None,
+    store: Annotated[
+        bool,
+        Query(
+            description="store the outputs (compressed copies, overlays, SR) in the patient's "
+            "study; false: the result JSON and overlay PNGs only (a research copy)"
+        ),
+    ] = True,
 ) -> JSONResponse:
     principal: Principal | None = getattr(request.state, "principal", None)
     validate_uid(study_uid, "Study Instance UID")
@@ -69,6 +76,7 @@ async def post_classify(
         requested_by=principal.name if principal else None,
         may_exceed_ceiling=principal is not None and principal.role is Role.ADMIN,
         reason=reason,
+        store=store,
     )
     view = await wait_for(state, job.id, wait)
     body: dict[str, Any] = {"job": view, "status_url": f"/jobs/{job.id}"}

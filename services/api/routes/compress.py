@@ -39,12 +39,11 @@ async def post_compress(
         float | None, Query(description="compression ratio; 1 = lossless; omit for the policies")
     ] = None,
     syntax: Annotated[str | None, Query(description=SYNTAX_HELP)] = None,
-    keep_copy: Annotated[
+    store: Annotated[
         bool | None,
         Query(
-            description="keep the copies in the study as derived series (default: the "
-            "policy's; true with cr); false keeps them out of the patient's study (a research "
-            "copy above the ceiling: results only)"
+            description="store the copies in the patient's study as derived series (default: "
+            "the policy's keep_copy; true with cr); false: results only (a research copy)"
         ),
     ] = None,
     wait: Annotated[
@@ -70,7 +69,7 @@ async def post_compress(
         syntax=syntax,
         trigger=JobTrigger.API,
         requested_by=principal.name if principal else None,
-        keep_copy=keep_copy,
+        keep_copy=store,
         may_exceed_ceiling=principal is not None and principal.role is Role.ADMIN,
         reason=reason,
     )
