@@ -104,6 +104,9 @@ def _access_rule(route: APIRoute) -> Access | None:
     return None
 
 
+ROLE_EXTENSION = "x-crgate-role"  # the role an operation needs, in the OpenAPI document
+
+
 def install_openapi(app: FastAPI) -> None:
     """The schema declares a Bearer scheme (the /docs Authorize button) and the session cookie;
     every protected operation lists both, with the role it needs in its description."""
@@ -137,8 +140,14 @@ def install_openapi(app: FastAPI) -> None:
             if not isinstance(route, APIRoute) or not route.include_in_schema:
                 continue
             rule = _access_rule(route)
-            if rule is None or rule.role is None:
+            role = rule.role.value if rule is not None and rule.role is not None else "public"
+            for method in route.methods:
+                operation = paths.get(route.path_format, {}).get(method.lower())
+                if operation is not None:
+                    operation[ROLE_EXTENSION] = role
+            if role == "public":
                 continue
+            assert rule is not None and rule.role is not None
             for method in route.methods:
                 operation = paths.get(route.path_format, {}).get(method.lower())
                 if operation is not None:
