@@ -175,7 +175,8 @@ def worker(
         bool,
         typer.Option(
             "--beat/--no-beat",
-            help="also run the housekeeping pass (ready studies, stale jobs and sweeps)",
+            help="also send the housekeeping pass (ready studies, stale jobs and sweeps) every "
+            "CRGATE_ARRIVAL_SWEEP_SECONDS, from this worker's main process",
         ),
     ] = True,
     queues: Annotated[
@@ -218,9 +219,7 @@ def worker(
         "--without-gossip",
         "--without-mingle",
     ]
-    if beat:
-        argv += ["--beat", f"--schedule={settings.data_dir / 'celerybeat-schedule'}"]
-    configure(settings).worker_main(argv)
+    configure(settings, housekeeping=beat).worker_main(argv)
 
 
 def migrate(data_dir: DataDir = None) -> None:

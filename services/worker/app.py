@@ -13,10 +13,11 @@ Nothing is read at import: ``crgate worker`` calls :func:`configure` with its se
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_ready, worker_shutdown
 
 from services.core.classify import JobContext
 from services.core.config import Settings
@@ -35,12 +36,59 @@ _settings: Settings | None = None
 _context: JobContext | None = None
 
 
-def configure(settings: Settings) -> Celery:
-    """Configure the app for this worker from ``settings`` (before the worker starts)."""
-    global _settings
+def configure(settings: Settings, *, housekeeping: bool = False) -> Celery:
+    """Configure the app for this worker from ``settings`` (before the worker starts);
+    ``housekeeping``: this worker's main process sends the periodic pass (:class:`Ticker`)."""
+    global _settings, _ticker
     _settings = settings
     celery_app.conf.update(_options(settings))
+    _ticker = Ticker(settings.arrival_sweep_seconds) if housekeeping else None
     return celery_app
+
+
+class Ticker:
+    """Sends the housekeeping task every ``seconds`` from a thread of the worker's main process.
+
+    Celery's embedded beat is a process of its own: killed, it stays defunct and nothing
+    restarts it, so stale jobs are never sent again. This thread lives and dies with the
+    process that consumes the queue: while the worker takes jobs, the pass runs (one lost send
+    is logged and the next tick tries again).
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="housekeeping", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.seconds):
+            try:
+                celery_app.send_task(TASK_HOUSEKEEPING, queue=QUEUE_CLASSIFY)
+            except Exception as exc:  # the broker away: the next tick tries again
+                log.warning("housekeeping not sent: %s", type(exc).__name__)
+
+
+_ticker: Ticker | None = None
+
+
+@worker_ready.connect  # type: ignore[untyped-decorator]
+def _start_ticker(**_: Any) -> None:
+    if _ticker is not None:
+        _ticker.start()
+        log.info("housekeeping every %g s from this worker", _ticker.seconds)
+
+
+@worker_shutdown.connect  # type: ignore[untyped-decorator]
+def _stop_ticker(**_: Any) -> None:
+    if _ticker is not None:
+        _ticker.stop()
 
 
 def settings() -> Settings:
@@ -74,12 +122,6 @@ def _options(settings: Settings) -> dict[str, Any]:
         "broker_connection_retry_on_startup": True,
         "task_ignore_result": True,
         "worker_hijack_root_logger": False,
-        "beat_schedule": {
-            "housekeeping": {
-                "task": TASK_HOUSEKEEPING,
-                "schedule": settings.arrival_sweep_seconds,
-            }
-        },
     }
 
 

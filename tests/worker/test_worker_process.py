@@ -167,3 +167,44 @@ def test_job_over_the_soft_time_limit_fails_with_the_reason(
         assert "CRGATE_JOB_SOFT_TIME_LIMIT" in view["reason"]
     finally:
         stop(worker)
+
+
+def children(pid: int) -> list[int]:
+    """The direct children of ``pid`` (from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.slow
+def test_a_job_whose_pool_child_dies_is_recovered_and_no_beat_process_can_die(
+    producer: tuple[Runtime, TestClient, str], worker_env: dict[str, str], tmp_path: Path
+) -> None:
+    """kill -9 of the pool child mid-job: the worker's own housekeeping thread sends the job
+    again once its heartbeat is stale (6 s here) and it finishes; the worker has no beat child
+    process that could die unnoticed (one child: the pool's)."""
+    state, client, _ = producer
+    study_uid = ingest_study(state, tmp_path, (1248, 1536))
+    log = tmp_path / "worker.log"
+    worker = start_worker(worker_env, log)
+    try:
+        job_id = client.post(f"/studies/{study_uid}/classify", params={"cr": 100}).json()["job"][
+            "id"
+        ]
+        running = wait_job(client, job_id, {"running", "succeeded", "failed"}, 120)
+        assert running["status"] == "running", running
+        (child,) = children(worker.pid)  # --concurrency 1 and no beat process
+        os.kill(child, signal.SIGKILL)
+        view = wait_job(client, job_id, {"succeeded", "failed"}, 180)
+        assert view["status"] == "succeeded", (view, log.read_text()[-3000:])
+        assert view["attempts"] >= 2
+        assert worker.poll() is None  # the worker itself lives on
+    finally:
+        stop(worker)
