@@ -275,6 +275,15 @@ def _lowest_exceeded(session: Session, groups: list[PolicyGroup], cr: float) -> 
 # ----------------------------------------------------------------------------- the job
 
 
+@dataclass(frozen=True)
+class _Outcome:
+    """What coding one image gave: its row and stored copy, or why it was skipped."""
+
+    image: dict[str, Any] | None = None
+    kept: tuple[dict[str, str] | None, Path] | None = None
+    skipped: dict[str, Any] | None = None
+
+
 @dataclass
 class _Done:
     """What the job did with its images so far."""
@@ -287,7 +296,7 @@ class _Done:
 
 def execute(ctx: JobContext, job_id: str, progress: Callable[[int, int], None]) -> Result:
     """The body of a compress job: every image it was made for, a few at a time in threads
-    (bounded memory), each stored in order, then the result row."""
+    (bounded memory), then the result row (images in the job's order)."""
     started = time.perf_counter()
     with ctx.sessions() as session:
         job = jobs.get_job(session, job_id)
@@ -309,9 +318,15 @@ def execute(ctx: JobContext, job_id: str, progress: Callable[[int, int], None]) 
     workers = parallel_images(ctx.settings.threads, len(instances))
     threads = ctx.settings.threads if workers == 1 else (ctx.settings.threads or 1)
 
-    def code(instance: Instance) -> tuple[TranscodeResult | CrgateError, int]:
-        """Read, decode, encode, measure one image (numpy, OpenJPEG and OpenJPH release the
-        GIL: images run in parallel threads)."""
+    def code(instance: Instance) -> _Outcome:
+        """One image: read, decode, encode, measure, then its derived copy stored (numpy,
+        OpenJPEG, OpenJPH and the fsyncs release the GIL: images run in parallel threads)."""
+        source = series.get(instance.series_uid)
+        where: dict[str, Any] = {
+            "input_sop_instance_uid": instance.sop_instance_uid,
+            "series_uid": instance.series_uid,
+            "modality": source.modality if source is not None else None,
+        }
         try:
             ds = read_dataset(ctx.store.absolute(instance.path))
             frames = int(ds.get("NumberOfFrames") or 1)
@@ -319,29 +334,29 @@ def execute(ctx: JobContext, job_id: str, progress: Callable[[int, int], None]) 
                 ds, cr=cr, syntax=syntax, threads=threads, source=instance.sop_instance_uid
             )
         except CrgateError as exc:  # this image cannot be coded; the others go on
-            return exc, 0
-        return replace(coded, decoded=None), frames  # the measured pixels are not kept
+            log.info("job %s: image %s skipped: %s", job_id, instance.sop_instance_uid, exc)
+            return _Outcome(skipped={**where, "reason": str(exc)})
+        coded = replace(coded, decoded=None)  # the measured pixels are not kept
+        kept = _keep(ctx, coded, where, (job_id, result_id, keep_copy), placement(instance))
+        return _Outcome(image=_image_row(coded, where, frames), kept=kept)
+
+    def placement(instance: Instance) -> tuple[int, int]:
+        """(series number, instance number) of an image's copy in its derived series."""
+        return 9000 + order[instance.series_uid], instance.instance_number or 1
 
     with ThreadPoolExecutor(workers, thread_name_prefix="compress") as pool:
-        coded_images = _in_order(pool, code, instances, window=workers + 1)
-        for count, (instance, (coded, frames)) in enumerate(
-            zip(instances, coded_images, strict=True), start=1
+        for count, outcome in enumerate(
+            _in_order(pool, code, instances, window=2 * workers), start=1
         ):
-            source = series.get(instance.series_uid)
-            where = {
-                "input_sop_instance_uid": instance.sop_instance_uid,
-                "series_uid": instance.series_uid,
-                "modality": source.modality if source is not None else None,
-            }
-            if isinstance(coded, CrgateError):
-                done.skipped.append({**where, "reason": str(coded)})
-                log.info(
-                    "job %s: image %s skipped: %s", job_id, where["input_sop_instance_uid"], coded
-                )
-            else:
-                job_ref = (job_id, result_id, keep_copy)
-                _keep(ctx, done, coded, where, job_ref, order[instance.series_uid])
-                done.images.append(_image_row(coded, where, frames))
+            if outcome.skipped is not None:
+                done.skipped.append(outcome.skipped)
+            if outcome.image is not None:
+                done.images.append(outcome.image)
+            if outcome.kept is not None:
+                reference_, file = outcome.kept
+                if reference_ is not None:
+                    done.outputs.append(reference_)
+                done.files.append(file)
             progress(count, len(instances))
     compressed_at = time.perf_counter()
     forwarded = _forward(ctx, options, instances, done.files)
@@ -394,14 +409,13 @@ def _in_order(
 
 def _keep(
     ctx: JobContext,
-    done: _Done,
     transcoded: TranscodeResult,
     where: dict[str, Any],
     job: tuple[str, str, bool],
-    series_index: int,
-) -> None:
+    placement: tuple[int, int],
+) -> tuple[dict[str, str] | None, Path]:
     """Store the derived copy in the study (keep_copy), or write it among the result's files
-    for the destinations only."""
+    for the destinations only. Returns its reference when stored, and its file."""
     from services.core.dicom import results as objects
 
     job_id, result_id, keep_copy = job
@@ -409,29 +423,23 @@ def _keep(
         [transcoded],
         job_id=job_id,
         cr=transcoded.target_cr,
-        series_number=9000 + series_index,
+        series_number=placement[0],
         series_role=f"derived:{where['series_uid']}",
     )
-    if keep_copy:
-        stored = ctx.outputs_ingestor.ingest_dataset(
-            copy, channel=Channel.WORKER, source=f"job:{job_id}"
-        )
-        done.outputs.append(
-            reference(stored.series_uid, stored.sop_instance_uid, stored.sop_class_uid)
-        )
-        done.files.append(
-            ctx.store.absolute(
-                ctx.store.relative_path(
-                    stored.study_uid, stored.series_uid, stored.sop_instance_uid
-                )
-            )
-        )
-    else:
+    copy.InstanceNumber = placement[1]  # the original's place in its series
+    where["output_sop_instance_uid"] = str(copy.SOPInstanceUID)
+    if not keep_copy:
         path = ctx.results_dir(result_id) / "copies" / f"{copy.SOPInstanceUID}.dcm"
         path.parent.mkdir(parents=True, exist_ok=True)
         write_dataset(copy, path, private=True)
-        done.files.append(path)
-    where["output_sop_instance_uid"] = str(copy.SOPInstanceUID)
+        return None, path
+    stored = ctx.outputs_ingestor.ingest_dataset(
+        copy, channel=Channel.WORKER, source=f"job:{job_id}"
+    )
+    path = ctx.store.absolute(
+        ctx.store.relative_path(stored.study_uid, stored.series_uid, stored.sop_instance_uid)
+    )
+    return reference(stored.series_uid, stored.sop_instance_uid, stored.sop_class_uid), path
 
 
 def _image_row(transcoded: TranscodeResult, where: dict[str, Any], frames: int) -> dict[str, Any]:

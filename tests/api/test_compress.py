@@ -132,6 +132,8 @@ def test_compress_codes_every_image_and_skips_what_it_cannot_with_the_reason(
         i["output_sop_instance_uid"] for i in result["images"]
     }
     assert len({i.series_uid for i in stored}) == 2
+    ct_numbers = sorted(i.instance_number or 0 for i in stored if i.rows == 128)
+    assert ct_numbers == list(range(1, CT_SLICES + 1))  # each copy at its original's place
     assert {r["sop_instance_uid"] for r in result["outputs"]["derived"]} == {
         i.sop_instance_uid for i in stored
     }
