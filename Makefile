@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 DEB_PACKAGES := libopenjp2-7 libopenjp2-tools dcmtk libgdcm-tools dicom3tools orthanc orthanc-dicomweb openjph-tools chromium chromium-driver
 DEMO := var/demo
 
-.PHONY: run test lint typecheck unit bench deps clean services
+.PHONY: run test lint typecheck unit bench deps clean services viewer
 
 $(BIN)/crgate: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,13 +30,26 @@ $(BIN)/crgate: pyproject.toml
 
 deps: $(BIN)/crgate .stamp-deb
 
+# `make viewer`: OHIF Viewer v3, the prebuilt dist/ of @ohif/app from the npm registry, unpacked
+# into build/ohif/dist and moved under /viewer/ (services/api/viewer.py) for
+# `crgate serve --viewer build/ohif/dist` (and the browser tests).
+OHIF_VERSION := 3.13.2
+VIEWER := build/ohif/dist
+$(VIEWER)/index.html: Makefile services/api/viewer.py $(BIN)/crgate
+	@command -v npm >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm >/dev/null; } || { echo "npm is needed for the viewer (apt-get install npm)" >&2; exit 1; }
+	rm -rf build/ohif && mkdir -p build/ohif
+	cd build/ohif && npm pack --silent @ohif/app@$(OHIF_VERSION) >/dev/null && tar xzf ohif-app-$(OHIF_VERSION).tgz && mv package/dist dist && rm -rf package ohif-app-$(OHIF_VERSION).tgz
+	$(BIN)/python -m services.api.viewer $(VIEWER) >/dev/null
+	touch $@
+viewer: $(VIEWER)/index.html
+
 # `make run`: crgate serve (data in var/demo) in the foreground; once it answers, a phantom study
 # is pushed to it by C-STORE (pynetdicom, `crgate demo`) like a PACS would. Ctrl-C stops it.
 HTTP_PORT ?= 8080
 DICOM_PORT ?= 11112
-run: deps
+run: deps viewer
 	@mkdir -p $(DEMO); echo "starting crgate serve (log: $(DEMO)/serve.log)"; \
-	$(BIN)/crgate serve --data-dir $(DEMO) --http-port $(HTTP_PORT) --dicom-port $(DICOM_PORT) >>$(DEMO)/serve.log 2>&1 & pid=$$!; \
+	$(BIN)/crgate serve --data-dir $(DEMO) --http-port $(HTTP_PORT) --dicom-port $(DICOM_PORT) --viewer $(VIEWER) >>$(DEMO)/serve.log 2>&1 & pid=$$!; \
 	trap 'kill -TERM $$pid 2>/dev/null; wait $$pid' INT TERM; \
 	until $(BIN)/python -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$(HTTP_PORT)/healthz', timeout=1)" 2>/dev/null; do \
 	  kill -0 $$pid 2>/dev/null || { echo "crgate serve did not start (ports $(HTTP_PORT), $(DICOM_PORT) in use? set HTTP_PORT=... DICOM_PORT=...)" >&2; exit 1; }; \
@@ -46,6 +59,7 @@ run: deps
 	echo; \
 	echo "crgate is running (pid $$pid, log $(DEMO)/serve.log):"; \
 	echo "  API docs      http://127.0.0.1:$(HTTP_PORT)/docs"; \
+	echo "  OHIF viewer   http://127.0.0.1:$(HTTP_PORT)/viewer/ (after logging in)"; \
 	echo "  browser login http://127.0.0.1:$(HTTP_PORT)/login (with the admin key)"; \
 	echo "  admin API key $(DEMO)/admin.key (created on first start, mode 0600)"; \
 	echo "  QIDO-RS       curl -H \"Authorization: Bearer \$$(cat $(DEMO)/admin.key)\" http://127.0.0.1:$(HTTP_PORT)/dicomweb/studies"; \
@@ -71,7 +85,7 @@ services:
 	  command -v pg_ctlcluster >/dev/null && pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql) main start; } || \
 	  echo "PostgreSQL is not listening on 127.0.0.1:5432: the PostgreSQL variants of the tests will fail" >&2
 
-test: deps lint typecheck services
+test: deps lint typecheck services viewer
 	$(BIN)/pytest -q
 
 bench: deps
@@ -83,4 +97,4 @@ bench: deps
 	$(BIN)/python bench/bench_study.py
 
 clean:
-	rm -rf $(VENV) .stamp-deb var crgate-out .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .stamp-deb var build crgate-out .mypy_cache .ruff_cache .pytest_cache

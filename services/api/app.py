@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI, Request, Response
 from starlette.routing import Match
 
-from services.api import cors, deps, problems
+from services.api import cors, deps, problems, viewer
 from services.api.routes import (
     classify,
     compress,
@@ -64,6 +64,8 @@ def create_app(settings: Settings | None = None, *, state: Runtime | None = None
     app.include_router(models.router)
     app.include_router(destinations.router)
     _include_dicomweb(app)
+    if settings.viewer_dir is not None:
+        viewer.install(app, settings.viewer_dir)
     return app
 
 

@@ -36,6 +36,15 @@ AllowedAe = Annotated[
     ),
 ]
 
+Viewer = Annotated[
+    Path | None,
+    typer.Option(
+        "--viewer",
+        help="serve the OHIF viewer build in this folder under /viewer/ (`make viewer` makes "
+        "build/ohif/dist) [env CRGATE_VIEWER_DIR]",
+    ),
+]
+
 MetricsPort = Annotated[
     int | None,
     typer.Option(
@@ -70,9 +79,12 @@ def api(
     dicom_port: DicomPort = None,
     ae_title: AeTitle = None,
     allowed_ae: AllowedAe = None,
+    viewer: Viewer = None,
 ) -> None:
     """Serve the HTTP API (DICOMweb, jobs, policies, /docs, /metrics)."""
-    settings = _server_settings(data_dir, http_port, dicom_port, ae_title, allowed_ae)
+    settings = _with_viewer(
+        _server_settings(data_dir, http_port, dicom_port, ae_title, allowed_ae), viewer
+    )
     _run(settings, http=True, dicom=False)
 
 
@@ -97,11 +109,27 @@ def serve(
     dicom_port: DicomPort = None,
     ae_title: AeTitle = None,
     allowed_ae: AllowedAe = None,
+    viewer: Viewer = None,
 ) -> None:
     """Serve everything in one process: HTTP API and DICOM SCP on one ingest path (creates the
     data directory when there is none, and says so)."""
-    settings = _server_settings(data_dir, http_port, dicom_port, ae_title, allowed_ae)
+    settings = _with_viewer(
+        _server_settings(data_dir, http_port, dicom_port, ae_title, allowed_ae), viewer
+    )
     _run(settings, http=True, dicom=True, create=True)
+
+
+def _with_viewer(settings: Settings, viewer: Path | None) -> Settings:
+    """``--viewer`` on top of CRGATE_VIEWER_DIR, checked before anything starts."""
+    from services.api.viewer import check_dist
+
+    folder = viewer or settings.viewer_dir
+    if folder is None:
+        return settings
+    try:
+        return settings.model_copy(update={"viewer_dir": check_dist(folder)})
+    except CrgateError as exc:
+        raise fail(str(exc), exc.exit_code) from None
 
 
 def _run(settings: Settings, *, http: bool, dicom: bool, create: bool = False) -> None:

@@ -115,6 +115,11 @@ class Settings(BaseSettings):
         description="comma-separated origins (scheme://host[:port]) whose pages may call the "
         "API with a Bearer key (CORS); empty allows none",
     )
+    viewer_dir: Path | None = Field(
+        None,
+        description="an unpacked @ohif/app dist/ to serve under /viewer/ (`make viewer` makes "
+        "build/ohif/dist); empty: no viewer",
+    )
     session_hours: float = Field(
         8.0, gt=0, le=24 * 30, description="how long a browser session (/login) lasts"
     )
