@@ -1,5 +1,14 @@
 # crgate service image: one image, each compose service picks its command (api, scp, worker,
 # migrate). Build: docker build -t crgate .   GPU workers: docker build --build-arg EXTRAS=gpu
+
+# OHIF Viewer v3: the prebuilt dist/ of @ohif/app from the npm registry (as `make viewer`), served
+# by the api under /viewer/ (CRGATE_VIEWER_DIR). Keep the version equal to the Makefile's.
+FROM node:20-bookworm-slim AS ohif
+ARG OHIF_VERSION=3.13.2
+WORKDIR /ohif
+RUN npm pack --silent "@ohif/app@${OHIF_VERSION}" \
+    && tar xzf "ohif-app-${OHIF_VERSION}.tgz" && mv package/dist dist && rm -rf package ./*.tgz
+
 FROM python:3.11-slim-bookworm
 
 # OpenJPEG for glymur (no PyPI wheel provides libopenjp2); nothing else is needed at run time.
@@ -22,6 +31,9 @@ RUN pip install --no-cache-dir ".${EXTRAS:+[$EXTRAS]}" \
          && python -c "import onnxruntime as o; assert 'CUDAExecutionProvider' in o.get_available_providers()" ;; \
        esac \
     && mkdir -p /data && chown crgate /data
+# the viewer moved under /viewer/ with crgate's configuration (services/api/viewer.py)
+COPY --from=ohif /ohif/dist /app/viewer
+RUN python -m services.api.viewer /app/viewer >/dev/null
 
 USER crgate
 ENV CRGATE_DATA_DIR=/data \

@@ -94,3 +94,19 @@ def test_serve_with_a_folder_that_is_no_viewer_stops_with_one_line(tmp_path: Pat
     assert len(lines) == 1 and "not an OHIF viewer build" in lines[0] and "make viewer" in lines[0]
     assert not (tmp_path / "var").exists()  # nothing started, nothing made
     shutil.rmtree(empty)
+
+
+def test_the_image_and_make_viewer_ship_the_same_ohif() -> None:
+    root = Path(__file__).resolve().parents[2]
+    make = next(
+        line.split(":=")[1].strip()
+        for line in (root / "Makefile").read_text().splitlines()
+        if line.startswith("OHIF_VERSION")
+    )
+    docker = next(
+        line.split("=")[1].strip()
+        for line in (root / "Dockerfile").read_text().splitlines()
+        if line.startswith("ARG OHIF_VERSION")
+    )
+    assert make == docker
+    assert "CRGATE_VIEWER_DIR: /app/viewer" in (root / "docker-compose.yml").read_text()
