@@ -481,6 +481,7 @@ def _store_outputs(
         model_version=card.version,
         policy_source=policy_source,
         requested_cr=requested_cr,
+        outputs=[*derived, *captures],
     )
     stored: dict[str, Any] = {"derived": [], "overlays": [], "report": None}
     files: list[Path] = []

@@ -214,8 +214,9 @@ def test_overlay_captures_are_rgb_secondary_captures_of_their_sources(
 ) -> None:
     captures = results.overlay_captures(classified, sources, overlays, job_id=JOB)
     assert len(captures) == 4
-    assert len({sc.SeriesInstanceUID for sc in captures}) == 1
+    assert len({sc.SeriesInstanceUID for sc in captures}) == 2  # one series per breast
     assert not {sc.SOPInstanceUID for sc in captures} & set(sources)
+    copies = {ds.SOPInstanceUID for ds in results.derived_series(classified, job_id=JOB)}
     for sc, result in zip(captures, classified.images, strict=True):
         uid = result.input_sop_instance_uid
         source = sources[uid]
@@ -223,13 +224,18 @@ def test_overlay_captures_are_rgb_secondary_captures_of_their_sources(
         assert sc.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"
         assert list(sc.ImageType) == ["DERIVED", "SECONDARY"]
         assert sc.BurnedInAnnotation == "NO" and sc.ConversionType == "WSD"
-        assert sc.SeriesNumber == 9002
+        assert sc.Laterality == source.ImageLaterality
+        assert sc.SeriesNumber == (9002 if sc.Laterality == "L" else 9004)
+        assert sc.SeriesDescription.endswith(
+            "left breast" if sc.Laterality == "L" else "right breast"
+        )
         assert "cnn3-phantom-v2" in sc.DerivationDescription
         assert "hirescam saliency" in sc.DerivationDescription
         assert sc.LossyImageCompression == "01"  # it shows the lossy copy
-        (reference,) = sc.SourceImageSequence
+        reference, copy = sc.SourceImageSequence  # the original, and the copy it is drawn over
         assert reference.ReferencedSOPInstanceUID == uid
         assert reference.ReferencedSOPClassUID == source.SOPClassUID
+        assert copy.ReferencedSOPInstanceUID in copies
         assert sc.PatientOrientation == source.PatientOrientation
 
         back = pydicom.dcmread(write(sc, tmp_path / "sc.dcm"))
@@ -383,9 +389,16 @@ def test_objects_for_sources_with_sparse_patient_and_study_modules(
 
 @pytest.mark.tools
 def test_findings_report_passes_dciodvfy_gdcm_and_dcmtk(
-    classified: Classification, sources: dict[str, Dataset], tmp_path: Path
+    classified: Classification,
+    sources: dict[str, Dataset],
+    overlays: dict[str, Image.Image],
+    tmp_path: Path,
 ) -> None:
-    path = write(report(classified, sources), tmp_path / "sr.dcm")
+    outputs = [
+        *results.derived_series(classified, job_id=JOB),
+        *results.overlay_captures(classified, sources, overlays, job_id=JOB),
+    ]
+    path = write(report(classified, sources, outputs=outputs), tmp_path / "sr.dcm")
     assert dciodvfy_errors(path) == []
     for tool, package in (("gdcmdump", "libgdcm-tools"), ("dsrdump", "dcmtk")):
         proc = subprocess.run(
@@ -393,3 +406,37 @@ def test_findings_report_passes_dciodvfy_gdcm_and_dcmtk(
         )
         assert proc.returncode == 0, f"{tool}: {proc.stderr.strip()}"
         assert "rror" not in proc.stderr, f"{tool}: {proc.stderr.strip()}"
+
+
+def test_findings_report_references_the_copies_and_overlays_of_each_breast(
+    classified: Classification,
+    sources: dict[str, Dataset],
+    overlays: dict[str, Image.Image],
+    tmp_path: Path,
+) -> None:
+    """What a viewer needs to go from a probability to the pixels it was measured on: per
+    breast the compressed copies of its views and their overlays, all in the evidence."""
+    derived = results.derived_series(classified, job_id=JOB)
+    captures = results.overlay_captures(classified, sources, overlays, job_id=JOB)
+    sr = report(classified, sources, outputs=[*derived, *captures])
+    parsed = hd.sr.srread(write(sr, tmp_path / "sr.dcm"))
+    root = parsed.content[0]
+    side = {str(ds.SOPInstanceUID): ds.ImageLaterality for ds in sources.values()}
+    copy_side = {
+        str(ds.SOPInstanceUID): side[ds.SourceImageSequence[-1].ReferencedSOPInstanceUID]
+        for ds in derived
+    }
+    overlay_side = {str(ds.SOPInstanceUID): ds.Laterality for ds in captures}
+    for item, finding in zip(children(root, "BREAST"), classified.breasts, strict=True):
+        copies = {i.referenced_sop_instance_uid for i in children(item, "COMPRESSED-COPY")}
+        shown = {i.referenced_sop_instance_uid for i in children(item, "SALIENCY-OVERLAY")}
+        assert copies == {u for u, s in copy_side.items() if s == finding.laterality}
+        assert shown == {u for u, s in overlay_side.items() if s == finding.laterality}
+        assert len(copies) == len(shown) == 2
+    evidence = {
+        str(i.ReferencedSOPInstanceUID)
+        for study in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for i in series.ReferencedSOPSequence
+    }
+    assert evidence >= set(copy_side) | set(overlay_side) | set(sources)

@@ -3,7 +3,7 @@
 * :func:`derived_series`: the JPEG 2000 / HTJ2K copies as one new derived series (MG, same study);
   :func:`derived_copies` does the same for any series a compress job transcodes;
 * :func:`overlay_captures`: the saliency overlays (HiResCAM, Grad-CAM or occlusion) as
-  Secondary Capture images (RGB, 8 bits);
+  Secondary Capture images (RGB, 8 bits), one series per breast;
 * :func:`findings_report`: a Comprehensive SR with the model, the compression and, per breast
   and per image, what the compression did to the AI and to the pixels.
 
@@ -31,6 +31,8 @@ SR content tree (relationship, value type, concept)::
         CONTAINS  NUM  99CRGATE P-ORIGINAL, P-CHANGE, THRESHOLD {probability}
         CONTAINS  TEXT 99CRGATE SALIENCY-METHOD, FALLBACK (only when a view stood in for another)
         CONTAINS  IMAGE DCM 121112 Source of Measurement (each source view of the breast)
+        CONTAINS  IMAGE 99CRGATE COMPRESSED-COPY (each view's copy the probability was measured on)
+        CONTAINS  IMAGE 99CRGATE SALIENCY-OVERLAY (each view's overlay capture)
       CONTAINS  CONTAINER 99CRGATE IMAGE-QUALITY     (one per image)
         CONTAINS  IMAGE DCM 121112 Source of Measurement (the original)
         CONTAINS  NUM  99CRGATE CR-ACHIEVED {ratio}, PSNR dB, SSIM 1 (absent under 7x7 pixels),
@@ -62,6 +64,8 @@ SSIM               Structural similarity index (mean SSIM)
 MAX-ABS-ERROR      Maximum absolute pixel error (stored values)
 BYTES-IN           Uncompressed pixel data size
 BYTES-OUT          codestream size (JPEG 2000 or HTJ2K)
+COMPRESSED-COPY    Compressed copy the probability was measured on
+SALIENCY-OVERLAY   Saliency overlay
 =================  ============================================================
 """
 
@@ -69,6 +73,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence as Sequence_
 from datetime import datetime
 from typing import Any
 
@@ -130,7 +135,10 @@ _CODES = {
     "max_error": _private("MAX-ABS-ERROR", "Maximum absolute pixel error"),
     "bytes_in": _private("BYTES-IN", "Uncompressed pixel data size"),
     "bytes_out": _private("BYTES-OUT", "Codestream size"),
+    "copy": _private("COMPRESSED-COPY", "Compressed copy the probability was measured on"),
+    "overlay": _private("SALIENCY-OVERLAY", "Saliency overlay"),
 }
+_SIDE = {"L": "left breast", "R": "right breast"}
 
 _PATIENT_STUDY_TYPE2 = (
     "PatientID",
@@ -297,14 +305,15 @@ def overlay_captures(
     job_id: str,
     series_number: int = 9002,
 ) -> list[Dataset]:
-    """Secondary Capture images of ``overlays``, each referencing its source image.
+    """Secondary Capture images of ``overlays``, one series per breast (Laterality filled in),
+    each referencing its source image and the compressed copy it is drawn over.
 
     ``sources`` and ``overlays`` are keyed by the original SOP Instance UID (the keys of
     ``classification.saliency``); images without an overlay are skipped. The pixels are stored
     uncompressed (explicit VR little endian); the lossy history of the copy they show is kept.
+    Left breasts get ``series_number``, right ones ``series_number + 2`` (the SR is between).
     """
     now = datetime.now()  # DICOM dates and times are local, as highdicom writes them
-    uid = series_uid(job_id, "overlays")
     stray = sorted(set(overlays) - {r.input_sop_instance_uid for r in classification.images})
     if stray:
         raise InvalidInput(f"overlays for images this classification did not read: {stray}")
@@ -315,7 +324,10 @@ def overlay_captures(
         if overlay is None:
             continue
         source = _source(sources, result.input_sop_instance_uid)
-        method = methods.get(_laterality(source), "unknown")
+        side = _laterality(source)
+        method = methods.get(side, "unknown")
+        number = series_number + (2 if side == "R" else 0)
+        in_series = sum(1 for c in captures if c.SeriesNumber == number)
         captures.append(
             _capture(
                 classification,
@@ -323,11 +335,23 @@ def overlay_captures(
                 source,
                 overlay,
                 method=method,
-                series=(uid, series_number, len(captures) + 1),
+                series=(series_uid(job_id, f"overlays-{side}"), number, in_series + 1),
                 sop_uid=instance_uid(job_id, "overlays", result.input_sop_instance_uid),
                 now=now,
             )
         )
+        capture = captures[-1]
+        capture.Laterality = side
+        capture.SeriesDescription = (
+            f"crgate {method} overlays CR {classification.cr:g} {_SIDE.get(side, side)}"
+        )[:64]
+        copy = Dataset()  # the compressed copy the overlay is drawn over
+        copy.ReferencedSOPClassUID = source.SOPClassUID
+        copy.ReferencedSOPInstanceUID = instance_uid(
+            job_id, "derived", result.input_sop_instance_uid
+        )
+        copy.PurposeOfReferenceCodeSequence = Sequence([_code(*_PROCESSING_SOURCE)])
+        capture.SourceImageSequence.append(copy)
     return captures
 
 
@@ -372,7 +396,6 @@ def _capture(
         sc.PatientOrientation = header.PatientOrientation
     else:
         sc.PatientOrientation = []
-    sc.Laterality = ""  # type 2C: the series holds both breasts
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.ConversionType = "WSD"
     sc.BurnedInAnnotation = "NO"
@@ -417,11 +440,14 @@ def findings_report(
     requested_cr: float | None,
     series_number: int = 9003,
     notice: str = NOT_FOR_CLINICAL_USE,
+    outputs: Sequence_[Dataset] = (),
 ) -> Dataset:
     """A Comprehensive SR of the job (content tree in the module docstring).
 
     ``sources`` (keyed by SOP Instance UID) must hold every image of ``classification``: they
-    are the SR's evidence and give it its patient and study.
+    are the SR's evidence and give it its patient and study. ``outputs``, the job's compressed
+    copies and overlay captures, are referenced from each breast (the copies the probability
+    was measured on, the overlays of its views) and are evidence too.
     """
     now = datetime.now()  # DICOM dates and times are local, as highdicom writes them
     headers = {
@@ -458,15 +484,22 @@ def findings_report(
         _compression(classification.cr, requested_cr, policy_source),
     ]
     algorithm = (model_name, model_version, classification.model_sha256)
+    made = {str(ds.SOPInstanceUID): _header(ds) for ds in outputs}
     for breast in classification.breasts:
         views = [h for h in headers.values() if _laterality(h) == breast.laterality]
-        items.append(_breast(breast, algorithm, views))
+        derived = [
+            made[uid]
+            for role, code in (("derived", "copy"), ("overlays", "overlay"))
+            for view in views
+            if (uid := instance_uid(job_id, role, str(view.SOPInstanceUID))) in made and code
+        ]
+        items.append(_breast(breast, algorithm, views, derived, job_id))
     for result in classification.images:
         items.append(_quality(result, headers[result.input_sop_instance_uid]))
     root.ContentSequence = hd.sr.ContentSequence(items)
 
     sr = hd.sr.ComprehensiveSR(
-        evidence=list(headers.values()),
+        evidence=[*headers.values(), *made.values()],
         content=root,
         series_instance_uid=series_uid(job_id, "report"),
         series_number=series_number,
@@ -508,7 +541,11 @@ def _compression(
 
 
 def _breast(
-    breast: BreastFinding, algorithm: tuple[str, str, str], views: list[Dataset]
+    breast: BreastFinding,
+    algorithm: tuple[str, str, str],
+    views: list[Dataset],
+    outputs: list[Dataset],
+    job_id: str,
 ) -> hd.sr.ContainerContentItem:
     container = hd.sr.ContainerContentItem(name=_CODES["breast"], relationship_type=_CONTAINS)
     site = _BREAST_SITE.get(breast.laterality)
@@ -530,6 +567,10 @@ def _breast(
     if breast.fallback:
         items.append(_text(_CODES["fallback"], breast.fallback))
     items.extend(_image(view) for view in views)
+    copies = {instance_uid(job_id, "derived", str(v.SOPInstanceUID)) for v in views}
+    for output in outputs:
+        concept = _CODES["copy"] if str(output.SOPInstanceUID) in copies else _CODES["overlay"]
+        items.append(_image(output, concept))
     container.ContentSequence = hd.sr.ContentSequence(items)
     return container
 
@@ -555,9 +596,9 @@ def _quality(result: TranscodeResult, source: Dataset) -> hd.sr.ContainerContent
     return container
 
 
-def _image(ds: Dataset) -> hd.sr.ImageContentItem:
+def _image(ds: Dataset, name: Any = None) -> hd.sr.ImageContentItem:
     return hd.sr.ImageContentItem(
-        name=codes.DCM.SourceOfMeasurement,
+        name=name or codes.DCM.SourceOfMeasurement,
         referenced_sop_class_uid=str(ds.SOPClassUID),
         referenced_sop_instance_uid=str(ds.SOPInstanceUID),
         relationship_type=_CONTAINS,
