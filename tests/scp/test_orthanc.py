@@ -3,6 +3,7 @@ modality)."""
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import subprocess
@@ -15,6 +16,7 @@ import pydicom
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
+from services.core.destinations import DestinationSpec, create_destination
 from services.core.ingest import Channel, Ingestor
 from services.core.storage import InstanceStore
 from tests.scp.conftest import StartScp, free_port, stored_rows
@@ -123,8 +125,7 @@ def test_orthanc_queries_crgate_with_c_find(
     store: InstanceStore,
     ingestor: Ingestor,
 ) -> None:
-    """Orthanc's query/retrieve client: study, then series and instances below the answer.
-    (Orthanc 1.10 retrieves with C-MOVE only, which crgate does not offer yet.)"""
+    """Orthanc's query/retrieve client: study, then series and instances below the answer."""
     for path in tiny_study_files:
         staged = store.new_staging_path()
         staged.write_bytes(path.read_bytes())
@@ -159,3 +160,51 @@ def test_orthanc_queries_crgate_with_c_find(
             d.SOPInstanceUID for d in sent if d.SeriesInstanceUID == found[0]["SeriesInstanceUID"]
         }
         assert {i["SOPInstanceUID"] for i in listed} == expected
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_orthanc_retrieves_a_study_from_crgate_with_c_move(
+    start_scp: StartScp,
+    orthanc_for: StartOrthanc,
+    tiny_study_files: list[Path],
+    store: InstanceStore,
+    ingestor: Ingestor,
+    sessions: sessionmaker[Session],
+) -> None:
+    """Orthanc queries crgate, then retrieves the answer to itself (C-MOVE, its only retrieve):
+    crgate opens an association to Orthanc, registered as a destination by its AE title, and
+    the instances arrive with the pixels crgate stores."""
+    for path in tiny_study_files:
+        staged = store.new_staging_path()
+        staged.write_bytes(path.read_bytes())
+        ingestor.ingest_file(staged, channel=Channel.CLI)
+    sent = {str(d.SOPInstanceUID): d for d in (pydicom.dcmread(p) for p in tiny_study_files)}
+    scp = start_scp(allowed_ae="ORTHANC")
+    url = orthanc_for(scp.port)
+    with httpx.Client(base_url=url, timeout=120) as client:
+        dicom_port = int(client.get("/system").json()["DicomPort"])
+        with sessions.begin() as session:
+            create_destination(
+                session,
+                DestinationSpec("orthanc", "ORTHANC", "127.0.0.1", dicom_port),
+                actor="test",
+            )
+        query = client.post(
+            "/modalities/crgate/query",
+            json={"Level": "Study", "Query": {"StudyInstanceUID": ""}},
+        )
+        assert query.status_code == 200, query.text
+        retrieve = client.post(
+            f"{query.json()['Path']}/answers/0/retrieve",
+            json={"TargetAet": "ORTHANC", "Synchronous": True},
+        )
+        assert retrieve.status_code == 200, retrieve.text
+        got = client.get("/instances", params={"expand": ""}).json()
+        assert len(got) == len(sent)
+        for instance in got:
+            tags = client.get(f"/instances/{instance['ID']}/simplified-tags").json()
+            original = sent[tags["SOPInstanceUID"]]
+            received = pydicom.dcmread(
+                io.BytesIO(client.get(f"/instances/{instance['ID']}/file").content)
+            )
+            assert (received.pixel_array == original.pixel_array).all()
