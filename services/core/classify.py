@@ -181,26 +181,34 @@ def request(
     )
     job, created = jobs.submit(ctx.sessions, job_request)
     if exceeded is not None:
-        with ctx.sessions.begin() as session:
-            audit.record(
-                session,
-                actor=requested_by or "unknown",
-                action="override",
-                entity="job",
-                entity_id=job.id,
-                before=None,
-                after={
-                    "study_uid": study_uid,
-                    "cr": job_request.cr,
-                    "max_cr": exceeded.max_cr,
-                    "preset": exceeded.preset,
-                    "policy": job_request.policy_source,
-                },
-                reason=reason,
-            )
+        record_override(ctx, job, job_request, exceeded, reason)
     if created:
         jobs.hand_over(queue, ClassifyPayload(job_id=job.id), f"job {job.id}")
     return job, created
+
+
+def record_override(
+    ctx: JobContext, job: Job, request: jobs.JobRequest, limit: Ceiling, reason: str | None
+) -> None:
+    """The audit entry of a job granted a CR above its ceiling (entity job, action override)."""
+    with ctx.sessions.begin() as session:
+        audit.record(
+            session,
+            actor=request.requested_by or "unknown",
+            action="override",
+            entity="job",
+            entity_id=job.id,
+            before=None,
+            after={
+                "kind": request.kind.value,
+                "study_uid": request.study_uid,
+                "cr": request.cr,
+                "max_cr": limit.max_cr,
+                "preset": limit.preset,
+                "policy": request.policy_source,
+            },
+            reason=reason,
+        )
 
 
 def prepare(

@@ -27,11 +27,12 @@ from typing import Any, TypeVar
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from services.core import audit, jobs
+from services.core import jobs
 from services.core.classify import (
     JobContext,
     check_override,
     job_instances,
+    record_override,
     reference,
     study_pediatric,
 )
@@ -149,23 +150,7 @@ def request(
     for job_request, exceeded in planned:
         job, created = jobs.submit(ctx.sessions, job_request)
         if exceeded is not None:
-            with ctx.sessions.begin() as session:
-                audit.record(
-                    session,
-                    actor=requested_by or "unknown",
-                    action="override",
-                    entity="job",
-                    entity_id=job.id,
-                    before=None,
-                    after={
-                        "kind": JobKind.COMPRESS.value,
-                        "study_uid": study_uid,
-                        "cr": job_request.cr,
-                        "max_cr": exceeded.max_cr,
-                        "preset": exceeded.preset,
-                    },
-                    reason=reason,
-                )
+            record_override(ctx, job, job_request, exceeded, reason)
         if created:
             jobs.hand_over(queue, ClassifyPayload(job_id=job.id), f"job {job.id}")
         made.append((job, created))
