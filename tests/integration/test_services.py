@@ -171,7 +171,8 @@ def test_pacs_push_to_results_over_rest_and_dicomweb(
     dicomweb = DICOMwebClient(url=f"{stack.url}/dicomweb", headers=headers)
     series = dicomweb.search_for_series(study_instance_uid=study_uid)
     modalities = sorted(s["00080060"]["Value"][0] for s in series)
-    assert len(series) == 4, modalities  # original MG, derived MG, overlay captures, the SR
+    # original MG, derived MG, one overlay series per breast, the SR
+    assert modalities == ["MG", "MG", "OT", "OT", "SR"], modalities
     report = result["outputs"]["report"]
     sr = dicomweb.retrieve_instance(study_uid, report["series_uid"], report["sop_instance_uid"])
     assert sr.SOPClassUID == SR_CLASS
