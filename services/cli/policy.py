@@ -113,9 +113,15 @@ def list_cmd(data_dir: DataDir = None) -> None:
 
 @policy_app.command("set")
 def set_cmd(
-    modality: Annotated[str, typer.Option("--modality", help="DICOM Modality (MG, CT...) or *")],
+    modality: Annotated[
+        str, typer.Option("--modality", help="a DICOM Modality defined term (MG, CT...) or *")
+    ],
     body_part: Annotated[
-        str | None, typer.Option("--body-part", help="DICOM Body Part Examined; left out: any")
+        str | None,
+        typer.Option(
+            "--body-part",
+            help="a DICOM Body Part Examined defined term (PS3.16 Annex L); left out: any",
+        ),
     ] = None,
     pediatric: Annotated[
         str | None, typer.Option("--pediatric", help="yes or no; left out: any")

@@ -31,6 +31,7 @@ from services.core import audit
 from services.core.codecs import OutputSyntax
 from services.core.config import Settings
 from services.core.db.tables import Destination, Policy
+from services.core.dicom.terms import BODY_PARTS, MODALITIES, DefinedTerms
 from services.core.errors import Conflict, InvalidParameter, NotFound
 from services.core.ratio import validate_cr
 
@@ -65,7 +66,8 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def _code(value: str, what: str) -> str:
+def _code(value: str, what: str, terms: DefinedTerms | None = None) -> str:
+    """``value`` upper-cased; with ``terms``, also refused when it is not one of them."""
     code = value.strip().upper()
     if code == ANY:
         return ANY
@@ -74,7 +76,17 @@ def _code(value: str, what: str) -> str:
             f"{what} {value!r} is not a DICOM code: use one word of up to 16 letters, digits "
             f"or underscores (like MG or BREAST), or {ANY} for any"
         )
+    if terms is not None and code not in terms:
+        raise InvalidParameter(terms.refusal(what, value))
     return code
+
+
+def check_terms(key: PolicyKey) -> PolicyKey:
+    """``key`` when its modality and body part are DICOM defined terms (or ``*``): what a new
+    policy may name. Stored policies and the studies that are resolved are not checked."""
+    _code(key.modality, "modality", MODALITIES)
+    _code(key.body_part, "body part", BODY_PARTS)
+    return key
 
 
 def pediatric_value(value: bool | str | None) -> str:
@@ -482,8 +494,9 @@ def _flush_unique(session: Session, key: PolicyKey) -> None:
 
 
 def create_policy(session: Session, spec: PolicySpec, *, actor: str) -> Policy:
-    """Add a policy (409 Conflict when one exists for the same key)."""
-    key = spec.key
+    """Add a policy (409 Conflict when one exists for the same key); its modality and body part
+    must be DICOM defined terms."""
+    key = check_terms(spec.key)
     existing = find_policy(session, key)
     if existing is not None:
         raise Conflict(
@@ -745,8 +758,12 @@ def parse_presets(text: str) -> dict[str, Preset]:
         try:
             name = record["preset"].strip().upper()
             row = PresetRow(
-                modalities=tuple(_code(m, "modality") for m in record["modality"].split()),
-                body_parts=tuple(_code(b, "body part") for b in record["body_part"].split()),
+                modalities=tuple(
+                    _code(m, "modality", MODALITIES) for m in record["modality"].split()
+                ),
+                body_parts=tuple(
+                    _code(b, "body part", BODY_PARTS) for b in record["body_part"].split()
+                ),
                 pediatric=pediatric_value(record["pediatric"]),
                 max_cr=validate_cr(record["max_cr"]),
                 note=(record.get("note") or "").strip(),

@@ -107,6 +107,12 @@ def test_invalid_bodies_are_problems(client: TestClient) -> None:
         ({"modality": "MG", "cr": 0}, invalid, "out of range"),
         ({"modality": "MG", "cr": 20, "syntax": "j2k-lossless"}, invalid, "cannot give CR 20"),
         ({"modality": "CR DX", "cr": 20}, invalid, "not a DICOM code"),
+        ({"modality": "SC", "cr": 20}, invalid, "not a Modality defined term of DICOM PS3.3"),
+        (
+            {"modality": "CT", "body_part": "skeletal", "cr": 20},
+            invalid,
+            "'SKELETAL' is not a Body Part Examined defined term of DICOM PS3.16 Annex L",
+        ),
         ({"modality": "MG", "cr": 20, "syntax": "jpeg"}, 422, "syntax"),
         ({"modality": "MG", "cr": 20, "quiet_seconds": -1}, 422, "quiet_seconds"),
         ({"cr": 20}, 422, "modality"),
@@ -126,13 +132,13 @@ def test_presets_list_and_apply(client: TestClient) -> None:
     assert set(by_name) == {"CAR", "DRG", "RCR"}
     chest = by_name["RCR"]["rows"][0]
     assert chest["modalities"] == ["CR", "DX"]
-    assert chest["body_parts"] == ["CHEST", "SKELETAL", "BODY"]
+    assert chest["body_parts"] == ["*"]  # chest, skeletal and body: all adult radiography
     assert (chest["pediatric"], chest["max_cr"]) == (False, 10)
 
     applied = client.post("/policies/presets/RCR")
     assert applied.status_code == 200, applied.text
     result = applied.json()
-    assert len(result["created"]) == by_name["RCR"]["policy_count"] == 13
+    assert len(result["created"]) == by_name["RCR"]["policy_count"] == 14
     mg = next(p for p in result["policies"] if p["modality"] == "MG")
     assert (mg["cr"], mg["max_cr"], mg["max_cr_preset"], mg["preset"]) == (20, 20, "RCR", "RCR")
     assert mg["expected_instances"] == 4
@@ -141,7 +147,7 @@ def test_presets_list_and_apply(client: TestClient) -> None:
     again = client.post("/policies/presets/rcr").json()
     assert again["created"] == [] and again["updated"] == []
     assert sorted(again["unchanged"]) == sorted(result["created"])
-    assert len(_audit(client, entity="policy", limit=1000)) == 1 + 13
+    assert len(_audit(client, entity="policy", limit=1000)) == 1 + 14
 
     unknown = client.post("/policies/presets/ACR")
     assert unknown.status_code == 404
@@ -183,6 +189,9 @@ def test_resolve_shows_the_policy_that_applies(client: TestClient) -> None:
     assert found.json()["source"].endswith("(MG/BREAST, preset RCR)")
     fallback = client.get("/policies/resolve", params={"modality": "CT", "pediatric": True})
     assert fallback.json()["source"].endswith("(default)")
+    # what studies carry is resolved, never refused: only new policies name defined terms
+    odd = client.get("/policies/resolve", params={"modality": "SC", "body_part": "SKELETAL"})
+    assert odd.status_code == 200 and odd.json()["source"].endswith("(default)")
 
 
 def test_audit_pages_newest_first(client: TestClient) -> None:

@@ -83,8 +83,8 @@ def test_list_shows_the_default_policy(crgate: CliRunnerCall) -> None:
 def test_preset_then_set_with_and_without_override(crgate: CliRunnerCall) -> None:
     applied = crgate("preset", "RCR")
     assert applied.exit_code == 0, applied.stderr
-    assert "preset RCR: 13 created, 0 updated, 0 unchanged, 0 kept a stricter CR" in applied.stderr
-    assert "13 unchanged" in crgate("preset", "rcr").stderr
+    assert "preset RCR: 14 created, 0 updated, 0 unchanged, 0 kept a stricter CR" in applied.stderr
+    assert "14 unchanged" in crgate("preset", "rcr").stderr
 
     refused = crgate("set", "--modality", "MG", "--body-part", "breast", "--cr", "30")
     assert refused.exit_code == EXIT_INVALID
@@ -147,6 +147,12 @@ def test_set_creates_a_pediatric_policy(crgate: CliRunnerCall) -> None:
             ["set", "--modality", "MG", "--cr", "9", "--syntax", "j2k-lossless"],
             EXIT_INVALID,
             "CR 1",
+        ),
+        (["set", "--modality", "PET", "--cr", "9"], EXIT_INVALID, "PS3.3 C.7.3.1.1.1"),
+        (
+            ["set", "--modality", "CT", "--body-part", "BODY", "--cr", "9"],
+            EXIT_INVALID,
+            "not a Body Part Examined defined term of DICOM PS3.16 Annex L (CID 4031)",
         ),
         (["preset", "ACR"], EXIT_NOT_FOUND, "choose one of CAR, DRG, RCR"),
         (["delete", "999999"], EXIT_NOT_FOUND, "no policy with id 999999"),

@@ -16,6 +16,7 @@ import services.core
 from services.core import policies
 from services.core.config import Settings
 from services.core.db.tables import AuditEntry, Policy
+from services.core.dicom.terms import BODY_PARTS, MODALITIES
 from services.core.errors import Conflict, InvalidParameter, NotFound
 from services.core.policies import (
     Ceiling,
@@ -229,14 +230,26 @@ def test_preset_sets_one_policy_per_modality_and_body_part_from_the_csv(
     assert {(e.action, e.reason) for e in entries} == {("create", f"preset {name} applied")}
 
 
-def test_cr_dx_chest_row_expands_to_six_policies(session: Session) -> None:
+def test_cr_dx_row_expands_to_one_policy_per_modality_for_any_body_part(
+    session: Session,
+) -> None:
     apply_preset(session, "RCR", actor=ACTOR)
     keys = {
-        (p.modality, p.body_part)
+        (p.modality, p.body_part, p.pediatric)
         for p in policies.list_policies(session)
         if p.modality in ("CR", "DX")
     }
-    assert keys == {(m, b) for m in ("CR", "DX") for b in ("CHEST", "SKELETAL", "BODY")}
+    assert keys == {("CR", "*", "no"), ("DX", "*", "no")}
+
+
+def test_every_preset_term_is_a_dicom_defined_term() -> None:
+    rows = [row for name in ("CAR", "DRG", "RCR") for row in csv_rows(name)]
+    assert len(rows) == 23
+    for row in rows:
+        for modality in row["modality"].split():
+            assert modality in MODALITIES, row
+        for part in row["body_part"].split():
+            assert part == "*" or part in BODY_PARTS, row
 
 
 def test_applying_a_preset_twice_changes_nothing(session: Session) -> None:
@@ -325,11 +338,15 @@ def test_unknown_preset_lists_the_names(session: Session) -> None:
 
 def test_parse_presets_validates_rows() -> None:
     header = "preset,modality,body_part,pediatric,max_cr,note\n"
-    parsed = policies.parse_presets(header + "X,CR DX,CHEST BODY,no,10,n\nX,CR,CHEST,no,8,m\n")
+    parsed = policies.parse_presets(header + "X,CR DX,CHEST SKULL,no,10,n\nX,CR,chest,no,8,m\n")
     assert parsed["X"].targets()[PolicyKey("CR", "CHEST", "no")] == 8  # overlap: the lower
     assert len(parsed["X"].targets()) == 4
     with pytest.raises(InvalidParameter, match="line 2"):
         policies.parse_presets(header + "X,CR,CHEST,maybe,10,n\n")
+    with pytest.raises(InvalidParameter, match="line 2: body part 'SKELETAL' is not a Body Part"):
+        policies.parse_presets(header + "X,CR,SKELETAL,no,10,n\n")
+    with pytest.raises(InvalidParameter, match="line 2: modality 'CXR' is not a Modality"):
+        policies.parse_presets(header + "X,CXR,CHEST,no,10,n\n")
     with pytest.raises(InvalidParameter, match="line 3"):
         policies.parse_presets(header + "X,CR,CHEST,no,10,n\nX,CR,CHEST,no,0,n\n")
 
@@ -375,10 +392,10 @@ def test_new_policies_inherit_the_maximum_of_the_modality(session: Session) -> N
 
 def test_the_last_applied_preset_sets_the_inherited_maximum(session: Session) -> None:
     apply_preset(session, "RCR", actor=ACTOR)
-    # RCR: CT HEAD, CHEST, LUNG, SKELETON at 5; no PELVIS row, so the lowest applies
+    # RCR: CT HEAD, BRAIN, CHEST, LUNG, the spine and EXTREMITY at 5; no PELVIS row: the lowest
     assert ceiling(session, PolicyKey("CT", "PELVIS", "*")) == Ceiling(5, "RCR")
     apply_preset(session, "DRG", actor=ACTOR)
-    # DRG (applied last): CT HEAD 5 and ABDOMEN/PELVIS/BODY 15; PELVIS overlaps the latter
+    # DRG (applied last): CT HEAD/BRAIN 5 and ABDOMEN/PELVIS/ABDOMENPELVIS 15
     assert ceiling(session, PolicyKey("CT", "PELVIS", "*")) == Ceiling(15, "DRG")
     assert ceiling(session, PolicyKey("CT", "*", "*")) == Ceiling(5, "DRG")
 
@@ -433,6 +450,14 @@ def test_update_that_changes_nothing_is_not_logged(session: Session) -> None:
     [
         ({"modality": "CR DX"}, "not a DICOM code"),
         ({"body_part": "CHEST/LUNG"}, "not a DICOM code"),
+        (
+            {"modality": "SC"},
+            r"'SC' is not a Modality defined term of DICOM PS3\.3 C\.7\.3\.1\.1\.1",
+        ),
+        (
+            {"body_part": "skeleton"},
+            r"'SKELETON' is not a Body Part Examined defined term .*CID 4031",
+        ),
         ({"pediatric": "maybe"}, "use yes, no"),
         ({"cr": 0}, "out of range"),
         ({"cr": float("nan")}, "out of range"),
@@ -463,3 +488,44 @@ def test_set_policy_creates_then_updates(session: Session) -> None:
     )
     assert not created and again.id == row.id
     assert (again.cr, again.auto_classify, again.expected_instances) == (9, True, 4)
+
+
+# --------------------------------------------------------------------------- defined terms
+
+
+def test_defined_terms_are_accepted_in_any_case(session: Session) -> None:
+    assert PolicyKey.of_row(add(session, "ct", "lspine")).label == "CT/LSPINE"
+    assert PolicyKey.of_row(add(session, "Rtstruct", "HeadNeck")).label == "RTSTRUCT/HEADNECK"
+    assert PolicyKey.of_row(add(session, "ST", "*")).label == "ST/*"  # a retired modality term
+
+
+def test_a_stored_policy_with_a_non_standard_term_still_loads_resolves_and_changes(
+    session: Session,
+) -> None:
+    """Rows made before the check (e.g. by the old CR/SKELETAL preset row) stay usable."""
+    now = policies._now()
+    legacy = Policy(
+        modality="CR",
+        body_part="SKELETAL",
+        pediatric="no",
+        cr=10,
+        syntax="j2k",
+        auto_classify=False,
+        quiet_seconds=120,
+        created_at=now,
+        updated_at=now,
+    )
+    session.add(legacy)
+    session.flush()
+    assert legacy in policies.list_policies(session)
+    found = resolve_policy(session, modality="CR", body_part="skeletal", pediatric=False)
+    assert (found.policy_id, found.source) == (legacy.id, f"policy {legacy.id} (CR/SKELETAL/adult)")
+    policies.update_policy(session, legacy.id, {"cr": 8}, actor=ACTOR)
+    key = PolicyKey.of("CR", "SKELETAL", "no")  # the key itself is only checked for its form
+    row, created = policies.set_policy(session, key, {"cr": 7}, actor=ACTOR)
+    assert (row.id, created, row.cr) == (legacy.id, False, 7)
+    with pytest.raises(InvalidParameter, match="'SKELETAL' is not a Body Part Examined"):
+        policies.set_policy(session, PolicyKey.of("DX", "SKELETAL", "no"), {"cr": 7}, actor=ACTOR)
+    # studies are resolved whatever they carry
+    other = resolve_policy(session, modality="XX", body_part="NOT A TERM", pediatric=None)
+    assert (other.modality, other.body_part) == ("*", "*")

@@ -37,10 +37,14 @@ class PolicyIn(BaseModel):
     """A new policy."""
 
     modality: str = Field(
-        description="DICOM Modality (one, like MG or CT), or * for any", examples=["MG"]
+        description="a DICOM Modality defined term (PS3.3 C.7.3.1.1.1, one, like MG or CT), or * "
+        "for any",
+        examples=["MG"],
     )
     body_part: str = Field(
-        "*", description="DICOM Body Part Examined (case-insensitive), or * for any"
+        "*",
+        description="a DICOM Body Part Examined defined term (PS3.16 Annex L, CID 4031; "
+        "case-insensitive), or * for any",
     )
     pediatric: bool | None = Field(
         None, description="true: pediatric patients only; false: adults only; null: any"
