@@ -19,7 +19,7 @@ from typing import Any, Literal
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, build_context
+from pynetdicom import AE, build_context, evt
 
 from services.core.errors import InvalidParameter
 from services.core.forwards import Delivery, Outcome, Peer, Sender, is_retryable
@@ -87,13 +87,18 @@ class DicomForwarder:
         ae = AE(ae_title=self.calling_ae)
         ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = self.timeout
         ae.requested_contexts = _contexts(header for _, header in headers.values())
+        connected: list[bool] = []
         assoc = ae.associate(
-            self.target.host, self.target.port, ae_title=self.target.ae_title, max_pdu=0
+            self.target.host,
+            self.target.port,
+            ae_title=self.target.ae_title,
+            max_pdu=0,
+            evt_handlers=[(evt.EVT_CONN_OPEN, lambda _: connected.append(True))],
         )
         if not assoc.is_established:
             if assoc.is_rejected:
                 error = f"association rejected by {self.target}"
-            elif assoc.is_aborted:
+            elif assoc.is_aborted and connected:
                 error = f"association aborted by {self.target}"
             else:
                 error = f"association with {self.target} refused or unreachable"
