@@ -154,13 +154,21 @@ def request(
 ) -> list[Forward]:
     """Record ``objects`` as queued for ``destination`` (name, AE title or id) and hand one task
     per batch to the queue. A queue that does not take the task leaves the rows queued: the
-    housekeeping pass hands them again. NotFound for an unknown destination."""
+    housekeeping pass hands them again. An object a job asked for already (a job run again) is
+    not recorded twice: its row is returned. NotFound for an unknown destination."""
     bad = sorted({o.what for o in objects} - set(WHATS))
     if bad:
         raise InvalidParameter(f"what {bad[0]!r} is not one of {', '.join(WHATS)}")
     now = _now()
     with sessions() as session, session.begin():
         target = destinations.get_destination(session, destination)
+        known = _known(session, target.id, {o.job_id for o in objects if o.job_id})
+        again = [
+            known[(o.job_id, o.sop_instance_uid)]
+            for o in objects
+            if (o.job_id, o.sop_instance_uid) in known
+        ]
+        objects = [o for o in objects if (o.job_id, o.sop_instance_uid) not in known]
         rows = [
             Forward(
                 id=str(uuid.uuid4()),
@@ -182,7 +190,19 @@ def request(
         ]
         session.add_all(rows)
     _hand(queue, [r.id for r in rows])
-    return rows
+    return again + rows
+
+
+def _known(
+    session: Session, destination_id: int, job_ids: set[str | None]
+) -> dict[tuple[str | None, str], Forward]:
+    """The rows the jobs ``job_ids`` recorded for the destination, by (job, SOP Instance UID)."""
+    if not job_ids:
+        return {}
+    rows = session.scalars(
+        select(Forward).where(Forward.destination_id == destination_id, Forward.job_id.in_(job_ids))
+    )
+    return {(r.job_id, r.sop_instance_uid): r for r in rows}
 
 
 def _hand(queue: JobQueue | None, ids: list[str]) -> int:
@@ -201,15 +221,17 @@ def _hand(queue: JobQueue | None, ids: list[str]) -> int:
 
 def forward_result(
     ctx: JobContext,
-    job_id: str,
+    job_id: str | None,
     study_uid: str,
     objects: Sequence[ForwardObject | tuple[str, str]],
     destinations: Sequence[str] | None = None,
     *,
     requested_by: str = "system",
 ) -> dict[str, Any] | None:
-    """Forward a job's objects (``(sop_instance_uid, what)`` pairs or :class:`ForwardObject`)
-    to ``destinations`` by name (None: the context's defaults, ``CRGATE_FORWARD_TO``).
+    """Forward a job's objects (``(sop_instance_uid, what)`` pairs or :class:`ForwardObject`;
+    ``what``: original, compressed or result) to ``destinations`` by name, AE title or id (None:
+    the context's defaults, ``CRGATE_FORWARD_TO``); ``job_id`` None for objects no job made
+    (originals under a forward-only policy).
 
     Never raises: the rows are recorded and their tasks handed to the forward queue; what was
     asked is returned for the result's ``outputs.forwarded`` (None when nothing was asked).

@@ -202,3 +202,59 @@ def make_key_viewer(make_key: Callable[..., str]) -> str:
     from services.core.auth import Role
 
     return make_key(Role.VIEWER)
+
+
+def test_forward_result_records_once_per_job_and_never_raises(
+    client: TestClient, state: Runtime, mg_study: str, pacs: Callable[..., Pacs]
+) -> None:
+    """What a job calls: an unknown destination is reported, not raised; a job run again does
+    not send twice; nothing asked, nothing recorded."""
+    peer = pacs([])
+    _register(state, peer.port)
+    objects = [(o.sop_instance_uid, "result") for o in _objects(state, mg_study)]
+    ctx = state.job_context
+    first = forwards.forward_result(ctx, "job-1", mg_study, objects, ["pacs", "nowhere"])
+    assert first is not None
+    asked, unknown = first["destinations"]
+    assert (asked["destination"], asked["objects"], len(asked["forward_ids"])) == ("pacs", 2, 2)
+    assert unknown == {
+        "destination": "nowhere",
+        "objects": 2,
+        "error": "no destination 'nowhere' (see GET /destinations)",
+    }
+    again = forwards.forward_result(ctx, "job-1", mg_study, objects, ["PACS"])
+    assert again is not None and again["destinations"][0]["forward_ids"] == asked["forward_ids"]
+    assert forwards.forward_result(ctx, "job-1", mg_study, [], ["pacs"]) is None
+    assert forwards.forward_result(ctx, "job-1", mg_study, objects) is None  # no defaults
+    _until(lambda: _states(client) == ["sent", "sent"])
+    assert len(peer.received) == 2
+    assert {i["job_id"] for i in client.get("/forwards").json()["items"]} == {"job-1"}
+
+
+def test_a_broker_that_refuses_leaves_rows_queued_for_housekeeping(
+    client: TestClient,
+    state: Runtime,
+    mg_study: str,
+    pacs: Callable[..., Pacs],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The broker is down when a job forwards (a real refused connection): the rows stay
+    queued and the job goes on; the next housekeeping pass hands them to a working queue."""
+    from services.runtime.queue import producer_queue
+
+    peer = pacs([])
+    _register(state, peer.port)
+    down = producer_queue(state.settings.model_copy(update={"broker_url": _dead_broker()}))
+    assert down is not None
+    try:
+        rows = forwards.request(state.sessions, down, "pacs", _objects(state, mg_study), "t")
+    finally:
+        down.close()
+    assert {r.state for r in rows} == {"queued"}
+    assert "forward task not queued (ConnectionError); housekeeping sends it" in caplog.text
+    _until(lambda: _states(client) == ["sent", "sent"])  # serve's housekeeping pass
+    assert {str(ds.SOPInstanceUID) for ds in peer.received} == {r.sop_instance_uid for r in rows}
+
+
+def _dead_broker() -> str:
+    return f"redis://127.0.0.1:{free_port()}/0"
