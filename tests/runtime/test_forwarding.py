@@ -228,3 +228,39 @@ def test_a_peer_without_jpeg_2000_gets_the_copies_decoded(tmp_path: Path) -> Non
         assert received.file_meta.TransferSyntaxUID == syntax
         assert received.LossyImageCompression == "01"  # decoded, still a lossy copy
         assert (received.pixel_array == result.decoded[0]).all()
+
+
+@pytest.mark.tools
+def test_a_compress_job_forwards_its_copy_kept_out_of_the_study(tmp_path: Path) -> None:
+    """store=false: the JPEG 2000 copy is only among the result's files; it still goes to the
+    destination (plain storescp: decoded, the same pixels, Lossy Image Compression 01)."""
+    require("storescp", "dcmtk")
+    port, received = free_port(), tmp_path / "pacs"
+    received.mkdir()
+    pacs = _storescp(port, received)
+    settings = _settings(tmp_path, port)
+    state = build_runtime(settings, create=True)
+    key = (settings.data_dir / "admin.key").read_text().strip()
+    try:
+        source = Path(str(pydicom.data.get_testdata_file("CT_small.dcm")))
+        study_uid = ingest_path(state, source)
+        with TestClient(create_app(state=state), headers={"Authorization": f"Bearer {key}"}) as c:
+            body = c.post(
+                f"/studies/{study_uid}/compress", params={"cr": 10, "store": False, "wait": 120}
+            ).json()
+            (entry,) = body["jobs"]
+            (asked,) = entry["result"]["outputs"]["forwarded"]["destinations"]
+            assert (asked["destination"], asked["objects"]) == ("forward-to", 1)
+            result = _sent(c, entry["result_url"], 1)
+            (row,) = c.get("/forwards", params={"study_uid": study_uid}).json()["items"]
+    finally:
+        state.close()
+        pacs.terminate()
+        pacs.wait(10)
+    assert result["outputs"]["derived"] == []  # nothing added to the study
+    assert (row["what"], row["syntax"]) == ("compressed", "1.2.840.10008.1.2.1")
+    (copy,) = state.store.root.glob(f"results/{result['result_id']}/copies/*.dcm")
+    (arrived,) = [pydicom.dcmread(f) for f in received.iterdir()]
+    assert arrived.SOPInstanceUID == copy.stem == row["sop_instance_uid"]
+    assert arrived.LossyImageCompression == "01"
+    assert (arrived.pixel_array == pydicom.dcmread(copy).pixel_array).all()
