@@ -95,8 +95,8 @@ def _forward_to(settings: Settings, sessions: sessionmaker[Session]) -> tuple[st
     target = ForwardTarget.parse(settings.forward_to)
     try:
         return (forwards.ensure_destination(sessions, target.ae_title, target.host, target.port),)
-    except Conflict:  # another process made it at the same moment, or its AE title is taken
-        log.warning("CRGATE_FORWARD_TO %s: %s", target, "kept as the destination forward-to")
+    except Conflict as exc:  # another process made it at the same moment, or the AE title
+        log.warning("CRGATE_FORWARD_TO %s: %s", target, exc)  # is another destination's
         return (forwards.SHORTCUT_NAME,)
 
 

@@ -258,3 +258,26 @@ def test_a_broker_that_refuses_leaves_rows_queued_for_housekeeping(
 
 def _dead_broker() -> str:
     return f"redis://127.0.0.1:{free_port()}/0"
+
+
+def test_the_forward_to_shortcut_is_kept_in_the_registry(
+    client: TestClient, state: Runtime
+) -> None:
+    """CRGATE_FORWARD_TO becomes the destination forward-to, follows a changed setting (audited
+    as the system's), and a PACS registered by hand under that AE title is used as it is."""
+    ensure = forwards.ensure_destination
+    assert ensure(state.sessions, "PACS", "127.0.0.1", 104) == "forward-to"
+    assert ensure(state.sessions, "PACS", "127.0.0.1", 104) == "forward-to"  # no change
+    assert ensure(state.sessions, "PACS", "pacs.local", 11112) == "forward-to"
+    (row,) = client.get("/destinations").json()
+    assert (row["name"], row["host"], row["port"]) == ("forward-to", "pacs.local", 11112)
+    audit = client.get("/audit", params={"entity": "destination"}).json()["items"]
+    assert [(a["action"], a["actor"]) for a in audit] == [
+        ("update", "system"),
+        ("create", "system"),
+    ]
+    with state.sessions() as session, session.begin():
+        create_destination(
+            session, DestinationSpec("by hand", "ARCHIVE", "10.0.0.9", 104), actor="admin"
+        )
+    assert ensure(state.sessions, "ARCHIVE", "10.0.0.9", 104, name="other") == "by hand"
