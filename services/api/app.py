@@ -15,6 +15,7 @@ from services.api.routes import (
     compress,
     destinations,
     docs,
+    forwards,
     login,
     models,
     ops,
@@ -63,6 +64,7 @@ def create_app(settings: Settings | None = None, *, state: Runtime | None = None
     app.include_router(compress.router)
     app.include_router(models.router)
     app.include_router(destinations.router)
+    app.include_router(forwards.router)
     _include_dicomweb(app)
     if settings.viewer_dir is not None:
         viewer.install(app, settings.viewer_dir)

@@ -10,6 +10,7 @@
 | policy | policy list, set, preset, delete |
 | audit | audit (the audit log) |
 | destination | destination add, list, echo, delete |
+| forward | forward list, resend |
 | demo | demo |
 | study | study (the CR safety study) |
 | experiment | experiment (the seed study's training experiments) |
@@ -24,6 +25,7 @@ from services.cli import (
     demo,
     destination,
     experiment,
+    forward,
     images,
     keys,
     model,
@@ -59,6 +61,7 @@ for command in (
 app.add_typer(keys.keys_app, name="keys")
 app.add_typer(policy.policy_app, name="policy")
 app.add_typer(destination.destination_app, name="destination")
+app.add_typer(forward.forward_app, name="forward")
 app.add_typer(model.model_app, name="model")
 
 

@@ -211,10 +211,10 @@ def worker(
         str,
         typer.Option(
             "--queues",
-            help="which jobs this worker runs: classify (and compress), sweep (CR safety "
-            "studies), or both, comma-separated",
+            help="which tasks this worker runs: classify (and compress), sweep (CR safety "
+            "studies), forward (C-STORE to destinations), comma-separated",
         ),
-    ] = "classify,sweep",
+    ] = "classify,sweep,forward",
 ) -> None:
     """Run Celery workers for jobs (needs CRGATE_BROKER_URL, e.g. Redis)."""
     settings = settings_from(data_dir=data_dir)
@@ -225,7 +225,7 @@ def worker(
             " without one, `crgate serve` runs jobs in its own process",
             2,
         )
-    from services.core.contracts import QUEUE_CLASSIFY, QUEUE_SWEEP
+    from services.core.contracts import QUEUE_CLASSIFY, QUEUE_FORWARD, QUEUE_SWEEP
     from services.runtime.datadir import require_index
     from services.worker.app import configure
 
@@ -233,11 +233,13 @@ def worker(
         require_index(settings)
     except CrgateError as exc:
         raise fail(str(exc), exc.exit_code) from None
-    names = {"classify": QUEUE_CLASSIFY, "sweep": QUEUE_SWEEP}
+    names = {"classify": QUEUE_CLASSIFY, "sweep": QUEUE_SWEEP, "forward": QUEUE_FORWARD}
     wanted = [q.strip() for q in queues.split(",") if q.strip()]
     unknown = sorted(set(wanted) - set(names))
     if unknown or not wanted:
-        raise fail(f"--queues: unknown queue(s) {', '.join(unknown)}; use classify, sweep", 2)
+        raise fail(
+            f"--queues: unknown queue(s) {', '.join(unknown)}; use classify, sweep, forward", 2
+        )
     argv = [
         "worker",
         f"--loglevel={settings.log_level.upper()}",

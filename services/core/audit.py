@@ -12,8 +12,9 @@ from services.core.db.tables import AuditEntry
 from services.core.errors import InvalidParameter
 
 MAX_LIMIT = 1000
-ENTITIES = ("destination", "job", "key", "policy")
-"""What the log records: CR policies, API keys, destinations, jobs (overrides of a ceiling)."""
+ENTITIES = ("destination", "forward", "job", "key", "policy")
+"""What the log records: CR policies, API keys, destinations, forwards (re-sends), jobs
+(overrides of a ceiling)."""
 
 
 def record(

@@ -45,6 +45,7 @@ from services.core.errors import (
     InvalidParameter,
     NotFound,
 )
+from services.core.forwards import Forwarding, ForwardObject, forward_result
 from services.core.inference.card import ModelCard, load_card
 from services.core.inference.registry import find_card, installed
 from services.core.inference.runtime import Classifier, get_classifier
@@ -76,7 +77,7 @@ class JobContext:
     sessions: sessionmaker[Session]
     store: InstanceStore
     ingestor: Ingestor
-    forward: Callable[[list[Path]], dict[str, Any]] | None = None  # C-STORE to a PACS
+    forward: Forwarding | None = None  # the sender, the forward queue, CRGATE_FORWARD_TO
 
     def card_path(self, model: str) -> Path:
         try:
@@ -492,7 +493,7 @@ def _store_outputs(
         outputs=[*derived, *captures],
     )
     stored: dict[str, Any] = {"derived": [], "overlays": [], "report": None}
-    files: list[Path] = []
+    outputs: list[ForwardObject] = []
     for key, datasets in (("derived", derived), ("overlays", captures), ("report", [report])):
         for ds in datasets:
             r = ctx.outputs_ingestor.ingest_dataset(
@@ -503,17 +504,11 @@ def _store_outputs(
                 stored[key] = ref
             else:
                 stored[key].append(ref)
-            files.append(
-                ctx.store.absolute(
-                    ctx.store.relative_path(r.study_uid, r.series_uid, r.sop_instance_uid)
-                )
-            )
-    if ctx.forward is not None:
-        try:
-            stored["forwarded"] = ctx.forward(files)
-        except Exception as exc:  # forwarding never fails a stored result
-            log.warning("forwarding failed: %s", type(exc).__name__)
-            stored["forwarded"] = {"sent": 0, "error": f"forwarding failed: {type(exc).__name__}"}
+            outputs.append(ForwardObject(r.study_uid, r.sop_instance_uid, "result", job_id))
+    study_uid = outputs[0].study_uid if outputs else ""
+    forwarded = forward_result(ctx, job_id, study_uid, outputs)  # never raises
+    if forwarded is not None:
+        stored["forwarded"] = forwarded
     return stored
 
 

@@ -41,6 +41,7 @@ from services.core.contracts import ClassifyPayload, JobKind, JobQueue, JobTrigg
 from services.core.db.tables import Instance, Job, Policy, Result, Series, Study
 from services.core.dicom.io import read_dataset, write_dataset
 from services.core.errors import CrgateError, InvalidInput, NotFound
+from services.core.forwards import ForwardObject, forward_result
 from services.core.ingest import Channel
 from services.core.pipeline import TranscodeResult, transcode_dataset
 from services.core.policies import Ceiling, PolicyKey, ResolvedPolicy, ceiling, resolve_policy
@@ -344,7 +345,7 @@ def execute(ctx: JobContext, job_id: str, progress: Callable[[int, int], None]) 
                 done.files.append(file)
             progress(count, len(instances))
     compressed_at = time.perf_counter()
-    forwarded = _forward(ctx, options, instances, done.files)
+    forwarded = _forward(ctx, options, instances, done.files, (job_id, study_uid))
     finished = time.perf_counter()
     payload = {
         "kind": JobKind.COMPRESS.value,
@@ -454,17 +455,34 @@ def _summary(done: _Done) -> dict[str, Any]:
 
 
 def _forward(
-    ctx: JobContext, options: dict[str, Any], instances: list[Instance], copies: list[Path]
+    ctx: JobContext,
+    options: dict[str, Any],
+    instances: list[Instance],
+    copies: list[Path],
+    job: tuple[str, str],
 ) -> dict[str, Any]:
-    """The job's forward action (a policy's): never fails the result."""
-    if ctx.forward is None:  # CRGATE_FORWARD_TO: every job's outputs
-        return {}
+    """The job's forward action (a policy's, else CRGATE_FORWARD_TO's): rows recorded and
+    handed to the forward queue; never fails the result."""
+    job_id, study_uid = job
     what = set(options.get("forward_what") or DEFAULT_FORWARD_WHAT)
-    files = list(copies) if "compressed" in what else []
+    objects: list[ForwardObject] = []
+    if "compressed" in what:  # a copy's file is named by its SOP Instance UID
+        objects += [
+            ForwardObject(study_uid, p.stem, "compressed", job_id, _kept_out(ctx, p))
+            for p in copies
+        ]
     if "originals" in what:
-        files += [ctx.store.absolute(i.path) for i in instances]
+        objects += [
+            ForwardObject(study_uid, i.sop_instance_uid, "original", job_id) for i in instances
+        ]
+    forwarded = forward_result(ctx, job_id, study_uid, objects, options.get("forward_to"))
+    return {} if forwarded is None else {"forwarded": forwarded}
+
+
+def _kept_out(ctx: JobContext, path: Path) -> str | None:
+    """A copy written among the result's files (not in the index): its store-relative path."""
     try:
-        return {"forwarded": ctx.forward(files)}
-    except Exception as exc:  # forwarding never fails a stored result
-        log.warning("forwarding failed: %s", type(exc).__name__)
-        return {"forwarded": {"sent": 0, "error": f"forwarding failed: {type(exc).__name__}"}}
+        relative = path.resolve().relative_to(ctx.store.root.resolve())
+    except ValueError:
+        return None
+    return None if relative.parts[0] == "instances" else str(relative)

@@ -101,7 +101,18 @@ class Settings(BaseSettings):
         1800, gt=0, description="seconds before an unacknowledged task is delivered again"
     )
     forward_to: str = Field(
-        "", description="send every result's DICOM objects here by C-STORE: AET@host:port"
+        "",
+        description="send every result's DICOM objects here by C-STORE: AET@host:port (kept "
+        "as the destination named forward-to)",
+    )
+    forward_retry_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="first wait before a failed forward is tried again; doubled at each "
+        "attempt, at most an hour",
+    )
+    forward_max_attempts: int = Field(
+        8, ge=1, description="attempts at sending an object before its forward is failed"
     )
     arrival_sweep_seconds: float = Field(
         10.0,

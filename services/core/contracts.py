@@ -14,8 +14,10 @@ from pydantic import BaseModel, Field
 TASK_CLASSIFY: Final = "crgate.classify_study"
 TASK_HOUSEKEEPING: Final = "crgate.housekeeping"  # the periodic pass (arrivals, stale jobs)
 TASK_CR_SWEEP: Final = "crgate.cr_sweep"
+TASK_FORWARD: Final = "crgate.forward"
 QUEUE_CLASSIFY: Final = "crgate.classify"
 QUEUE_SWEEP: Final = "crgate.sweep"  # CR safety studies: long, apart from classifications
+QUEUE_FORWARD: Final = "crgate.forward"  # C-STORE to destinations: never in a job's way
 
 
 class JobStatus(StrEnum):
@@ -48,7 +50,13 @@ class SweepPayload(BaseModel):
     sweep_id: str = Field(min_length=1, max_length=36)
 
 
-Payload = ClassifyPayload | SweepPayload
+class ForwardPayload(BaseModel):
+    """Objects to send to one destination (rows of the ``forwards`` table)."""
+
+    forward_ids: list[str] = Field(min_length=1, max_length=1000)
+
+
+Payload = ClassifyPayload | SweepPayload | ForwardPayload
 
 
 class JobQueue(Protocol):

@@ -19,3 +19,8 @@ HTTP_LATENCY = Histogram(
     ["method", "route", "status"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
+FORWARDED = Counter(
+    "crgate_forwarded_objects_total",
+    "Objects sent to destinations, by the state an attempt left them in",
+    ["state"],  # sent, retrying, failed
+)

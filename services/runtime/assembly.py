@@ -14,14 +14,16 @@ from dataclasses import dataclass
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from services.core import logredact
+from services.core import forwards, logredact
 from services.core.arrivals import ArrivalTracker
 from services.core.classify import JobContext
 from services.core.config import Settings
+from services.core.errors import Conflict
+from services.core.forwards import Forwarding
 from services.core.ingest import Ingestor
 from services.core.storage import InstanceStore
 from services.runtime.datadir import Index, open_index, open_store
-from services.runtime.forwarding import DicomForwarder
+from services.runtime.forwarding import ForwardTarget, sender
 from services.runtime.queue import CeleryJobQueue, InProcessJobQueue
 from services.scp.server import ScpServer, start_server
 
@@ -80,10 +82,22 @@ def _job_context(settings: Settings, index: Index) -> JobContext:
             settings.duplicate_policy,
             max_inflated_bytes=settings.max_inflated_bytes,
         ),
-        forward=DicomForwarder(settings.forward_to, settings.ae_title)
-        if settings.forward_to
-        else None,
+        forward=Forwarding(
+            send=sender(settings.ae_title), defaults=_forward_to(settings, index.sessions)
+        ),
     )
+
+
+def _forward_to(settings: Settings, sessions: sessionmaker[Session]) -> tuple[str, ...]:
+    """``CRGATE_FORWARD_TO`` kept in the registry (destination ``forward-to``): its name."""
+    if not settings.forward_to:
+        return ()
+    target = ForwardTarget.parse(settings.forward_to)
+    try:
+        return (forwards.ensure_destination(sessions, target.ae_title, target.host, target.port),)
+    except Conflict as exc:  # another process made it at the same moment, or the AE title
+        log.warning("CRGATE_FORWARD_TO %s: %s", target, exc)  # is another destination's
+        return (forwards.SHORTCUT_NAME,)
 
 
 def build_runtime(settings: Settings, *, create: bool = False) -> Runtime:
@@ -101,13 +115,22 @@ def build_runtime(settings: Settings, *, create: bool = False) -> Runtime:
     else:
         log.info("no broker configured: jobs run in this process")
         queue = InProcessJobQueue(ctx)
+    if ctx.forward is not None:
+        ctx.forward.queue = queue
     tracker = ArrivalTracker(ctx, queue)
     ctx.ingestor.observers.append(tracker)
     if isinstance(queue, InProcessJobQueue):
         recovered = queue.recover()
         if recovered:
             log.warning("queued %d unfinished job(s) again", len(recovered))
-        queue.start_housekeeping(tracker.housekeeping, settings.arrival_sweep_seconds)
+
+        def housekeeping() -> None:
+            try:
+                tracker.housekeeping()
+            finally:  # retries of forwards go on whatever the arrivals' pass met
+                forwards.housekeeping(ctx, queue)
+
+        queue.start_housekeeping(housekeeping, settings.arrival_sweep_seconds)
     return Runtime(settings=settings, engine=index.engine, job_context=ctx, queue=queue)
 
 

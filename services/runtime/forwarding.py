@@ -1,9 +1,9 @@
 """Forward a job's DICOM outputs to a configured PACS by C-STORE (pynetdicom as SCU).
 
-Target from ``CRGATE_FORWARD_TO`` as ``AET@host:port``. Forwarding is best effort after the
-result is stored: its outcome goes into the result (sent, with the syntax that went out; failed,
-with the peer's status and comment), it never loses or fails the result itself. A peer that
-accepts no JPEG 2000 gets the copies decoded.
+The sender of ``services.core.forwards`` (which keeps each object's state, retries and
+re-sends): one association per batch, each object's outcome (sent, with the syntax that went
+out; to retry; failed, with the peer's status and Error Comment). A peer that accepts no
+JPEG 2000 gets the copies decoded. Targets are registry destinations, or ``AET@host:port``.
 """
 
 from __future__ import annotations
@@ -14,14 +14,15 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, build_context
+from pynetdicom import AE, build_context, evt
 
 from services.core.errors import InvalidParameter
+from services.core.forwards import Delivery, Outcome, Peer, Sender, is_retryable
 
 log = logging.getLogger(__name__)
 
@@ -57,45 +58,117 @@ class DicomForwarder:
     uncompressed. An object whose syntax the peer did not accept is sent decoded (explicit VR
     little endian when accepted, else implicit); a lossy copy keeps Lossy Image Compression
     "01", as PS3.3 C.7.6.1.1.5 asks. Every object's outcome is reported (sent, with the syntax
-    that went out; or failed, with the peer's status and Error Comment); nothing raises.
+    that went out; to retry, for faults that may pass: no association, association lost,
+    0xA7xx; or failed, with the peer's status and Error Comment); nothing raises.
     """
 
-    def __init__(self, target: str, calling_ae: str) -> None:
-        self.target = ForwardTarget.parse(target)
+    def __init__(
+        self, target: str | ForwardTarget | Peer, calling_ae: str, timeout: float = 30.0
+    ) -> None:
+        if isinstance(target, str):
+            target = ForwardTarget.parse(target)
+        self.target = ForwardTarget(target.ae_title, target.host, target.port)
         self.calling_ae = calling_ae
+        self.timeout = timeout
 
-    def __call__(self, paths: list[Path]) -> dict[str, Any]:
-        report: dict[str, Any] = {"target": str(self.target), "sent": 0, "failed": []}
-        if not paths:
-            return report
-        headers = {path: pydicom.dcmread(path, stop_before_pixels=True) for path in paths}
+    def deliver(self, items: list[tuple[str, Path]]) -> Delivery:
+        """Send ``(key, file)`` items; the outcomes by key (the forwards' row ids)."""
+        if not items:
+            return Delivery()
+        headers: dict[str, tuple[Path, Dataset]] = {}
+        outcomes: dict[str, Outcome] = {}
+        for key, path in items:
+            try:
+                headers[key] = (path, pydicom.dcmread(path, stop_before_pixels=True))
+            except Exception as exc:  # an unreadable file is this object's fault
+                outcomes[key] = Outcome("failed", error=f"unreadable: {type(exc).__name__}")
+        if not headers:
+            return Delivery(outcomes)
         ae = AE(ae_title=self.calling_ae)
-        ae.requested_contexts = _contexts(headers.values())
+        ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = self.timeout
+        ae.requested_contexts = _contexts(header for _, header in headers.values())
+        connected: list[bool] = []
         assoc = ae.associate(
-            self.target.host, self.target.port, ae_title=self.target.ae_title, max_pdu=0
+            self.target.host,
+            self.target.port,
+            ae_title=self.target.ae_title,
+            max_pdu=0,
+            evt_handlers=[(evt.EVT_CONN_OPEN, lambda _: connected.append(True))],
         )
         if not assoc.is_established:
-            report["error"] = f"association with {self.target} refused or unreachable"
-            log.warning("forwarding: %s", report["error"])
-            return report
-        report["objects"] = []
+            if assoc.is_rejected:
+                error = f"association rejected by {self.target}"
+            elif assoc.is_aborted and connected:
+                error = f"association aborted by {self.target}"
+            else:
+                error = f"association with {self.target} refused or unreachable"
+            log.warning("forwarding: %s", error)
+            return Delivery(outcomes, error=error)
         try:
             accepted = {
                 (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
                 for cx in assoc.accepted_contexts
             }
-            for path, header in headers.items():
-                outcome = _send(assoc, path, header, accepted)
-                report["objects"].append(outcome)
-                if outcome["state"] == "sent":
-                    report["sent"] += 1
-                else:
-                    report["failed"].append({"file": path.name, "reason": outcome["reason"]})
+            for key, (path, header) in headers.items():
+                outcomes[key] = _send(assoc, path, header, accepted)
         finally:
             if assoc.is_established:
                 assoc.release()
-        log.info("forwarded %d/%d objects to %s", report["sent"], len(paths), self.target)
+        sent = sum(o.state == "sent" for o in outcomes.values())
+        log.info("forwarded %d/%d objects to %s", sent, len(items), self.target)
+        return Delivery(outcomes, accepted=sorted({syntax for _, syntax in accepted}))
+
+    def __call__(self, paths: list[Path]) -> dict[str, Any]:
+        """Send ``paths`` once and report per object (``crgate demo``'s push)."""
+        report: dict[str, Any] = {"target": str(self.target), "sent": 0, "failed": []}
+        if not paths:
+            return report
+        delivery = self.deliver([(str(i), path) for i, path in enumerate(paths)])
+        if delivery.error is not None:
+            report["error"] = delivery.error
+            return report
+        report["objects"] = []
+        for i, path in enumerate(paths):
+            outcome = delivery.outcomes[str(i)]
+            uid = _uid(path)
+            if outcome.state == "sent":
+                report["sent"] += 1
+                report["objects"].append(
+                    {
+                        "sop_instance_uid": uid,
+                        "state": "sent",
+                        "syntax": outcome.syntax,
+                        "status": f"0x{outcome.status or 0:04X}",
+                    }
+                )
+            else:
+                reason = outcome.error or "failed"
+                report["objects"].append(
+                    {
+                        "sop_instance_uid": uid,
+                        "state": "failed",
+                        "syntax": outcome.syntax,
+                        "reason": reason,
+                    }
+                )
+                report["failed"].append({"file": path.name, "reason": reason})
         return report
+
+
+def _uid(path: Path) -> str | None:
+    try:
+        return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+    except Exception:
+        return None
+
+
+def sender(calling_ae: str) -> Sender:
+    """The job context's sender: each association a :class:`DicomForwarder` of its own."""
+
+    def send(peer: Peer, items: list[tuple[str, Path]]) -> Delivery:
+        return DicomForwarder(peer, calling_ae).deliver(items)
+
+    return send
 
 
 def _contexts(headers: Iterable[Dataset]) -> list[Any]:
@@ -112,34 +185,42 @@ def _contexts(headers: Iterable[Dataset]) -> list[Any]:
     return contexts[:128]  # PS3.8: at most 128 presentation contexts
 
 
-def _send(
-    assoc: Any, path: Path, header: Dataset, accepted: set[tuple[str, str]]
-) -> dict[str, Any]:
+SUCCESS = (0x0000, 0xB000, 0xB006, 0xB007)  # success, and the storage warnings
+
+
+def _send(assoc: Any, path: Path, header: Dataset, accepted: set[tuple[str, str]]) -> Outcome:
     """Send one object as stored, or decoded when the peer took no context for its syntax."""
     sop_class, stored = str(header.SOPClassUID), str(header.file_meta.TransferSyntaxUID)
-    outcome: dict[str, Any] = {"sop_instance_uid": str(header.SOPInstanceUID), "syntax": stored}
+    syntax: str = stored
     try:
         if (sop_class, stored) in accepted:
             status = assoc.send_c_store(path)
         else:
-            syntax = next((s for s in UNCOMPRESSED if (sop_class, s) in accepted), None)
-            if syntax is None:
-                reason = "the peer accepted no transfer syntax offered for this object"
-                return {**outcome, "state": "failed", "reason": reason}
+            found = next((s for s in UNCOMPRESSED if (sop_class, s) in accepted), None)
+            if found is None:
+                error = "the peer accepted no transfer syntax offered for this object"
+                return Outcome("failed", error=error)
             ds = pydicom.dcmread(path)
             if UID(stored).is_compressed:
                 ds.decompress(generate_instance_uid=False)  # Lossy Image Compression kept
-            ds.file_meta.TransferSyntaxUID = syntax
-            outcome["syntax"] = str(syntax)
+            ds.file_meta.TransferSyntaxUID = found
+            # the peer may pick implicit VR for an explicit VR file: encode as it picked
+            ds.set_original_encoding(found.is_implicit_VR, True, ds.original_character_set)
+            syntax = str(found)
             status = assoc.send_c_store(ds)
     except Exception as exc:  # a decode or send failure is this object's, not the job's
-        return {**outcome, "state": "failed", "reason": f"{type(exc).__name__}: {exc}"[:200]}
+        what = f"{type(exc).__name__}: {exc}"[:200]
+        if not assoc.is_established:
+            return Outcome("retry", syntax=syntax, error=f"association lost ({what})")
+        return Outcome("failed", syntax=syntax, error=what)
     code = getattr(status, "Status", None)
-    if code == 0x0000 or (code is not None and code in (0xB000, 0xB006, 0xB007)):
-        return {**outcome, "state": "sent", "status": f"0x{code:04X}"}
-    comment = str(getattr(status, "ErrorComment", "") or "") if status else ""
-    reason = f"status 0x{code:04X} {comment}".strip() if code is not None else "no reply"
-    return {**outcome, "state": "failed", "reason": reason}
+    if code is None:  # no answer: the association was aborted or timed out
+        return Outcome("retry", syntax=syntax, error="no answer to the C-STORE (aborted)")
+    if code in SUCCESS:
+        return Outcome("sent", syntax=syntax, status=code)
+    comment = str(getattr(status, "ErrorComment", "") or "")[:200] or None
+    state: Literal["retry", "failed"] = "retry" if is_retryable(code) else "failed"
+    return Outcome(state, syntax=syntax, status=code, error=comment)
 
 
 PROBE_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.2"  # CT Image Storage

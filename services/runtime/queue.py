@@ -12,16 +12,19 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from services.core import jobs
+from services.core import forwards, jobs
 from services.core.classify import JobContext
 from services.core.config import Settings
 from services.core.contracts import (
     QUEUE_CLASSIFY,
+    QUEUE_FORWARD,
     QUEUE_SWEEP,
     TASK_CLASSIFY,
     TASK_CR_SWEEP,
+    TASK_FORWARD,
     TASK_HOUSEKEEPING,
     ClassifyPayload,
+    ForwardPayload,
     JobStatus,
     Payload,
     SweepPayload,
@@ -49,6 +52,8 @@ def send(app: Any, payload: Payload, settings: Settings) -> None:
                 soft_time_limit=settings.sweep_time_limit,
                 time_limit=settings.sweep_time_limit + HARD_LIMIT_GRACE_SECONDS,
             )
+        elif isinstance(payload, ForwardPayload):
+            app.send_task(TASK_FORWARD, args=[payload.forward_ids], queue=QUEUE_FORWARD)
         else:
             app.send_task(TASK_CLASSIFY, args=[payload.job_id], queue=QUEUE_CLASSIFY)
     except OperationalError as exc:
@@ -84,18 +89,22 @@ class CeleryJobQueue:
 
 
 class InProcessJobQueue:
-    """One worker thread in this process; jobs left queued or running by a previous run of the
-    process are picked up again at start."""
+    """One worker thread in this process for jobs, one for forwards (a slow PACS never holds
+    up a job); jobs left queued or running by a previous run of the process are picked up
+    again at start, forwards by the housekeeping pass."""
 
     def __init__(self, ctx: JobContext) -> None:
         self.ctx = ctx
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="crgate-job")
+        self.forwarder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="crgate-forward")
         self._stop = threading.Event()
         self._wake = threading.Event()
 
     def enqueue(self, payload: Payload) -> None:
         if isinstance(payload, SweepPayload):
             self.executor.submit(self._run_sweep, payload.sweep_id)
+        elif isinstance(payload, ForwardPayload):
+            self.forwarder.submit(self._forward, payload.forward_ids)
         else:
             self.executor.submit(self._run, payload.job_id)
 
@@ -106,6 +115,12 @@ class InProcessJobQueue:
             run_sweep_job(self.ctx, sweep_id)
         except Exception:
             log.exception("sweep %s: unexpected error", sweep_id)
+
+    def _forward(self, forward_ids: list[str]) -> None:
+        try:
+            forwards.run(self.ctx, forward_ids)
+        except Exception:  # the rows stay claimed: housekeeping tries them again
+            log.exception("forwarding %d object(s): unexpected error", len(forward_ids))
 
     def _run(self, job_id: str) -> None:
         try:
@@ -154,3 +169,10 @@ class InProcessJobQueue:
         self._stop.set()
         self._wake.set()
         self.executor.shutdown(wait=True, cancel_futures=False)
+        self.forwarder.shutdown(wait=True, cancel_futures=True)  # queued rows stay queued
+
+
+def producer_queue(settings: Settings) -> CeleryJobQueue | None:
+    """The queue a one-off command (the CLI) hands tasks to: Celery when a broker is set; else
+    None, and what it records waits for the serve process's housekeeping pass."""
+    return CeleryJobQueue(settings) if settings.broker_url else None

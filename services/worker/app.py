@@ -23,10 +23,13 @@ from services.core.classify import JobContext
 from services.core.config import Settings
 from services.core.contracts import (
     QUEUE_CLASSIFY,
+    QUEUE_FORWARD,
     QUEUE_SWEEP,
     TASK_CLASSIFY,
     TASK_CR_SWEEP,
+    TASK_FORWARD,
     TASK_HOUSEKEEPING,
+    Payload,
 )
 
 log = logging.getLogger(__name__)
@@ -117,6 +120,7 @@ def _options(settings: Settings) -> dict[str, Any]:
         "task_routes": {
             TASK_CLASSIFY: {"queue": QUEUE_CLASSIFY},
             TASK_CR_SWEEP: {"queue": QUEUE_SWEEP},
+            TASK_FORWARD: {"queue": QUEUE_FORWARD},
         },
         "broker_transport_options": {"visibility_timeout": settings.broker_visibility_timeout},
         "broker_connection_retry_on_startup": True,
@@ -137,10 +141,21 @@ def _build_context() -> JobContext:
     from services.runtime import build_job_context
 
     ctx = build_job_context(settings())
+    if ctx.forward is not None:  # a job's forwards go out as tasks of their own
+        ctx.forward.queue = AppQueue()
     model = ctx.settings.default_model
     classifier = ctx.classifier(model)  # the ONNX session, once per process
     log.info("model %s on %s", model, classifier.provider)
     return ctx
+
+
+class AppQueue:
+    """Tasks sent from inside a worker (forwards, housekeeping's jobs): through this app."""
+
+    def enqueue(self, payload: Payload) -> None:
+        from services.runtime.queue import send
+
+        send(celery_app, payload, settings())
 
 
 @worker_process_init.connect  # type: ignore[untyped-decorator]

@@ -21,11 +21,10 @@ from services.core.classify import JobContext
 from services.core.contracts import (
     TASK_CLASSIFY,
     TASK_CR_SWEEP,
+    TASK_FORWARD,
     TASK_HOUSEKEEPING,
-    Payload,
 )
-from services.runtime.queue import send
-from services.worker.app import celery_app, context, settings
+from services.worker.app import AppQueue, celery_app, context
 
 log = logging.getLogger(__name__)
 
@@ -116,17 +115,23 @@ def run_sweep_job(self: SweepTask, sweep_id: str) -> dict[str, Any] | None:
     return result
 
 
+@celery_app.task(name=TASK_FORWARD, **RETRIES)  # type: ignore[untyped-decorator]
+def forward(forward_ids: list[str]) -> dict[str, int]:
+    """Send objects to a destination (rows of the forwards table): their states recorded."""
+    from services.core import forwards
+
+    return forwards.run(context(), forward_ids)
+
+
 @celery_app.task(name=TASK_HOUSEKEEPING)  # type: ignore[untyped-decorator]
 def housekeeping() -> list[str]:
-    """The periodic pass (beat): jobs of ready studies, stale jobs sent again."""
+    """The periodic pass (beat): jobs of ready studies, stale jobs sent again, forwards due
+    (retries, tasks lost) handed to the forward queue."""
+    from services.core import forwards
     from services.core.arrivals import ArrivalTracker
 
-    started: Any = ArrivalTracker(context(), _Requeue()).housekeeping()
+    try:
+        started: Any = ArrivalTracker(context(), AppQueue()).housekeeping()
+    finally:
+        forwards.housekeeping(context(), AppQueue())
     return list(started)
-
-
-class _Requeue:
-    """The housekeeping pass's queue inside a worker: send through this worker's app."""
-
-    def enqueue(self, payload: Payload) -> None:
-        send(celery_app, payload, settings())

@@ -50,7 +50,7 @@ def test_key_creation_and_revocation_are_audited_and_printed(crgate) -> None:  #
 @pytest.mark.parametrize(
     ("args", "words"),
     [
-        (("--entity", "studies"), "use one of destination, job, key, policy"),
+        (("--entity", "studies"), "use one of destination, forward, job, key, policy"),
         (("--since", "yesterday"), "is not a date or time"),
     ],
 )
@@ -100,3 +100,53 @@ def test_destination_add_list_echo_delete(crgate, tmp_path: Path) -> None:  # ty
         for line in crgate("audit", "--entity", "destination", "--json").stdout.splitlines()
     ]
     assert [e["action"] for e in entries] == ["delete", "detect", "create"]
+
+
+def test_forward_list_and_resend(crgate, tmp_path: Path, database_url: str) -> None:  # type: ignore[no-untyped-def]
+    """Failed forwards are listed and re-sent (queued again, audited; no broker: serve's next
+    housekeeping pass sends them)."""
+    from services.core import forwards
+    from services.core.config import Settings
+    from services.core.db.tables import Forward
+    from services.runtime import open_index
+
+    added = crgate(
+        "destination", "add", "--name", "main PACS", "--ae-title", "PACS",
+        "--host", "127.0.0.1", "--port", "11112",
+    )  # fmt: skip
+    assert added.exit_code == 0, added.stderr
+    index = open_index(Settings(data_dir=tmp_path / "var", database_url=database_url), create=False)
+    try:
+        objects = [forwards.ForwardObject("1.2.3", f"1.2.3.{i}", "original") for i in (1, 2)]
+        rows = forwards.request(index.sessions, None, "main PACS", objects, "test")
+        with index.sessions() as session, session.begin():
+            for row in rows:
+                failed = session.get(Forward, row.id)
+                assert failed is not None
+                failed.state, failed.status, failed.error = "failed", "0xC000", "refused"
+    finally:
+        index.engine.dispose()
+    listed = crgate("forward", "list", "--state", "failed", "--json")
+    assert listed.exit_code == 0, listed.stderr
+    items = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert {(i["destination"], i["status"], i["error"]) for i in items} == {
+        ("main PACS", "0xC000", "refused")
+    }
+    assert "refused" in crgate("forward", "list").stdout
+    bad = crgate("forward", "list", "--state", "lost")
+    assert bad.exit_code == 2 and "is not one of queued" in bad.stderr
+    assert crgate("forward", "resend").exit_code == 2
+    one = crgate("forward", "resend", items[0]["id"])
+    assert one.exit_code == 0 and "1 forward(s) queued again" in one.stderr
+    assert crgate("forward", "resend", items[0]["id"]).exit_code == 7  # queued, not failed
+    rest = crgate("forward", "resend", "--all-failed", "--destination", "PACS")
+    assert rest.exit_code == 0 and "1 forward(s) queued again" in rest.stderr
+    queued = crgate("forward", "list", "--state", "queued", "--json").stdout.splitlines()
+    assert len(queued) == 2
+    audit = [
+        json.loads(x) for x in crgate("audit", "--entity", "forward", "--json").stdout.splitlines()
+    ]
+    assert [(a["action"], a["entity_id"]) for a in audit] == [
+        ("resend", None),
+        ("resend", items[0]["id"]),
+    ]

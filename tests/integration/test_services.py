@@ -38,7 +38,7 @@ REDIS_DB = 12
 SERVICES = {
     "api": ["api"],
     "scp": ["scp"],
-    "worker": ["worker", "--queues", "classify", "--concurrency", "1"],
+    "worker": ["worker", "--queues", "classify,forward", "--concurrency", "1"],
     "sweep-worker": ["worker", "--queues", "sweep", "--concurrency", "1", "--no-beat"],
 }
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"

@@ -15,9 +15,11 @@ from pathlib import Path
 import pytest
 import redis
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 
 from services.api.app import create_app
 from services.core.config import Settings
+from services.core.db.tables import Instance
 from services.core.ingest import Channel
 from services.lab.phantom import PhantomConfig, generate_study
 from services.runtime import Runtime, build_runtime
@@ -208,3 +210,51 @@ def test_a_job_whose_pool_child_dies_is_recovered_and_no_beat_process_can_die(
         assert worker.poll() is None  # the worker itself lives on
     finally:
         stop(worker)
+
+
+@pytest.mark.slow
+def test_a_worker_forwards_and_its_housekeeping_retries(
+    producer: tuple[Runtime, TestClient, str], worker_env: dict[str, str], tmp_path: Path
+) -> None:
+    """The forward task runs on a worker's default queues (crgate.forward); a peer out of
+    resources (0xA700) is tried again by the worker's housekeeping pass, then the object is
+    sent."""
+    from services.core import forwards
+    from services.core.destinations import DestinationSpec, create_destination
+    from tests.api.test_forwards import Pacs
+
+    state, client, _ = producer
+    study_uid = ingest_study(state, tmp_path, (64, 80))
+    peer = Pacs([0xA700], comment="busy")
+    worker = start_worker(
+        {**worker_env, "CRGATE_FORWARD_RETRY_SECONDS": "0.5"}, tmp_path / "worker.log"
+    )
+    try:
+        with state.sessions() as session, session.begin():
+            create_destination(
+                session, DestinationSpec("pacs", "PACS", "127.0.0.1", peer.port), actor="t"
+            )
+        with state.sessions() as session:
+            uid = session.scalars(
+                select(Instance.sop_instance_uid).where(Instance.study_uid == study_uid)
+            ).first()
+        assert uid is not None
+        (row,) = forwards.request(
+            state.sessions,
+            state.queue,
+            "pacs",
+            [forwards.ForwardObject(study_uid, uid, "original")],
+            "t",
+        )
+        deadline = time.monotonic() + 90
+        while (view := client.get(f"/forwards/{row.id}").json())["state"] != "sent":
+            assert time.monotonic() < deadline, (
+                view,
+                (tmp_path / "worker.log").read_text()[-3000:],
+            )
+            time.sleep(0.1)
+        assert (view["attempts"], view["status"]) == (2, "0x0000")
+        assert [str(ds.SOPInstanceUID) for ds in peer.received] == [uid]
+    finally:
+        stop(worker)
+        peer.close()

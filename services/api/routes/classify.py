@@ -11,7 +11,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from services.api.deps import SessionDep, StateDep, require
-from services.core import classify, jobs
+from services.core import classify, forwards, jobs
 from services.core.auth import Principal, Role
 from services.core.classify import job_view
 from services.core.codecs import SYNTAX_HELP
@@ -100,7 +100,7 @@ async def wait_for(state: Any, job_id: str, wait_s: float) -> dict[str, Any]:
 def result_payload(state: Any, result_id: str) -> Any:
     with state.sessions() as session:
         row = session.get(Result, result_id)
-        return row.payload if row is not None else None
+        return forwards.with_states(session, row.payload, row.job_id) if row is not None else None
 
 
 @router.get(
@@ -118,7 +118,10 @@ def get_job(job_id: str, session: SessionDep) -> dict[str, Any]:
     dependencies=[Depends(require(Role.VIEWER))],
 )
 def study_results(study_uid: StudyUID, session: SessionDep) -> list[Any]:
-    return [r.payload for r in jobs.results_of(session, study_uid)]
+    return [
+        forwards.with_states(session, r.payload, r.job_id)
+        for r in jobs.results_of(session, study_uid)
+    ]
 
 
 @router.get(
@@ -127,7 +130,8 @@ def study_results(study_uid: StudyUID, session: SessionDep) -> list[Any]:
     dependencies=[Depends(require(Role.VIEWER))],
 )
 def study_result(study_uid: StudyUID, result_id: str, session: SessionDep) -> Any:
-    return _result(session, study_uid, result_id).payload
+    row = _result(session, study_uid, result_id)
+    return forwards.with_states(session, row.payload, row.job_id)  # the states now
 
 
 def _result(session: Any, study_uid: str, result_id: str) -> Result:

@@ -135,6 +135,41 @@ class Destination(Base):
 Index("ix_instances_study_series", Instance.study_uid, Instance.series_uid)
 
 
+class Forward(Base):
+    """One object sent (or to send) to one destination: its state, attempts and the peer's
+    last answer. The destination's name is kept, so a row outlives a deleted destination."""
+
+    __tablename__ = "forwards"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    destination_id: Mapped[int | None] = mapped_column(
+        Integer, ForeignKey("destinations.id", ondelete="SET NULL"), index=True
+    )
+    destination: Mapped[str] = mapped_column(String(64))
+    study_uid: Mapped[str] = mapped_column(String(64), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    what: Mapped[str] = mapped_column(String(16))  # original, compressed, result
+    job_id: Mapped[str | None] = mapped_column(String(36), index=True)
+    # the file under the store root, for a copy kept out of the index (else found by UID)
+    path: Mapped[str | None] = mapped_column(String(512))
+    state: Mapped[str] = mapped_column(String(16))  # queued sending sent retrying failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    syntax: Mapped[str | None] = mapped_column(String(64))  # the transfer syntax that went out
+    status: Mapped[str | None] = mapped_column(String(8))  # the peer's status, 0xNNNN
+    error: Mapped[str | None] = mapped_column(Text)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utc_now, server_default=func.now()
+    )
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utc_now, server_default=func.now()
+    )
+    requested_by: Mapped[str | None] = mapped_column(String(128))
+
+
+Index("ix_forwards_state_next", Forward.state, Forward.next_attempt_at)
+
+
 class Policy(Base):
     """A site's CR policy for (modality, body part, pediatric); None/"*" means any."""
 
