@@ -10,6 +10,7 @@
 | policy | policy list, set, preset, delete |
 | audit | audit (the audit log) |
 | destination | destination add, list, echo, delete |
+| deletion | delete study, retention run |
 | demo | demo |
 | study | study (the CR safety study) |
 | experiment | experiment (the seed study's training experiments) |
@@ -21,6 +22,7 @@ import typer
 
 from services.cli import (
     audit,
+    deletion,
     demo,
     destination,
     experiment,
@@ -60,6 +62,8 @@ app.add_typer(keys.keys_app, name="keys")
 app.add_typer(policy.policy_app, name="policy")
 app.add_typer(destination.destination_app, name="destination")
 app.add_typer(model.model_app, name="model")
+app.add_typer(deletion.delete_app, name="delete")
+app.add_typer(deletion.retention_app, name="retention")
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -12,8 +12,9 @@ from services.core.db.tables import AuditEntry
 from services.core.errors import InvalidParameter
 
 MAX_LIMIT = 1000
-ENTITIES = ("destination", "job", "key", "policy")
-"""What the log records: CR policies, API keys, destinations, jobs (overrides of a ceiling)."""
+ENTITIES = ("destination", "instance", "job", "key", "policy", "result", "series", "study")
+"""What the log records: CR policies, API keys, destinations, jobs (overrides of a ceiling),
+deletions of studies, series, instances and results (by a person or by retention)."""
 
 
 def record(

@@ -18,6 +18,7 @@ from services.core import logredact
 from services.core.arrivals import ArrivalTracker
 from services.core.classify import JobContext
 from services.core.config import Settings
+from services.core.deletion import retention_pass
 from services.core.ingest import Ingestor
 from services.core.storage import InstanceStore
 from services.runtime.datadir import Index, open_index, open_store
@@ -107,8 +108,16 @@ def build_runtime(settings: Settings, *, create: bool = False) -> Runtime:
         recovered = queue.recover()
         if recovered:
             log.warning("queued %d unfinished job(s) again", len(recovered))
-        queue.start_housekeeping(tracker.housekeeping, settings.arrival_sweep_seconds)
+        queue.start_housekeeping(
+            lambda: _housekeeping(tracker, ctx), settings.arrival_sweep_seconds
+        )
     return Runtime(settings=settings, engine=index.engine, job_context=ctx, queue=queue)
+
+
+def _housekeeping(tracker: ArrivalTracker, ctx: JobContext) -> None:
+    """The in-process housekeeping pass: the tracker's, then retention (when it is due)."""
+    tracker.housekeeping()
+    retention_pass(ctx.settings, ctx.sessions, ctx.store)
 
 
 def start_scp(runtime: Runtime) -> ScpServer:

@@ -118,10 +118,13 @@ def run_sweep_job(self: SweepTask, sweep_id: str) -> dict[str, Any] | None:
 
 @celery_app.task(name=TASK_HOUSEKEEPING)  # type: ignore[untyped-decorator]
 def housekeeping() -> list[str]:
-    """The periodic pass (beat): jobs of ready studies, stale jobs sent again."""
+    """The periodic pass (beat): jobs of ready studies, stale jobs sent again, retention."""
     from services.core.arrivals import ArrivalTracker
+    from services.core.deletion import retention_pass
 
-    started: Any = ArrivalTracker(context(), _Requeue()).housekeeping()
+    ctx = context()
+    started: Any = ArrivalTracker(ctx, _Requeue()).housekeeping()
+    retention_pass(ctx.settings, ctx.sessions, ctx.store)
     return list(started)
 
 
