@@ -12,6 +12,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from fastapi.testclient import TestClient
+from requests import HTTPError
 from sqlalchemy import func, select
 
 from services.core import jobs
@@ -296,3 +297,26 @@ def test_a_job_on_a_deleted_study_fails_with_the_reason(state: Runtime, mg_study
         assert failed is not None and failed.status == JobStatus.FAILED
         assert failed.reason is not None and "no longer in the store" in failed.reason
     assert run_job(state.job_context, other.id) is None
+
+
+def test_dicomweb_client_deletes_instance_series_and_study(
+    live_url: str, admin_key: str, state: Runtime, mg_study: str
+) -> None:
+    """dicomweb-client's delete_* calls (its DELETE paths are crgate's), over a real socket."""
+    from dicomweb_client.api import DICOMwebClient
+
+    client = DICOMwebClient(
+        url=f"{live_url}/dicomweb", headers={"Authorization": f"Bearer {admin_key}"}
+    )
+    rows = _instances(state, mg_study)
+    first = rows[0]
+    client.delete_instance(mg_study, first.series_uid, first.sop_instance_uid)
+    assert _count(state, Instance, sop_instance_uid=first.sop_instance_uid) == 0
+    assert len(client.search_for_instances(mg_study)) == len(rows) - 1
+    client.delete_study(mg_study)
+    assert _count(state, Study, study_uid=mg_study) == 0
+    assert client.search_for_studies(search_filters={"StudyInstanceUID": mg_study}) == []
+    assert not (state.store.root / "instances" / mg_study).exists()
+    with pytest.raises(HTTPError) as gone:
+        client.delete_series(mg_study, first.series_uid)
+    assert gone.value.response.status_code == 404
