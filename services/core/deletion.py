@@ -363,6 +363,44 @@ def _result_objects(session: Session, result: Result) -> list[Instance]:
     return list(found.values())
 
 
+def deleted_meanwhile(sessions: sessionmaker[Session], job_id: str) -> bool:
+    """True when the job was failed while it ran: its study was deleted under it."""
+    with sessions() as session:
+        job = session.get(Job, job_id)
+        return job is None or job.status == JobStatus.FAILED.value
+
+
+def discard_outputs(
+    sessions: sessionmaker[Session], store: InstanceStore, job_id: str, result_id: str
+) -> Deleted:
+    """Remove what a job stored after its study was deleted under it (its DICOM objects would
+    bring the study back) and its result's files; the job stays failed with the reason."""
+    report = Deleted("result", result_id)
+    with sessions() as session, session.begin():
+        rows = list(
+            session.scalars(
+                select(Instance).where(
+                    Instance.channel == Channel.WORKER.value, Instance.source == f"job:{job_id}"
+                )
+            )
+        )
+        files = _drop_instances(session, rows, report)
+        files.folders.append(result_id)
+        if rows:
+            audit.record(
+                session,
+                actor="worker",
+                action="delete",
+                entity="result",
+                entity_id=result_id,
+                before={**_before(report, rows[0].study_uid, rows), "job_id": job_id},
+                after=None,
+                reason="its study was deleted while the job ran",
+            )
+    _remove_files(sessions, store, files, report)
+    return report
+
+
 # -- retention --------------------------------------------------------------------------------
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -320,3 +322,48 @@ def test_dicomweb_client_deletes_instance_series_and_study(
     with pytest.raises(HTTPError) as gone:
         client.delete_series(mg_study, first.series_uid)
     assert gone.value.response.status_code == 404
+
+
+def test_a_study_deleted_while_its_job_runs_stays_deleted(
+    client: TestClient, state: Runtime, mg_study: str
+) -> None:
+    """The study is deleted while a classify job reads it: whenever that happens (before its
+    outputs are stored, after, or after the result), the study stays gone, the job failed."""
+    from services.core import deletion
+
+    rows = _instances(state, mg_study)
+    request = jobs.JobRequest(
+        study_uid=mg_study,
+        cr=25.0,
+        syntax="j2k",
+        model="cnn3-phantom-v2",
+        model_sha256="cd" * 32,
+        instance_uids=tuple(r.sop_instance_uid for r in rows),
+        policy_id=None,
+        policy_source="requested",
+        trigger=JobTrigger.API,
+    )
+    job, _ = jobs.submit(state.sessions, request)
+    outcome: list[str | None] = []
+    runner = threading.Thread(target=lambda: outcome.append(run_job(state.job_context, job.id)))
+    runner.start()
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with state.sessions() as session:
+                row = session.get(Job, job.id)
+                if row is not None and (row.progress_done >= 1 or row.status != "queued"):
+                    break
+            time.sleep(0.01)
+        deletion.delete_study(state.sessions, state.store, mg_study, actor="test")
+    finally:
+        runner.join(120)
+    assert outcome == [None] or _count(state, Result, study_uid=mg_study) == 0
+    for table in (Instance, Series, Study, Result):
+        assert _count(state, table, study_uid=mg_study) == 0, table.__name__
+    assert not list((state.store.root / "instances").rglob("*.dcm"))
+    with state.sessions() as session:
+        row = session.get(Job, job.id)
+        assert row is not None and row.status == JobStatus.FAILED and row.result_id is None
+    results = state.store.root / "results"
+    assert not results.exists() or not list(results.rglob("*.png"))
