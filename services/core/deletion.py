@@ -162,9 +162,9 @@ def _delete_level(
         empty_row = _empty_row(session, level, study_uid, series_uid) if not rows else False
         if not rows and not empty_row:
             raise NotFound(_not_found(study_uid, series_uid, sop_uid))
-        files = _drop_instances(session, rows, report, extra_series=_series_key(level, series_uid))
-        if level == "study" and session.get(Study, study_uid) is not None:
-            _drop_study(session, study_uid, report, files)  # a study row without instances
+        files = _drop_instances(
+            session, rows, report, series_uid=_series_key(level, series_uid), study_uid=study_uid
+        )
         audit.record(
             session,
             actor=actor,
@@ -205,27 +205,26 @@ def _drop_instances(
     rows: Sequence[Instance],
     report: Deleted,
     *,
-    extra_series: str | None = None,
+    series_uid: str | None = None,
+    study_uid: str | None = None,
 ) -> _Files:
     """Delete ``rows``, then the series and studies they leave empty (with what hangs on a
-    study); return the files to remove after the commit."""
+    study); ``series_uid`` and ``study_uid`` are looked at too (a row without instances).
+    Return the files to remove after the commit."""
     files = _Files(instances=[(r.sop_instance_uid, r.path) for r in rows])
     uids = [r.sop_instance_uid for r in rows]
     for chunk in _chunks(uids):
         session.execute(delete(Instance).where(Instance.sop_instance_uid.in_(chunk)))
     report.instances += len(uids)
-    series = {r.series_uid for r in rows} | ({extra_series} if extra_series else set())
-    for series_uid in sorted(series):
-        if not _any(session, Instance.series_uid == series_uid):
-            gone = session.execute(delete(Series).where(Series.series_uid == series_uid))
+    series = {r.series_uid for r in rows} | ({series_uid} if series_uid else set())
+    for one in sorted(series):
+        if not _any(session, Instance.series_uid == one):
+            gone = session.execute(delete(Series).where(Series.series_uid == one))
             report.series += int(getattr(gone, "rowcount", 0) or 0)
-    studies = {r.study_uid for r in rows}
-    if extra_series:
-        found = session.get(Series, extra_series)
-        studies |= {found.study_uid} if found is not None else set()
-    for study_uid in sorted(studies):
-        if not _any(session, Instance.study_uid == study_uid):
-            _drop_study(session, study_uid, report, files)
+    studies = {r.study_uid for r in rows} | ({study_uid} if study_uid else set())
+    for one in sorted(studies):
+        if not _any(session, Instance.study_uid == one):
+            _drop_study(session, one, report, files)
     return files
 
 

@@ -16,9 +16,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from services.core import deletion
 from services.core.config import Settings
 from services.core.contracts import JobStatus
-from services.core.db.tables import AuditEntry, Instance, Job, Result, Series
+from services.core.db.tables import AuditEntry, Instance, Job, Result, Series, Study
 from services.core.dicom.uids import new_uid
-from services.core.errors import InvalidParameter
+from services.core.errors import InvalidParameter, NotFound
 from services.core.ingest import Channel, Ingestor
 from services.core.storage import InstanceStore
 
@@ -167,3 +167,21 @@ def test_the_housekeeping_pass_runs_retention_when_set_and_due(
     assert done is not None and done.instances == 1
     assert _present(sessions) == set()
     assert deletion.retention_pass(on, sessions, store, every_s=3600) is None  # not due yet
+
+
+def test_a_study_or_series_row_without_instances_is_deleted_too(
+    sessions: sessionmaker[Session], store: InstanceStore
+) -> None:
+    study, series, other = new_uid(), new_uid(), new_uid()
+    with sessions() as session, session.begin():
+        session.add(Study(study_uid=study))
+        session.flush()
+        session.add_all(
+            [Series(series_uid=series, study_uid=study), Series(series_uid=other, study_uid=study)]
+        )
+    done = deletion.delete_series(sessions, store, study, series, actor="test")
+    assert (done.series, done.studies, done.instances) == (2, 1, 0)  # the study was left empty
+    with sessions() as session:
+        assert session.get(Study, study) is None and session.get(Series, other) is None
+    with pytest.raises(NotFound):
+        deletion.delete_study(sessions, store, study, actor="test")
