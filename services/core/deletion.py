@@ -214,18 +214,22 @@ def _drop_instances(
     files = _Files(instances=[(r.sop_instance_uid, r.path) for r in rows])
     uids = [r.sop_instance_uid for r in rows]
     for chunk in _chunks(uids):
-        session.execute(delete(Instance).where(Instance.sop_instance_uid.in_(chunk)))
-    report.instances += len(uids)
+        gone = session.execute(delete(Instance).where(Instance.sop_instance_uid.in_(chunk)))
+        report.instances += _rowcount(gone)  # another deletion may have taken some meanwhile
     series = {r.series_uid for r in rows} | ({series_uid} if series_uid else set())
     for one in sorted(series):
         if not _any(session, Instance.series_uid == one):
             gone = session.execute(delete(Series).where(Series.series_uid == one))
-            report.series += int(getattr(gone, "rowcount", 0) or 0)
+            report.series += _rowcount(gone)
     studies = {r.study_uid for r in rows} | ({study_uid} if study_uid else set())
     for one in sorted(studies):
         if not _any(session, Instance.study_uid == one):
             _drop_study(session, one, report, files)
     return files
+
+
+def _rowcount(result: Any) -> int:
+    return int(getattr(result, "rowcount", 0) or 0)
 
 
 def _any(session: Session, condition: Any) -> bool:
@@ -235,12 +239,8 @@ def _any(session: Session, condition: Any) -> bool:
 def _drop_study(session: Session, study_uid: str, report: Deleted, files: _Files) -> None:
     """A study without instances: its series and study rows, its arrival row, its results
     (their folders are removed after the commit); its unfinished jobs fail with the reason."""
-    report.series += int(
-        getattr(session.execute(delete(Series).where(Series.study_uid == study_uid)), "rowcount", 0)
-        or 0
-    )
-    gone = session.execute(delete(Study).where(Study.study_uid == study_uid))
-    report.studies += int(getattr(gone, "rowcount", 0) or 0)
+    report.series += _rowcount(session.execute(delete(Series).where(Series.study_uid == study_uid)))
+    report.studies += _rowcount(session.execute(delete(Study).where(Study.study_uid == study_uid)))
     session.execute(delete(StudyArrival).where(StudyArrival.study_uid == study_uid))
     for result in session.scalars(select(Result).where(Result.study_uid == study_uid)).all():
         _drop_result_row(session, result, report, files)
@@ -256,7 +256,7 @@ def _drop_study(session: Session, study_uid: str, report: Deleted, files: _Files
             finished_at=datetime.now(UTC),
         )
     )
-    report.jobs_failed += int(getattr(unfinished, "rowcount", 0) or 0)
+    report.jobs_failed += _rowcount(unfinished)
 
 
 def _drop_result_row(session: Session, result: Result, report: Deleted, files: _Files) -> None:
