@@ -13,6 +13,7 @@ from services.api import cors, deps, problems, viewer
 from services.api.routes import (
     classify,
     compress,
+    deletion,
     destinations,
     docs,
     forwards,
@@ -65,6 +66,7 @@ def create_app(settings: Settings | None = None, *, state: Runtime | None = None
     app.include_router(models.router)
     app.include_router(destinations.router)
     app.include_router(forwards.router)
+    app.include_router(deletion.router)
     _include_dicomweb(app)
     if settings.viewer_dir is not None:
         viewer.install(app, settings.viewer_dir)

@@ -11,6 +11,7 @@
 | audit | audit (the audit log) |
 | destination | destination add, list, echo, delete |
 | forward | forward list, resend |
+| deletion | delete study, retention run |
 | demo | demo |
 | study | study (the CR safety study) |
 | experiment | experiment (the seed study's training experiments) |
@@ -22,6 +23,7 @@ import typer
 
 from services.cli import (
     audit,
+    deletion,
     demo,
     destination,
     experiment,
@@ -63,6 +65,8 @@ app.add_typer(policy.policy_app, name="policy")
 app.add_typer(destination.destination_app, name="destination")
 app.add_typer(forward.forward_app, name="forward")
 app.add_typer(model.model_app, name="model")
+app.add_typer(deletion.delete_app, name="delete")
+app.add_typer(deletion.retention_app, name="retention")
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -12,9 +12,20 @@ from services.core.db.tables import AuditEntry
 from services.core.errors import InvalidParameter
 
 MAX_LIMIT = 1000
-ENTITIES = ("destination", "forward", "job", "key", "policy")
+ENTITIES = (
+    "destination",
+    "forward",
+    "instance",
+    "job",
+    "key",
+    "policy",
+    "result",
+    "series",
+    "study",
+)
 """What the log records: CR policies, API keys, destinations, forwards (re-sends), jobs
-(overrides of a ceiling)."""
+(overrides of a ceiling), deletions of studies, series, instances and results (by a person or
+by retention)."""
 
 
 def record(

@@ -120,6 +120,13 @@ class Settings(BaseSettings):
         description="the housekeeping interval: how often arrived studies (ready? quiet?) and "
         "stale jobs are checked (env CRGATE_ARRIVAL_SWEEP_SECONDS, name kept for users)",
     )
+    retention_days: float = Field(
+        0,
+        ge=0,
+        description="delete crgate's derived copies (compressed copies, overlays, SR) and "
+        "result files older than this many days, in the worker's housekeeping; 0 = keep "
+        "forever (originals are never deleted by retention)",
+    )
 
     cors_origins: str = Field(
         "",

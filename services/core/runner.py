@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from services.core import classify, compress, jobs
+from services.core import classify, compress, deletion, jobs
 from services.core.classify import JobContext
 from services.core.contracts import JobKind
 from services.core.errors import CrgateError
@@ -46,6 +46,10 @@ def run_job(ctx: JobContext, job_id: str) -> str | None:
     except CrgateError as exc:
         jobs.fail(ctx.sessions, job_id, reason=str(exc))
         log.warning("job %s failed: %s", job_id, exc)
+        return None
+    if deletion.deleted_meanwhile(ctx.sessions, job_id):  # its study went while it ran
+        deletion.discard_outputs(ctx.sessions, ctx.store, job_id, result.id)
+        log.warning("job %s: its study was deleted while it ran; outputs discarded", job_id)
         return None
     jobs.succeed(ctx.sessions, job_id, result=result)
     log.info("job %s succeeded: result %s", job_id, result.id)

@@ -18,6 +18,7 @@ from services.core import forwards, logredact
 from services.core.arrivals import ArrivalTracker
 from services.core.classify import JobContext
 from services.core.config import Settings
+from services.core.deletion import retention_pass
 from services.core.errors import Conflict
 from services.core.forwards import Forwarding
 from services.core.ingest import Ingestor
@@ -123,15 +124,22 @@ def build_runtime(settings: Settings, *, create: bool = False) -> Runtime:
         recovered = queue.recover()
         if recovered:
             log.warning("queued %d unfinished job(s) again", len(recovered))
-
-        def housekeeping() -> None:
-            try:
-                tracker.housekeeping()
-            finally:  # retries of forwards go on whatever the arrivals' pass met
-                forwards.housekeeping(ctx, queue)
-
-        queue.start_housekeeping(housekeeping, settings.arrival_sweep_seconds)
+        queue.start_housekeeping(
+            lambda: _housekeeping(tracker, ctx, queue), settings.arrival_sweep_seconds
+        )
     return Runtime(settings=settings, engine=index.engine, job_context=ctx, queue=queue)
+
+
+def _housekeeping(tracker: ArrivalTracker, ctx: JobContext, queue: InProcessJobQueue) -> None:
+    """The in-process housekeeping pass: the tracker's, then forwards due (retries, tasks lost)
+    and retention (when it is due), whatever the arrivals' pass met."""
+    try:
+        tracker.housekeeping()
+    finally:
+        try:
+            forwards.housekeeping(ctx, queue)
+        finally:
+            retention_pass(ctx.settings, ctx.sessions, ctx.store)
 
 
 def start_scp(runtime: Runtime) -> ScpServer:

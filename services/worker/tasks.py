@@ -125,13 +125,18 @@ def forward(forward_ids: list[str]) -> dict[str, int]:
 
 @celery_app.task(name=TASK_HOUSEKEEPING)  # type: ignore[untyped-decorator]
 def housekeeping() -> list[str]:
-    """The periodic pass (beat): jobs of ready studies, stale jobs sent again, forwards due
-    (retries, tasks lost) handed to the forward queue."""
+    """The periodic pass: jobs of ready studies, stale jobs sent again, forwards due (retries,
+    tasks lost) handed to the forward queue, retention."""
     from services.core import forwards
     from services.core.arrivals import ArrivalTracker
+    from services.core.deletion import retention_pass
 
+    ctx = context()
     try:
-        started: Any = ArrivalTracker(context(), AppQueue()).housekeeping()
+        started: Any = ArrivalTracker(ctx, AppQueue()).housekeeping()
     finally:
-        forwards.housekeeping(context(), AppQueue())
+        try:
+            forwards.housekeeping(ctx, AppQueue())
+        finally:
+            retention_pass(ctx.settings, ctx.sessions, ctx.store)
     return list(started)

@@ -277,7 +277,7 @@ def test_audit_filters_by_a_known_entity_and_time(client: TestClient) -> None:
     unknown = client.get("/audit", params={"entity": "studies"})
     assert (
         unknown.status_code in (400, 422)
-        and "use one of destination, forward, job, key, policy" in unknown.text
+        and "use one of destination, forward, instance, job, key, policy" in unknown.text
     )
     assert _audit(client, entity="policy", since="2999-01-01T00:00:00") == []
     assert [e["entity"] for e in _audit(client, entity="policy", since="2000-01-01")]

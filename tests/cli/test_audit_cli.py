@@ -50,7 +50,7 @@ def test_key_creation_and_revocation_are_audited_and_printed(crgate) -> None:  #
 @pytest.mark.parametrize(
     ("args", "words"),
     [
-        (("--entity", "studies"), "use one of destination, forward, job, key, policy"),
+        (("--entity", "studies"), "use one of destination, forward, instance, job, key, policy"),
         (("--since", "yesterday"), "is not a date or time"),
     ],
 )

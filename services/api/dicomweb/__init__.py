@@ -1,4 +1,4 @@
-"""DICOMweb (PS3.18) under /dicomweb: STOW-RS, QIDO-RS, WADO-RS."""
+"""DICOMweb (PS3.18) under /dicomweb: STOW-RS, QIDO-RS, WADO-RS, and DELETE (admin)."""
 
 from fastapi import APIRouter
 
@@ -12,3 +12,7 @@ router.include_router(qido.router)
 from services.api.dicomweb import wado  # noqa: E402
 
 router.include_router(wado.router)
+
+from services.api.dicomweb import delete  # noqa: E402
+
+router.include_router(delete.router)
