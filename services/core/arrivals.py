@@ -32,8 +32,9 @@ from services.core import classify, compress, jobs
 from services.core.classify import JobContext, resolve_study_policy
 from services.core.contracts import ClassifyPayload, JobQueue, JobTrigger, SweepPayload
 from services.core.db.repository import insert_or_update
-from services.core.db.tables import Policy, Series, StudyArrival
+from services.core.db.tables import Forward, Policy, Series, StudyArrival
 from services.core.errors import CrgateError
+from services.core.forwards import ForwardObject, forward_result
 from services.core.ingest import Channel, IngestResult, Outcome
 from services.core.policies import ANY, CLASSIFIABLE_MODALITY, ResolvedPolicy
 
@@ -221,7 +222,12 @@ class ArrivalTracker:
             if not (ready or quiet):
                 return None, False
         made: list[str] = []
-        for what, act in (("classified", self._classify), ("compressed", self._compress)):
+        acts = (
+            ("classified", self._classify),
+            ("compressed", self._compress),
+            ("forwarded", self._forward_originals),
+        )
+        for what, act in acts:
             try:
                 made += act(arrival.study_uid, acting)
             except CrgateError as exc:  # its images went, the model is not installed...
@@ -275,6 +281,33 @@ class ArrivalTracker:
             policy_ids=ids,
         )
         return [job.id for job, _created in made]
+
+    def _forward_originals(self, study_uid: str, acting: list[compress.PolicyGroup]) -> list[str]:
+        """Policies that forward without compressing or classifying send the originals of their
+        images, each once per destination (a late instance goes on its own). Makes no job."""
+        for group in acting:
+            if not group.policy.forwards_only:
+                continue
+            for destination in group.policy.forward_to or []:
+                with self.ctx.sessions() as session:
+                    sent = set(
+                        session.scalars(
+                            select(Forward.sop_instance_uid).where(
+                                Forward.study_uid == study_uid,
+                                Forward.destination == destination,
+                                Forward.what == "original",
+                            )
+                        )
+                    )
+                objects = [
+                    ForwardObject(study_uid, i.sop_instance_uid, "original", None)
+                    for i in group.instances
+                    if i.sop_instance_uid not in sent
+                ]
+                forward_result(
+                    self.ctx, None, study_uid, objects, [destination], requested_by="arrival"
+                )
+        return []
 
     def _send_again(self) -> None:
         """Jobs and sweeps whose worker died, and those queued too long (their message was

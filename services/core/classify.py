@@ -53,6 +53,7 @@ from services.core.ingest import Channel, Ingestor
 from services.core.pipeline import Classification, TranscodeResult, classify_datasets
 from services.core.policies import (
     CLASSIFIABLE_MODALITY,
+    DEFAULT_FORWARD_WHAT,
     Ceiling,
     OverrideRequired,
     PolicyKey,
@@ -244,10 +245,13 @@ def prepare(
             )
         policy_id: int | None = None
         exceeded: Ceiling | None = None
+        options: dict[str, Any] = {} if store else {"store": False}
         if cr is None:
             resolved = resolve_study_policy(session, study_uid, ctx.store)
             applied_cr, policy_id, source = float(resolved.cr), resolved.policy_id, resolved.source
             syntax = syntax or str(resolved.syntax)
+            if trigger is JobTrigger.ARRIVAL:  # the policy's forward action goes with it
+                options.update(resolved.forward_options())
         else:
             applied_cr, source = cr, "requested"
             exceeded = _exceeded_ceiling(session, study_uid, ctx.store, cr)
@@ -266,7 +270,7 @@ def prepare(
         trigger=trigger,
         requested_cr=cr,
         requested_by=requested_by,
-        options=None if store else {"store": False},
+        options=options or None,
     ), exceeded
 
 
@@ -374,7 +378,8 @@ def _classify(
     with ctx.sessions() as session:
         job = jobs.get_job(session, job_id)
         policy_source, requested_cr = job.policy_source, job.requested_cr
-        store = (job.options or {}).get("store", True)
+        options = dict(job.options or {})
+        store = options.get("store", True)
         instances = job_instances(session, job)
     if not instances:
         raise InvalidInput(f"study {study_uid} has no image the model can read any more")
@@ -400,6 +405,7 @@ def _classify(
             card=classifier.card,
             policy_source=policy_source,
             requested_cr=requested_cr,
+            options=options,
         )
         if store
         else {"stored_in_study": False}
@@ -475,8 +481,11 @@ def _store_outputs(
     card: ModelCard,
     policy_source: str,
     requested_cr: float | None,
+    options: dict[str, Any],
 ) -> dict[str, Any]:
-    """Derived series, overlay captures and the SR, each through the one ingest path."""
+    """Derived series, overlay captures and the SR, each through the one ingest path; then
+    the job's forward action (the policy's ``forward_to``/``forward_what``, else every output
+    to CRGATE_FORWARD_TO)."""
     from services.core.dicom import results as objects
 
     derived = objects.derived_series(classification, job_id=job_id)
@@ -493,7 +502,13 @@ def _store_outputs(
         outputs=[*derived, *captures],
     )
     stored: dict[str, Any] = {"derived": [], "overlays": [], "report": None}
+    what = set(options.get("forward_what") or DEFAULT_FORWARD_WHAT)
     outputs: list[ForwardObject] = []
+    if "originals" in what:
+        outputs += [
+            ForwardObject(str(ds.StudyInstanceUID), uid, "original", job_id)
+            for uid, ds in sources.items()
+        ]
     for key, datasets in (("derived", derived), ("overlays", captures), ("report", [report])):
         for ds in datasets:
             r = ctx.outputs_ingestor.ingest_dataset(
@@ -504,9 +519,14 @@ def _store_outputs(
                 stored[key] = ref
             else:
                 stored[key].append(ref)
-            outputs.append(ForwardObject(r.study_uid, r.sop_instance_uid, "result", job_id))
+            kind = "compressed" if key == "derived" else "results"
+            if kind in what:
+                role = "compressed" if key == "derived" else "result"
+                outputs.append(ForwardObject(r.study_uid, r.sop_instance_uid, role, job_id))
     study_uid = outputs[0].study_uid if outputs else ""
-    forwarded = forward_result(ctx, job_id, study_uid, outputs)  # never raises
+    forwarded = forward_result(  # never raises
+        ctx, job_id, study_uid, outputs, options.get("forward_to")
+    )
     if forwarded is not None:
         stored["forwarded"] = forwarded
     return stored

@@ -44,15 +44,20 @@ from services.core.errors import CrgateError, InvalidInput, NotFound
 from services.core.forwards import ForwardObject, forward_result
 from services.core.ingest import Channel
 from services.core.pipeline import TranscodeResult, transcode_dataset
-from services.core.policies import Ceiling, PolicyKey, ResolvedPolicy, ceiling, resolve_policy
+from services.core.policies import (
+    DEFAULT_FORWARD_WHAT,
+    Ceiling,
+    PolicyKey,
+    ResolvedPolicy,
+    ceiling,
+    resolve_policy,
+)
 from services.core.ratio import CompressionRatio
 
 log = logging.getLogger(__name__)
 
 MAX_PARALLEL_IMAGES = 4
 _T = TypeVar("_T")
-
-DEFAULT_FORWARD_WHAT = ("compressed", "results")
 
 
 @dataclass(frozen=True)
@@ -102,16 +107,6 @@ def policy_groups(
         )
         groups.setdefault(policy.policy_id, PolicyGroup(policy, [])).instances.append(instance)
     return list(groups.values())
-
-
-def forward_options(policy: ResolvedPolicy) -> dict[str, Any]:
-    """What a policy's forward action sends, as job options (nothing when it has none)."""
-    if not policy.forward_to:
-        return {}
-    return {
-        "forward_to": list(policy.forward_to),
-        "forward_what": list(policy.forward_what or DEFAULT_FORWARD_WHAT),
-    }
 
 
 def request(
@@ -224,7 +219,7 @@ def _policy_request(
     policy = group.policy
     options: dict[str, Any] = {"keep_copy": policy.keep_copy if keep_copy is None else keep_copy}
     if trigger is JobTrigger.ARRIVAL:  # the policy's forward action goes with its compression
-        options.update(forward_options(policy))
+        options.update(policy.forward_options())
     return jobs.JobRequest(
         study_uid=study_uid,
         cr=policy.cr,

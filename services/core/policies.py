@@ -44,6 +44,7 @@ MG_SCREENING_VIEWS = 4  # a screening mammogram: CC and MLO of each breast
 PRESETS_FILE = "cr-guidelines.csv"
 CLASSIFIABLE_MODALITY = "MG"  # the modality the installed models read
 FORWARDABLE = ("originals", "compressed", "results")  # what a forward action may send
+DEFAULT_FORWARD_WHAT = ("compressed", "results")
 _CODE = re.compile(r"^[A-Z0-9_]{1,16}$")  # a DICOM CS value without spaces
 _PEDIATRIC = {"yes": "yes", "no": "no", "*": ANY, "any": ANY}
 
@@ -203,6 +204,20 @@ class ResolvedPolicy:
     keep_copy: bool = True
     forward_to: list[str] | None = None
     forward_what: list[str] | None = None
+
+    def forward_options(self) -> dict[str, Any]:
+        """What the policy's forward action sends, as job options (nothing when it has none)."""
+        if not self.forward_to:
+            return {}
+        return {
+            "forward_to": list(self.forward_to),
+            "forward_what": list(self.forward_what or DEFAULT_FORWARD_WHAT),
+        }
+
+    @property
+    def forwards_only(self) -> bool:
+        """Forwards without compressing or classifying: its action sends the originals."""
+        return bool(self.forward_to) and not (self.auto_compress or self.auto_classify)
 
     @property
     def acts(self) -> bool:
