@@ -13,6 +13,7 @@ from services.api import cors, deps, problems
 from services.api.routes import (
     classify,
     compress,
+    console,
     destinations,
     docs,
     login,
@@ -63,6 +64,7 @@ def create_app(settings: Settings | None = None, *, state: Runtime | None = None
     app.include_router(compress.router)
     app.include_router(models.router)
     app.include_router(destinations.router)
+    app.include_router(console.router)
     _include_dicomweb(app)
     return app
 
