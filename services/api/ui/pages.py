@@ -80,6 +80,11 @@ def ui_root() -> RedirectResponse:
     return RedirectResponse("/ui/studies", status_code=303)
 
 
+@router.get("/favicon.ico", include_in_schema=False)
+def favicon() -> Response:
+    return FileResponse(STATIC / "favicon.svg", media_type=STATIC_TYPES[".svg"])
+
+
 @router.get("/ui/static/{name}", include_in_schema=False)
 def static_file(name: Annotated[str, PathParam(pattern=r"^[a-z0-9-]+\.(css|js|svg)$")]) -> Response:
     path = STATIC / name

@@ -98,6 +98,7 @@ function keys() {
       revoke.type = "button";
       revoke.dataset.revoke = made.id;
       revoke.textContent = "Revoke";
+      revoke.setAttribute("aria-label", `Revoke key ${made.prefix} (${made.name})`);
       row.lastChild.append(revoke);
       document.querySelector("table.keys tbody").append(row);
     } catch (error) { crgate.problem(error); }
