@@ -22,6 +22,7 @@ from PIL import Image
 from selenium import webdriver
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
+from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.select import Select
 from selenium.webdriver.support.wait import WebDriverWait
 
@@ -200,6 +201,21 @@ def test_console_login_study_panes_zoom_classify_and_keys(
     assert httpx.get(qido, headers=bearer).status_code == 401
     browser.get(f"{server.url}/ui/audit?entity=key")
     assert "revoke" in wait_for(browser, "table.audit").text
+
+    # a policy changed in the browser, and its audit entry
+    browser.get(f"{server.url}/ui/policies")
+    form = wait_for(browser, "form.policy-edit")
+    policy_id = form.get_attribute("data-policy")
+    cr_field = form.find_element(By.NAME, "cr")
+    cr_field.clear()
+    cr_field.send_keys("13")
+    form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    WebDriverWait(browser, WAIT_SECONDS).until(expected_conditions.staleness_of(form))
+    row = wait_for(browser, f"form.policy-edit[data-policy='{policy_id}']")
+    assert row.find_element(By.NAME, "cr").get_attribute("value") == "13"
+    browser.get(f"{server.url}/ui/audit?entity=policy")
+    entry = wait_for(browser, "table.audit tbody tr").text
+    assert "update" in entry and '"cr": 13' in entry, entry
 
     requests = network_requests(browser)
     local = (server.url, "data:", "blob:", "about:blank")

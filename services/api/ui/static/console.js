@@ -142,8 +142,28 @@ function sweeps() {
   });
 }
 
+function policies() {
+  document.querySelectorAll("form.policy-edit").forEach(form => {
+    form.addEventListener("submit", async event => {
+      event.preventDefault();
+      crgate.problem(null);
+      const body = {
+        cr: Number(form.elements.cr.value),
+        auto_classify: form.elements.auto_classify.checked,
+      };
+      const reason = form.elements.override_reason.value.trim();
+      if (reason) body.override_reason = reason;
+      try {
+        await crgate.call("PUT", `/policies/${form.dataset.policy}`, body);
+        location.reload();
+      } catch (error) { crgate.problem(error); }
+    });
+  });
+}
+
 document.addEventListener("DOMContentLoaded", () => {
   pollRows();
+  policies();
   keys();
   destinations();
   sweeps();
