@@ -221,3 +221,36 @@ def test_keys_created_once_revoked_and_audited(browser_as: Callable[[Role], Test
     assert admin.get("/ui/audit", params={"since": "yesterday"}).status_code == 422
     assert admin.get("/ui/audit", params={"entity": "nothing"}).status_code == 422
     assert admin.get("/sweeps").json() == []
+
+
+def test_presets_preview_then_apply(browser_as: Callable[[Role], TestClient]) -> None:
+    from services.core.policies import load_presets
+
+    admin = browser_as(Role.ADMIN)
+    name = next(iter(load_presets()))
+    page = admin.get("/ui/policies").text
+    assert f'data-preset="{name}"' in page and "creates it at CR" in page
+    applied = admin.post(f"/policies/presets/{name}", headers=csrf(admin))
+    assert applied.status_code == 200, applied.text
+    page = admin.get("/ui/policies").text
+    assert f"{name}: 0 change(s)" in page
+    operator_page = browser_as(Role.OPERATOR).get("/ui/policies").text
+    assert "Read-only" in operator_page and "data-preset=" not in operator_page
+
+
+def test_a_compress_result_has_no_saliency_pane(
+    browser_as: Callable[[Role], TestClient], client: TestClient, mg_study: str
+) -> None:
+    made = client.post(f"/studies/{mg_study}/compress", params={"cr": 10, "wait": 120})
+    assert made.status_code == 200, made.text
+    result = made.json()["jobs"][0]["result"]
+    viewer = browser_as(Role.VIEWER)
+    html = viewer.get(f"/ui/studies/{mg_study}").text
+    assert "compress at CR 10" in html and html.count('<article class="image"') == 4
+    assert 'data-kind="overlay"' not in html and "Per breast" not in html
+    image = result["images"][0]
+    diff = viewer.get(
+        f"/ui/difference/{result['result_id']}/{image['input_sop_instance_uid']}.png",
+        params={"viewport": "100,100", "scale": "5"},
+    )
+    assert diff.status_code == 200 and png_size(diff.content) == (81, 100)

@@ -19,7 +19,7 @@ from fastapi.templating import Jinja2Templates
 from sqlalchemy import select
 
 from services.api.deps import PUBLIC, SessionDep
-from services.api.ui import studies
+from services.api.ui import presets, studies
 from services.api.ui.access import csrf_of, refusal, signed_in, to_login
 from services.core import audit, jobs
 from services.core.auth import Principal, Role, list_keys
@@ -181,7 +181,8 @@ def policies_page(request: Request, session: SessionDep) -> Response:
     from services.api.routes.policies import list_policies  # the API's own view of each row
 
     rows = list_policies(session)
-    return page(request, "policies.html", who, rows=rows, can_edit=who.role is Role.ADMIN)
+    return page(request, "policies.html", who, rows=rows, can_edit=who.role is Role.ADMIN,
+                presets=presets.preview_all(session))  # fmt: skip
 
 
 @router.get("/ui/destinations", include_in_schema=False)

@@ -142,6 +142,18 @@ function sweeps() {
   });
 }
 
+function presets() {
+  document.querySelectorAll("button[data-preset]").forEach(button => {
+    button.addEventListener("click", async () => {
+      crgate.problem(null);
+      try {
+        await crgate.call("POST", `/policies/presets/${encodeURIComponent(button.dataset.preset)}`);
+        location.reload();
+      } catch (error) { crgate.problem(error); }
+    });
+  });
+}
+
 function policies() {
   document.querySelectorAll("form.policy-edit").forEach(form => {
     form.addEventListener("submit", async event => {
@@ -164,6 +176,7 @@ function policies() {
 document.addEventListener("DOMContentLoaded", () => {
   pollRows();
   policies();
+  presets();
   keys();
   destinations();
   sweeps();
