@@ -10,6 +10,7 @@ a key. Nothing is requested from another host, and no request fails. With
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 from pathlib import Path
@@ -27,6 +28,8 @@ from selenium.webdriver.support.select import Select
 from selenium.webdriver.support.wait import WebDriverWait
 
 from tests.api.test_stow import STOW_TYPE, multipart
+from tests.api.test_sweeps import body as sweep_body
+from tests.api.test_sweeps import labelled_studies  # noqa: F401  (a fixture)
 from tests.integration.test_browser import (  # noqa: F401  (fixtures)
     WAIT_SECONDS,
     Server,
@@ -55,6 +58,14 @@ PANE_PIXELS = """
     }
     return [img.naturalWidth, img.naturalHeight, min, max, sum / (data.length / 4)];
 """
+
+
+def log_in(driver: webdriver.Chrome, gateway: Server, page: str) -> None:
+    """Open ``page``; the console sends the browser to /login and, with the key, back."""
+    driver.get(f"{gateway.url}{page}")
+    wait_for(driver, "#key").send_keys(gateway.admin_key)
+    driver.find_element(By.CSS_SELECTOR, "form button[type=submit]").click()
+    WebDriverWait(driver, WAIT_SECONDS).until(lambda d: d.current_url.endswith(page))
 
 
 def store_and_classify(gateway: Server, files: list[Path], cr: float) -> dict[str, Any]:
@@ -110,9 +121,7 @@ def test_console_login_study_panes_zoom_classify_and_keys(
 
     # not signed in: the console sends the browser to /login and back
     browser.get(f"{server.url}/")
-    wait_for(browser, "#key").send_keys(server.admin_key)
-    browser.find_element(By.CSS_SELECTOR, "form button[type=submit]").click()
-    WebDriverWait(browser, WAIT_SECONDS).until(lambda d: d.current_url.endswith("/ui/studies"))
+    log_in(browser, server, "/ui/studies")
 
     # search with the form, keyboard only
     Select(browser.find_element(By.NAME, "modality")).select_by_visible_text("MG")
@@ -223,3 +232,33 @@ def test_console_login_study_panes_zoom_classify_and_keys(
     assert not outside, f"requests left the server: {outside}"
     failed = [r for r in requests if r.get("status", 200) >= 400]
     assert not failed, failed
+
+
+def test_console_starts_a_cr_safety_study_and_opens_its_report(
+    server: Server,  # noqa: F811
+    browser: webdriver.Chrome,  # noqa: F811
+    labelled_studies: tuple[list[Path], list[dict[str, Any]]],  # noqa: F811
+) -> None:
+    files, rows = labelled_studies
+    bearer = {"Authorization": f"Bearer {server.admin_key}", "Content-Type": STOW_TYPE}
+    stow = httpx.post(f"{server.url}/dicomweb/studies", content=multipart(
+        *(p.read_bytes() for p in files)), headers=bearer, timeout=60)  # fmt: skip
+    assert stow.status_code == 200, stow.text
+    browser.get("about:blank")
+    network_requests(browser)
+    log_in(browser, server, "/ui/sweeps")
+    field = wait_for(browser, "#sweep-body")
+    field.clear()
+    field.send_keys(json.dumps(sweep_body(rows)))
+    browser.find_element(By.CSS_SELECTOR, "#new-sweep button[type=submit]").click()
+    report = WebDriverWait(browser, 240).until(
+        lambda d: d.find_elements(By.CSS_SELECTOR, "tr[data-sweep] .js-result a")
+    )[0]
+    assert "succeeded" in browser.find_element(By.CSS_SELECTOR, "tr[data-sweep]").text
+    report.click()
+    WebDriverWait(browser, WAIT_SECONDS).until(lambda d: d.current_url.endswith("report.html"))
+    assert "AUROC" in browser.find_element(By.TAG_NAME, "body").text
+    requests = network_requests(browser)
+    local = (server.url, "data:", "blob:", "about:blank")
+    assert [r["url"] for r in requests if not r["url"].startswith(local)] == []
+    assert [r for r in requests if r.get("status", 200) >= 400] == []
