@@ -214,6 +214,7 @@ def test_console_login_study_panes_zoom_classify_and_keys(
     # a policy changed in the browser, and its audit entry
     browser.get(f"{server.url}/ui/policies")
     form = wait_for(browser, "form.policy-edit")
+    screenshot(browser, tmp_path, "console-policies.png")
     policy_id = form.get_attribute("data-policy")
     cr_field = form.find_element(By.NAME, "cr")
     cr_field.clear()
