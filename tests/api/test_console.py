@@ -254,3 +254,17 @@ def test_a_compress_result_has_no_saliency_pane(
         params={"viewport": "100,100", "scale": "5"},
     )
     assert diff.status_code == 200 and png_size(diff.content) == (81, 100)
+
+
+def test_destinations_page_lists_them_with_an_echo_button(
+    browser_as: Callable[[Role], TestClient],
+) -> None:
+    admin = browser_as(Role.ADMIN)
+    spec = {"name": "archive", "ae_title": "ARCHIVE", "host": "127.0.0.1", "port": 11113}
+    made = admin.post("/destinations", json=spec, headers=csrf(admin))
+    assert made.status_code == 201, made.text
+    page = admin.get("/ui/destinations").text
+    assert "archive" in page and "127.0.0.1:11113" in page
+    assert f'data-echo="{made.json()["id"]}"' in page
+    # the kept-copy lookup takes only a result crgate knows (no path from the query)
+    assert admin.get("/ui/render/1.2.3.png", params={"result": "../../x"}).status_code == 404

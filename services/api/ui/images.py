@@ -74,7 +74,8 @@ async def render_image(
         try:
             instance = _instance(state, session, sop)
         except NotFound:
-            kept = _kept_copy(state, result, sop) if result else None
+            known = result is not None and session.get(Result, result) is not None
+            kept = _kept_copy(state, result, sop) if known and result else None
             if kept is None:
                 raise
             instance = kept
