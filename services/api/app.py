@@ -13,6 +13,7 @@ from services.api import cors, deps, problems, viewer
 from services.api.routes import (
     classify,
     compress,
+    console,
     deletion,
     destinations,
     docs,
@@ -67,6 +68,7 @@ def create_app(settings: Settings | None = None, *, state: Runtime | None = None
     app.include_router(destinations.router)
     app.include_router(forwards.router)
     app.include_router(deletion.router)
+    app.include_router(console.router)
     _include_dicomweb(app)
     if settings.viewer_dir is not None:
         viewer.install(app, settings.viewer_dir)

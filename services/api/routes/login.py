@@ -59,7 +59,7 @@ browser only as a signed session cookie that expires; revoking the key ends the 
 """
 
 _SIGNED_IN = """<p id="who">Signed in as <strong>{name}</strong> ({role}).</p>
-<p><a href="/docs">API documentation</a></p>
+<p><a href="/ui">Console</a> &middot; <a href="/docs">API documentation</a></p>
 <form method="post" action="/logout">
 <input type="hidden" name="csrf_token" value="{csrf}">
 <button type="submit">Log out</button>

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
+from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from services.api.deps import SessionDep, StateDep, require
 from services.core.auth import Principal, Role
+from services.core.db.tables import Sweep
 from services.lab import sweeps
+
+MAX_SWEEPS = 500
 
 router = APIRouter(tags=["cr safety study"], dependencies=[Depends(require(Role.OPERATOR))])
 
@@ -34,6 +38,14 @@ async def start_sweep(body: sweeps.SweepRequest, request: Request, state: StateD
         status_code=202,
         headers={"Location": f"/sweeps/{sweep.id}"},
     )
+
+
+@router.get("/sweeps", summary="CR safety studies, newest first")
+def list_sweeps(
+    session: SessionDep, limit: Annotated[int, Query(ge=1, le=MAX_SWEEPS)] = 50
+) -> list[dict[str, Any]]:
+    ids = session.scalars(select(Sweep.id).order_by(Sweep.created_at.desc()).limit(limit)).all()
+    return [sweeps.view(session, sweep_id) for sweep_id in ids]
 
 
 @router.get("/sweeps/{sweep_id}", summary="A sweep's status, progress and recommendation")

@@ -1,0 +1,265 @@
+"""The web console in a real browser: Debian's headless chromium (selenium, chromium-driver)
+against `crgate serve` as a process, with a phantom mammography study classified at CR 25.
+
+Log in through the redirect, find the study, see the four panes of every image show pixels,
+zoom and pan them together, run a classification at another CR from the page, create and revoke
+a key. Nothing is requested from another host, and no request fails. With
+``CRGATE_SCREENSHOTS=<folder>`` the pages' screenshots are kept there (docs/img is made so).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from selenium import webdriver
+from selenium.webdriver.common.action_chains import ActionChains
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support import expected_conditions
+from selenium.webdriver.support.select import Select
+from selenium.webdriver.support.wait import WebDriverWait
+
+from tests.api.test_stow import STOW_TYPE, multipart
+from tests.api.test_sweeps import body as sweep_body
+from tests.api.test_sweeps import labelled_studies  # noqa: F401  (a fixture)
+from tests.integration.test_browser import (  # noqa: F401  (fixtures)
+    WAIT_SECONDS,
+    Server,
+    browser,
+    network_requests,
+    page_servers,
+    server,
+    wait_for,
+)
+
+pytestmark = pytest.mark.tools
+
+SCREEN = (1366, 768)
+MAX_SCREENSHOT_BYTES = 300_000
+
+PANE_PIXELS = """
+    const img = arguments[0];
+    const canvas = document.createElement("canvas");
+    canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
+    const ctx = canvas.getContext("2d");
+    ctx.drawImage(img, 0, 0);
+    const data = ctx.getImageData(0, 0, canvas.width, canvas.height).data;
+    let min = 255, max = 0, sum = 0;
+    for (let i = 0; i < data.length; i += 4) {
+        const v = data[i]; min = Math.min(min, v); max = Math.max(max, v); sum += v;
+    }
+    return [img.naturalWidth, img.naturalHeight, min, max, sum / (data.length / 4)];
+"""
+
+
+def log_in(driver: webdriver.Chrome, gateway: Server, page: str) -> None:
+    """Open ``page``; the console sends the browser to /login and, with the key, back."""
+    driver.get(f"{gateway.url}{page}")
+    wait_for(driver, "#key").send_keys(gateway.admin_key)
+    driver.find_element(By.CSS_SELECTOR, "form button[type=submit]").click()
+    WebDriverWait(driver, WAIT_SECONDS).until(lambda d: d.current_url.endswith(page))
+
+
+def store_and_classify(gateway: Server, files: list[Path], cr: float) -> dict[str, Any]:
+    bearer = {"Authorization": f"Bearer {gateway.admin_key}"}
+    body = multipart(*(p.read_bytes() for p in files))
+    stow = httpx.post(f"{gateway.url}/dicomweb/studies", content=body,
+                      headers={**bearer, "Content-Type": STOW_TYPE}, timeout=60)  # fmt: skip
+    assert stow.status_code == 200, stow.text
+    study = stow.json()["00081190"]["Value"][0].rsplit("/studies/", 1)[1]
+    done = httpx.post(f"{gateway.url}/studies/{study}/classify", params={"cr": cr, "wait": 240},
+                      headers=bearer, timeout=300)  # fmt: skip
+    assert done.status_code == 200, done.text
+    result: dict[str, Any] = done.json()["result"]
+    return result
+
+
+def screenshot(driver: webdriver.Chrome, tmp_path: Path, name: str) -> None:
+    """Keep a PNG of the window (quantised if needed to stay small); check it is not blank."""
+    raw = driver.get_screenshot_as_png()
+    image = Image.open(io.BytesIO(raw)).convert("RGB")
+    assert np.asarray(image).std() > 10, f"{name} looks blank"
+    out = io.BytesIO()
+    image.save(out, format="PNG", optimize=True)
+    if out.tell() > MAX_SCREENSHOT_BYTES:
+        out = io.BytesIO()
+        image.quantize(colors=128).save(out, format="PNG", optimize=True)
+    assert out.tell() < MAX_SCREENSHOT_BYTES, f"{name}: {out.tell()} bytes"
+    (tmp_path / name).write_bytes(out.getvalue())
+    folder = os.environ.get("CRGATE_SCREENSHOTS")
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(tmp_path / name, Path(folder) / name)
+
+
+def transforms(driver: webdriver.Chrome, article: Any) -> list[str]:
+    return [
+        driver.execute_script("return getComputedStyle(arguments[0]).transform", img)
+        for img in article.find_elements(By.CSS_SELECTOR, "img.layer")
+    ]
+
+
+def test_console_login_study_panes_zoom_classify_and_keys(
+    server: Server,  # noqa: F811
+    browser: webdriver.Chrome,  # noqa: F811
+    mg_study_files: list[Path],
+    tmp_path: Path,
+) -> None:
+    result = store_and_classify(server, mg_study_files, 25)
+    study = result["study_uid"]
+    browser.set_window_size(*SCREEN)
+    browser.get("about:blank")
+    network_requests(browser)  # drain what the browser's own start page loaded
+
+    # not signed in: the console sends the browser to /login and back
+    browser.get(f"{server.url}/")
+    log_in(browser, server, "/ui/studies")
+
+    # search with the form, keyboard only
+    Select(browser.find_element(By.NAME, "modality")).select_by_visible_text("MG")
+    browser.find_element(By.NAME, "accession").submit()
+    link = wait_for(browser, f"a[href='/ui/studies/{study}']")
+    assert "1 result" in browser.find_element(By.CSS_SELECTOR, "table.studies").text
+    screenshot(browser, tmp_path, "console-studies.png")
+    link.click()
+
+    # the four panes of every image show pixels
+    wait_for(browser, "article.image")
+    articles = browser.find_elements(By.CSS_SELECTOR, "article.image")
+    assert len(articles) == 4
+    WebDriverWait(browser, WAIT_SECONDS).until(
+        lambda d: d.execute_script(
+            "return [...document.querySelectorAll('img.layer')]"
+            ".every(i => i.complete && i.naturalWidth > 0)"
+        )
+    )
+    first = articles[0]
+    for img in first.find_elements(By.CSS_SELECTOR, "img.layer"):
+        width, height, low, high, _mean = browser.execute_script(PANE_PIXELS, img)
+        assert width > 0 and height > 0
+        assert high - low > 20, f"{img.get_attribute('alt')} is blank: {low}..{high}"
+        assert width <= 1024 and height <= 1024  # the pane's size, not the image's
+    browser.execute_script("document.getElementById('res-h').scrollIntoView()")
+    screenshot(browser, tmp_path, "console-study.png")
+    browser.execute_script("window.scrollTo(0, 0)")
+
+    # zoom and pan: one handler, the same transform on the four panes
+    assert set(transforms(browser, first)) == {"none"} or len(set(transforms(browser, first))) == 1
+    browser.find_element(By.CSS_SELECTOR, "button[data-zoom=in]").click()
+    zoomed = transforms(browser, first)
+    assert len(set(zoomed)) == 1 and zoomed[0].startswith("matrix(1.25")
+    viewport = first.find_elements(By.CSS_SELECTOR, ".viewport")[2]  # the difference pane
+    ActionChains(browser).click_and_hold(viewport).move_by_offset(30, 20).release().perform()
+    panned = transforms(browser, first)
+    assert len(set(panned)) == 1 and panned != zoomed
+    viewport.send_keys("+")
+    keyed = transforms(browser, first)
+    assert len(set(keyed)) == 1 and keyed != panned
+    # once the zoom settles the panes are asked again at the zoomed size
+    original = first.find_element(By.CSS_SELECTOR, "img[data-kind=original]")
+    WebDriverWait(browser, WAIT_SECONDS).until(
+        lambda d: d.execute_script(
+            "const i = arguments[0]; return i.complete && i.naturalHeight > "
+            "i.parentElement.clientHeight * 1.5",
+            original,
+        )
+    )
+
+    # run it again at CR 10 from the form (fetch with the session's CSRF token)
+    field = browser.find_element(By.ID, "classify-cr")
+    field.clear()
+    field.send_keys("10")
+    browser.find_element(By.CSS_SELECTOR, "#classify button[type=submit]").click()
+    WebDriverWait(browser, 240).until(lambda d: "?result=" in d.current_url)
+    heading = wait_for(browser, "#res-h").text
+    assert heading.startswith("classify at CR 10"), heading
+    assert browser.find_element(By.ID, "problem").get_attribute("hidden") is not None
+    assert browser.find_element(By.ID, "cr-slider").get_attribute("max") == "1"
+
+    browser.get(f"{server.url}/ui/jobs")
+    wait_for(browser, "tr[data-job]")
+    assert len(browser.find_elements(By.CSS_SELECTOR, "tr[data-job][data-status=succeeded]")) == 2
+    screenshot(browser, tmp_path, "console-jobs.png")
+
+    # an API key: created, shown once, works, revoked, refused
+    browser.get(f"{server.url}/ui/keys")
+    wait_for(browser, "#key-name").send_keys("selenium reader")
+    browser.find_element(By.CSS_SELECTOR, "#new-key button[type=submit]").click()
+    shown = wait_for(browser, "#created:not([hidden]) #created-key")
+    WebDriverWait(browser, WAIT_SECONDS).until(lambda d: shown.text.startswith("crg_"))
+    token = shown.text
+    qido = f"{server.url}/dicomweb/studies"
+    bearer = {"Authorization": f"Bearer {token}"}
+    assert httpx.get(qido, headers=bearer).status_code == 200
+    prefix = token.split("_")[1]
+    made_id = browser.find_element(By.CSS_SELECTOR, "table.keys tbody tr:last-child").get_attribute(
+        "data-key"
+    )
+    browser.find_element(By.CSS_SELECTOR, f"button[aria-label^='Revoke key {prefix}']").click()
+    WebDriverWait(browser, WAIT_SECONDS).until(
+        lambda d: "revoked" in d.find_element(By.CSS_SELECTOR, f"tr[data-key='{made_id}']").text
+    )
+    assert httpx.get(qido, headers=bearer).status_code == 401
+    browser.get(f"{server.url}/ui/audit?entity=key")
+    assert "revoke" in wait_for(browser, "table.audit").text
+
+    # a policy changed in the browser, and its audit entry
+    browser.get(f"{server.url}/ui/policies")
+    form = wait_for(browser, "form.policy-edit")
+    screenshot(browser, tmp_path, "console-policies.png")
+    policy_id = form.get_attribute("data-policy")
+    cr_field = form.find_element(By.NAME, "cr")
+    cr_field.clear()
+    cr_field.send_keys("13")
+    form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    WebDriverWait(browser, WAIT_SECONDS).until(expected_conditions.staleness_of(form))
+    row = wait_for(browser, f"form.policy-edit[data-policy='{policy_id}']")
+    assert row.find_element(By.NAME, "cr").get_attribute("value") == "13"
+    browser.get(f"{server.url}/ui/audit?entity=policy")
+    entry = wait_for(browser, "table.audit tbody tr").text
+    assert "update" in entry and '"cr": 13' in entry, entry
+
+    requests = network_requests(browser)
+    local = (server.url, "data:", "blob:", "about:blank")
+    outside = [r["url"] for r in requests if not r["url"].startswith(local)]
+    assert not outside, f"requests left the server: {outside}"
+    failed = [r for r in requests if r.get("status", 200) >= 400]
+    assert not failed, failed
+
+
+def test_console_starts_a_cr_safety_study_and_opens_its_report(
+    server: Server,  # noqa: F811
+    browser: webdriver.Chrome,  # noqa: F811
+    labelled_studies: tuple[list[Path], list[dict[str, Any]]],  # noqa: F811
+) -> None:
+    files, rows = labelled_studies
+    bearer = {"Authorization": f"Bearer {server.admin_key}", "Content-Type": STOW_TYPE}
+    stow = httpx.post(f"{server.url}/dicomweb/studies", content=multipart(
+        *(p.read_bytes() for p in files)), headers=bearer, timeout=60)  # fmt: skip
+    assert stow.status_code == 200, stow.text
+    browser.get("about:blank")
+    network_requests(browser)
+    log_in(browser, server, "/ui/sweeps")
+    field = wait_for(browser, "#sweep-body")
+    field.clear()
+    field.send_keys(json.dumps(sweep_body(rows)))
+    browser.find_element(By.CSS_SELECTOR, "#new-sweep button[type=submit]").click()
+    report = WebDriverWait(browser, 240).until(
+        lambda d: d.find_elements(By.CSS_SELECTOR, "tr[data-sweep] .js-result a")
+    )[0]
+    assert "succeeded" in browser.find_element(By.CSS_SELECTOR, "tr[data-sweep]").text
+    report.click()
+    WebDriverWait(browser, WAIT_SECONDS).until(lambda d: d.current_url.endswith("report.html"))
+    assert "AUROC" in browser.find_element(By.TAG_NAME, "body").text
+    requests = network_requests(browser)
+    local = (server.url, "data:", "blob:", "about:blank")
+    assert [r["url"] for r in requests if not r["url"].startswith(local)] == []
+    assert [r for r in requests if r.get("status", 200) >= 400] == []
