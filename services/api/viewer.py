@@ -169,6 +169,7 @@ def install(app: FastAPI, dist: Path) -> None:
         return RedirectResponse(f"{PREFIX}/", status_code=308)
 
     app.include_router(router)
+    app.state.viewer = True  # the console's study page links to it
 
 
 if __name__ == "__main__":

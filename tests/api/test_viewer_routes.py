@@ -110,3 +110,12 @@ def test_the_image_and_make_viewer_ship_the_same_ohif() -> None:
     )
     assert make == docker
     assert "CRGATE_VIEWER_DIR: /app/viewer" in (root / "docker-compose.yml").read_text()
+
+
+def test_the_console_study_page_links_to_the_viewer(
+    viewer_client: TestClient, state: Runtime, admin_key: str, mg_study: str
+) -> None:
+    auth = {"Authorization": f"Bearer {admin_key}"}
+    page = viewer_client.get(f"/ui/studies/{mg_study}", headers=auth)
+    assert page.status_code == 200, page.text
+    assert f'href="/viewer/viewer?StudyInstanceUIDs={mg_study}"' in page.text

@@ -151,7 +151,8 @@ def study_page(
     ).all()
     return page(request, "study.html", who, study=study, series=series, counts=counts,
                 results=ordered, result=chosen, jobs=study_jobs,
-                can_run=who.role.allows(Role.OPERATOR))  # fmt: skip
+                can_run=who.role.allows(Role.OPERATOR),
+                viewer=getattr(request.app.state, "viewer", False))  # fmt: skip
 
 
 @router.get("/ui/jobs", include_in_schema=False)
