@@ -13,6 +13,7 @@ import io
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+from pydicom.data import get_testdata_file
 from selenium import webdriver
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
@@ -27,6 +29,7 @@ from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.select import Select
 from selenium.webdriver.support.wait import WebDriverWait
 
+from tests.api.test_forwards import Pacs, pacs  # noqa: F401  (pacs: a fixture)
 from tests.api.test_stow import STOW_TYPE, multipart
 from tests.api.test_sweeps import body as sweep_body
 from tests.api.test_sweeps import labelled_studies  # noqa: F401  (a fixture)
@@ -263,3 +266,52 @@ def test_console_starts_a_cr_safety_study_and_opens_its_report(
     local = (server.url, "data:", "blob:", "about:blank")
     assert [r["url"] for r in requests if not r["url"].startswith(local)] == []
     assert [r for r in requests if r.get("status", 200) >= 400] == []
+
+
+def test_console_shows_an_undelivered_forward_and_resends_it(
+    server: Server,  # noqa: F811
+    browser: webdriver.Chrome,  # noqa: F811
+    pacs: Callable[..., Pacs],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """A PACS refuses a copy (0xC000 with its comment): the Jobs page shows the forward failed
+    with the peer's answer; Re-send in the browser hands it back, and the PACS takes it."""
+    peer = pacs([0xC000], comment="disk quota reached")
+    bearer = {"Authorization": f"Bearer {server.admin_key}"}
+    with httpx.Client(base_url=server.url, headers=bearer, timeout=120) as api:
+        made = api.post(
+            "/destinations",
+            json={"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": peer.port},
+        )
+        assert made.status_code == 201, made.text
+        policy = api.post(
+            "/policies",
+            json={"modality": "CT", "cr": 10, "auto_compress": True, "quiet_seconds": 0,
+                  "forward_to": ["pacs"], "forward_what": ["compressed"]},
+        )  # fmt: skip
+        assert policy.status_code == 201, policy.text
+        ct = get_testdata_file("CT_small.dcm")
+        assert ct is not None
+        stow = api.post(
+            "/dicomweb/studies",
+            content=multipart(Path(ct).read_bytes()),
+            headers={"Content-Type": STOW_TYPE},
+        )
+        assert stow.status_code == 200, stow.text
+
+        def failed() -> list[Any]:
+            return list(api.get("/forwards", params={"state": "failed"}).json()["items"])
+
+        WebDriverWait(browser, WAIT_SECONDS * 2).until(lambda _: failed())
+
+    log_in(browser, server, "/ui/jobs")
+    row = wait_for(browser, "tr[data-forward]")
+    assert "0xC000" in row.text and "disk quota reached" in row.text
+    row.find_element(By.CSS_SELECTOR, "button[data-resend]").click()
+    WebDriverWait(browser, WAIT_SECONDS).until(lambda _: len(peer.received) == 1)
+
+    def delivered(driver: webdriver.Chrome) -> bool:
+        driver.refresh()
+        return "Every forward was delivered" in driver.page_source
+
+    WebDriverWait(browser, WAIT_SECONDS, poll_frequency=1).until(delivered)

@@ -23,7 +23,7 @@ from services.api.ui import presets, studies
 from services.api.ui.access import csrf_of, refusal, signed_in, to_login
 from services.core import audit, jobs
 from services.core.auth import Principal, Role, list_keys
-from services.core.db.tables import Instance, Job, Series, Study, Sweep
+from services.core.db.tables import Forward, Instance, Job, Series, Study, Sweep
 from services.core.destinations import list_destinations, snapshot
 from services.core.dicom.uids import validate_uid
 from services.core.errors import CrgateError, InvalidParameter
@@ -171,7 +171,14 @@ def jobs_page(
     if study_uid:
         query = query.where(Job.study_uid == study_uid)
     rows = session.scalars(query).all()
-    return page(request, "jobs.html", who, rows=rows, status=status, study_uid=study_uid)
+    undelivered = session.scalars(
+        select(Forward)
+        .where(Forward.state.in_(("failed", "retrying")))
+        .order_by(Forward.updated_at.desc())
+        .limit(100)
+    ).all()
+    return page(request, "jobs.html", who, rows=rows, status=status, study_uid=study_uid,
+                forwards=undelivered, can_resend=who.role.allows(Role.OPERATOR))  # fmt: skip
 
 
 @router.get("/ui/policies", include_in_schema=False)

@@ -128,6 +128,26 @@ function destinations() {
   });
 }
 
+function forwards() {  // re-send what a destination refused (operator)
+  document.querySelectorAll("button[data-resend]").forEach(button => {
+    button.addEventListener("click", async () => {
+      crgate.problem(null);
+      try {
+        await crgate.call("POST", `/forwards/${button.dataset.resend}/resend`);
+        location.reload();
+      } catch (error) { crgate.problem(error); }
+    });
+  });
+  const all = document.querySelector("button[data-resend-all]");
+  if (all) all.addEventListener("click", async () => {
+    crgate.problem(null);
+    try {
+      await crgate.call("POST", "/forwards:resend?state=failed");
+      location.reload();
+    } catch (error) { crgate.problem(error); }
+  });
+}
+
 function sweeps() {
   const form = document.getElementById("new-sweep");
   if (!form) return;
@@ -179,5 +199,6 @@ document.addEventListener("DOMContentLoaded", () => {
   presets();
   keys();
   destinations();
+  forwards();
   sweeps();
 });
