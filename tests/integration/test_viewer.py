@@ -63,7 +63,7 @@ def viewer_server(tmp_path: Path) -> Iterator[tuple[str, str, Path]]:
         yield url, (data_dir / "admin.key").read_text().strip(), log
 
 
-def store_compressed_ct(url: str, key: str, folder: Path) -> tuple[str, str]:
+def store_compressed_ct(url: str, key: str, folder: Path, syntax: str = "j2k") -> tuple[str, str]:
     """The mixed study's CT slices by STOW-RS, then compressed at CR 10: (study UID, the
     Series Instance UID of crgate's JPEG 2000 copy)."""
     study_uid, paths = mixed_study(folder)
@@ -73,7 +73,7 @@ def store_compressed_ct(url: str, key: str, folder: Path) -> tuple[str, str]:
     assert stored.status_code == 200, stored.text
     done = httpx.post(
         f"{url}/studies/{study_uid}/compress",
-        params={"cr": 10, "wait": 120},
+        params={"cr": 10, "syntax": syntax, "wait": 120},
         headers={"Authorization": f"Bearer {key}"},
         timeout=150,
     )
@@ -115,11 +115,18 @@ def drawn_canvases(driver: webdriver.Chrome) -> list[float]:
     return spreads
 
 
+@pytest.mark.parametrize(("syntax", "title"), [("j2k", "JPEG 2000"), ("htj2k", "HTJ2K")])
 def test_ohif_lists_opens_and_draws_the_original_and_the_copy(
-    viewer_server: tuple[str, str, Path], browser: webdriver.Chrome, tmp_path: Path
+    viewer_server: tuple[str, str, Path],
+    browser: webdriver.Chrome,
+    tmp_path: Path,
+    syntax: str,
+    title: str,
 ) -> None:
+    """The copy in JPEG 2000 and in HTJ2K: OHIF asks for frames with transfer-syntax=*, gets
+    the codestream as stored and decodes it with its own decoders."""
     url, key, _log = viewer_server
-    study_uid, copy_series = store_compressed_ct(url, key, tmp_path / "in")
+    study_uid, copy_series = store_compressed_ct(url, key, tmp_path / "in", syntax)
 
     browser.get(f"{url}/viewer/")  # no session: to the login page, and back after it
     assert "/login?next=" in browser.current_url
@@ -132,7 +139,7 @@ def test_ohif_lists_opens_and_draws_the_original_and_the_copy(
     settled(browser).until(lambda d: any(s > 5 for s in drawn_canvases(d)))
     # the study browser offers the original CT series and crgate's JPEG 2000 copy: open the copy
     copy = WebDriverWait(browser, WAIT_SECONDS).until(
-        lambda d: d.find_element(By.XPATH, "//*[contains(text(), 'crgate JPEG 2000')]")
+        lambda d: d.find_element(By.XPATH, f"//*[contains(text(), 'crgate {title}')]")
     )
     ActionChains(browser).double_click(copy).perform()
     WebDriverWait(browser, WAIT_SECONDS).until(
