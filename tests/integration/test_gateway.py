@@ -8,7 +8,6 @@ compared with what crgate reported and stored.
 from __future__ import annotations
 
 import io
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,7 +28,7 @@ from services.core.policies import PolicyKey, set_policy
 from services.runtime import Runtime, build_runtime
 from services.runtime.assembly import start_scp
 from tests.conftest import free_port
-from tests.dicomtools import require
+from tests.scp import dcmtk
 from tests.scp.test_orthanc import orthanc_for  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.tools
@@ -42,19 +41,10 @@ CT_SLICES = 3
 @pytest.fixture
 def plain_pacs(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     """dcmtk storescp with its default syntaxes: uncompressed only."""
-    require("storescp", "dcmtk")
-    port, out = free_port(), tmp_path / "plain"
+    out = tmp_path / "plain"
     out.mkdir()
-    proc = subprocess.Popen(
-        ["storescp", "-aet", "PLAIN", "-od", str(out), str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    time.sleep(0.5)
-    assert proc.poll() is None, "storescp did not start"
-    yield port, out
-    proc.terminate()
-    proc.wait(10)
+    with dcmtk.storescp(aet="PLAIN", into=out) as port:
+        yield port, out
 
 
 @pytest.fixture
@@ -102,25 +92,8 @@ def studies(folder: Path) -> dict[str, list[Path]]:
 
 
 def storescu(port: int, files: list[Path], *options: str) -> None:
-    exe = require("storescu", "dcmtk")
-    done = subprocess.run(
-        [
-            exe,
-            *options,
-            "-aet",
-            "MODALITY",
-            "-aec",
-            "CRGATE",
-            "127.0.0.1",
-            str(port),
-            *map(str, files),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
+    done = dcmtk.storescu(port, files, *options, aet="MODALITY")
+    assert dcmtk.stored_ok(done, len(files)), dcmtk.output(done)
 
 
 def until(check: Callable[[], Any], timeout: float = 240.0) -> Any:

@@ -21,23 +21,15 @@ from services.runtime.forwarding import ForwardTarget
 from tests.api.test_classify import ingest_path
 from tests.conftest import free_port
 from tests.dicomtools import require
+from tests.scp import dcmtk
 
 
 @pytest.fixture
 def storescp(tmp_path: Path) -> Iterator[tuple[int, Path]]:
-    require("storescp", "dcmtk")
-    port, out = free_port(), tmp_path / "pacs"
+    out = tmp_path / "pacs"
     out.mkdir()
-    proc = subprocess.Popen(
-        ["storescp", "+xa", "-aet", "PACS", "-od", str(out), str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    time.sleep(0.5)
-    assert proc.poll() is None, "storescp did not start"
-    yield port, out
-    proc.terminate()
-    proc.wait(10)
+    with dcmtk.storescp("+xa", into=out) as port:
+        yield port, out
 
 
 def _settings(tmp_path: Path, port: int) -> Settings:

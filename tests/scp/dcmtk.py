@@ -1,13 +1,39 @@
-"""dcmtk's echoscu and storescu as real peers (subprocesses). A missing tool fails the test."""
+"""dcmtk's echoscu, storescu and storescp as real peers (subprocesses). A missing tool fails
+the test."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import subprocess
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from tests.conftest import free_port
 from tests.dicomtools import require
+
+
+@contextlib.contextmanager
+def storescp(*options: str, aet: str = "PACS", into: Path | None = None) -> Iterator[int]:
+    """A dcmtk storescp as a PACS on a free port (its default syntaxes are uncompressed only;
+    ``+xa`` accepts JPEG 2000 too), writing what it receives into ``into`` when given; stopped
+    at the end. Yields its port."""
+    exe = require("storescp", "dcmtk")
+    port = free_port()
+    where = ["-od", str(into)] if into is not None else []
+    proc = subprocess.Popen(
+        [exe, *options, "-aet", aet, *where, str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        time.sleep(0.5)
+        assert proc.poll() is None, "storescp did not start"
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 def echoscu(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,8 +14,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from services.core.destinations import DestinationSpec, create_destination
 from services.scp.server import ScpServer
-from tests.conftest import free_port
 from tests.dicomtools import require
+from tests.scp import dcmtk
 from tests.scp.dcmtk import output
 from tests.scp.test_queryretrieve import final_status, studies  # noqa: F401 (fixture)
 
@@ -26,19 +25,10 @@ pytestmark = [pytest.mark.tools, pytest.mark.parametrize("database_url", ["sqlit
 @pytest.fixture
 def pacs(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     """A plain storescp (uncompressed syntaxes only) as the move destination."""
-    require("storescp", "dcmtk")
-    port, out = free_port(), tmp_path / "pacs"
+    out = tmp_path / "pacs"
     out.mkdir()
-    proc = subprocess.Popen(
-        ["storescp", "-aet", "PACS", "-od", str(out), str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    time.sleep(0.5)
-    assert proc.poll() is None, "storescp did not start"
-    yield port, out
-    proc.terminate()
-    proc.wait(10)
+    with dcmtk.storescp(into=out) as port:
+        yield port, out
 
 
 def movescu(port: int, destination: str, *keys: str) -> subprocess.CompletedProcess[str]:
