@@ -210,6 +210,7 @@ def test_console_login_study_panes_zoom_classify_and_keys(
     WebDriverWait(browser, WAIT_SECONDS).until(
         lambda d: "revoked" in d.find_element(By.CSS_SELECTOR, f"tr[data-key='{made_id}']").text
     )
+    screenshot(browser, tmp_path, "console-keys.png")
     assert httpx.get(qido, headers=bearer).status_code == 401
     browser.get(f"{server.url}/ui/audit?entity=key")
     assert "revoke" in wait_for(browser, "table.audit").text
@@ -229,6 +230,7 @@ def test_console_login_study_panes_zoom_classify_and_keys(
     browser.get(f"{server.url}/ui/audit?entity=policy")
     entry = wait_for(browser, "table.audit tbody tr").text
     assert "update" in entry and '"cr": 13' in entry, entry
+    screenshot(browser, tmp_path, "console-audit.png")
 
     requests = network_requests(browser)
     local = (server.url, "data:", "blob:", "about:blank")
@@ -242,6 +244,7 @@ def test_console_starts_a_cr_safety_study_and_opens_its_report(
     server: Server,  # noqa: F811
     browser: webdriver.Chrome,  # noqa: F811
     labelled_studies: tuple[list[Path], list[dict[str, Any]]],  # noqa: F811
+    tmp_path: Path,
 ) -> None:
     files, rows = labelled_studies
     bearer = {"Authorization": f"Bearer {server.admin_key}", "Content-Type": STOW_TYPE}
@@ -259,6 +262,7 @@ def test_console_starts_a_cr_safety_study_and_opens_its_report(
         lambda d: d.find_elements(By.CSS_SELECTOR, "tr[data-sweep] .js-result a")
     )[0]
     assert "succeeded" in browser.find_element(By.CSS_SELECTOR, "tr[data-sweep]").text
+    screenshot(browser, tmp_path, "console-sweeps.png")
     report.click()
     WebDriverWait(browser, WAIT_SECONDS).until(lambda d: d.current_url.endswith("report.html"))
     assert "AUROC" in browser.find_element(By.TAG_NAME, "body").text
@@ -307,6 +311,7 @@ def test_console_shows_an_undelivered_forward_and_resends_it(
     log_in(browser, server, "/ui/jobs")
     row = wait_for(browser, "tr[data-forward]")
     assert "0xC000" in row.text and "disk quota reached" in row.text
+    screenshot(browser, tmp_path, "console-forwards.png")
     row.find_element(By.CSS_SELECTOR, "button[data-resend]").click()
     WebDriverWait(browser, WAIT_SECONDS).until(lambda _: len(peer.received) == 1)
 
@@ -315,3 +320,6 @@ def test_console_shows_an_undelivered_forward_and_resends_it(
         return "Every forward was delivered" in driver.page_source
 
     WebDriverWait(browser, WAIT_SECONDS, poll_frequency=1).until(delivered)
+    browser.get(f"{server.url}/ui/destinations")
+    assert "pacs" in wait_for(browser, "button[data-echo]").find_element(By.XPATH, "../..").text
+    screenshot(browser, tmp_path, "console-destinations.png")

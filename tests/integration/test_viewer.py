@@ -29,6 +29,7 @@ from tests.api.test_compress import mixed_study
 from tests.api.test_stow import STOW_TYPE, multipart
 from tests.conftest import free_port
 from tests.integration.test_browser import CRGATE, WAIT_SECONDS, network_requests
+from tests.integration.test_console_browser import screenshot
 from tests.processes import in_own_session
 
 pytestmark = pytest.mark.tools
@@ -146,6 +147,8 @@ def test_ohif_lists_opens_and_draws_the_original_and_the_copy(
         lambda d: any(f"/series/{copy_series}/instances/" in r["url"] for r in log.read(d))
     )
     settled(browser).until(lambda d: any(s > 5 for s in drawn_canvases(d)))
+    if syntax == "j2k":
+        screenshot(browser, tmp_path, "viewer-ohif.png")
     seen = log.read(browser)
     frames = [r for r in seen if "/frames/" in r["url"]]
     assert any(f"/series/{copy_series}/" in r["url"] for r in frames)  # the copy, decoded by OHIF
