@@ -271,10 +271,16 @@ def echo(target: str, calling_ae: str, timeout: float = 10.0) -> EchoResult:
                 if str(cx.abstract_syntax) == PROBE_SOP_CLASS
             }
         )
-        status = assoc.send_c_echo()
+        verification = any(
+            str(cx.abstract_syntax) == "1.2.840.10008.1.1" for cx in assoc.accepted_contexts
+        )
+        status = assoc.send_c_echo() if verification else None
         elapsed = (time.perf_counter() - started) * 1000
     finally:
         assoc.release()
+    if not verification:  # a storage-only peer: it answers, it just does not echo
+        refused = f"{parsed}: the association was accepted but not the Verification SOP Class"
+        return EchoResult(True, None, elapsed, accepted, refused)
     code = getattr(status, "Status", None)
     error = None if code == 0x0000 else f"C-ECHO answered {code!r}"
     return EchoResult(code is not None, code, elapsed, accepted, error)

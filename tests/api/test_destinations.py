@@ -124,3 +124,27 @@ def test_echo_answers_status_and_time_and_detects_the_syntaxes(
     gone = client.post(f"/destinations/{down['id']}/echo").json()
     assert gone["reachable"] is False and "refused or unreachable" in gone["error"]
     assert gone["destination"]["syntaxes"] is None
+
+
+def test_echo_of_a_storage_only_peer_is_an_answer_not_a_500(client: TestClient) -> None:
+    """A PACS that accepts storage but not the Verification SOP Class (found on the console's
+    echo button: pynetdicom raised and the route answered 500): reachable, with the reason,
+    and its syntaxes still learnt."""
+    from tests.api.test_forwards import Pacs
+
+    peer = Pacs([])
+    try:
+        made = client.post(
+            "/destinations",
+            json={"name": "storage only", "ae_title": "PACS", "host": "127.0.0.1",
+                  "port": peer.port},
+        )  # fmt: skip
+        assert made.status_code == 201, made.text
+        echo = client.post(f"/destinations/{made.json()['id']}/echo")
+    finally:
+        peer.close()
+    assert echo.status_code == 200, echo.text
+    body = echo.json()
+    assert body["reachable"] is True and body["status"] is None
+    assert "not the Verification SOP Class" in body["error"]
+    assert "1.2.840.10008.1.2.1" in body["accepted_syntaxes"]

@@ -320,6 +320,9 @@ def test_console_shows_an_undelivered_forward_and_resends_it(
         return "Every forward was delivered" in driver.page_source
 
     WebDriverWait(browser, WAIT_SECONDS, poll_frequency=1).until(delivered)
-    browser.get(f"{server.url}/ui/destinations")
-    assert "pacs" in wait_for(browser, "button[data-echo]").find_element(By.XPATH, "../..").text
+    browser.get(f"{server.url}/ui/destinations")  # the echo button answers on the page
+    wait_for(browser, "button[data-echo]").click()
+    echo = browser.find_element(By.CSS_SELECTOR, "output[data-echo-out]")
+    WebDriverWait(browser, WAIT_SECONDS).until(lambda _: echo.text.startswith("reachable"))
+    assert "Verification" in echo.text  # this peer stores but does not echo
     screenshot(browser, tmp_path, "console-destinations.png")

@@ -122,7 +122,8 @@ function destinations() {
       crgate.problem(null);
       try {
         const echo = await crgate.call("POST", `/destinations/${button.dataset.echo}/echo`);
-        out.textContent = echo.reachable ? `reachable, ${echo.rtt_ms} ms` : `unreachable: ${echo.error}`;
+        const note = echo.error ? ` (${echo.error})` : "";
+        out.textContent = echo.reachable ? `reachable, ${echo.rtt_ms} ms${note}` : `unreachable: ${echo.error}`;
       } catch (error) { out.textContent = ""; crgate.problem(error); }
     });
   });
