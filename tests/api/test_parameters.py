@@ -21,7 +21,7 @@ HUGE = "99999999999999999999"  # above 2^63
 FRAMES = "/dicomweb/studies/1.2/series/1.3/instances/1.4/frames/"
 
 
-def _refused(client: TestClient, url: str, status: int, *named: str) -> None:
+def assert_refused(client: TestClient, url: str, status: int, *named: str) -> None:
     response = client.get(url)
     assert response.status_code == status, (url, response.status_code, response.text)
     assert response.headers["content-type"] == PROBLEM
@@ -35,7 +35,7 @@ def _refused(client: TestClient, url: str, status: int, *named: str) -> None:
 def test_qido_paging_parameters_must_be_plain_integers(
     client: TestClient, name: str, value: str
 ) -> None:
-    _refused(client, f"/dicomweb/studies?{name}={value}", 400, name)
+    assert_refused(client, f"/dicomweb/studies?{name}={value}", 400, name)
 
 
 def test_qido_paging_at_the_int64_limit_is_answered(client: TestClient) -> None:
@@ -46,15 +46,15 @@ def test_qido_paging_at_the_int64_limit_is_answered(client: TestClient) -> None:
 
 @pytest.mark.parametrize("frames", ["%C2%B2", "1,%C2%B9", HUGE, "0", "1,,2"])
 def test_malformed_frame_lists_are_400(client: TestClient, frames: str) -> None:
-    _refused(client, FRAMES + frames, 400, "frame")
+    assert_refused(client, FRAMES + frames, 400, "frame")
 
 
 def test_policy_id_beyond_the_column_is_refused_naming_it(client: TestClient) -> None:
-    _refused(client, f"/policies/{HUGE}", 422, "policy_id")
-    _refused(client, f"/policies/{2**31}", 422, "policy_id")
+    assert_refused(client, f"/policies/{HUGE}", 422, "policy_id")
+    assert_refused(client, f"/policies/{2**31}", 422, "policy_id")
     assert client.put(f"/policies/{HUGE}", json={"cr": 10}).status_code == 422
     assert client.delete(f"/policies/{HUGE}").status_code == 422
-    _refused(client, f"/audit?offset={HUGE}", 422, "offset")
+    assert_refused(client, f"/audit?offset={HUGE}", 422, "offset")
 
 
 @pytest.mark.parametrize(
@@ -73,7 +73,7 @@ def test_policy_id_beyond_the_column_is_refused_naming_it(client: TestClient) ->
 def test_nul_bytes_in_parameters_are_refused_naming_them(
     client: TestClient, url: str, status: int, name: str
 ) -> None:
-    _refused(client, url, status, name, "NUL")
+    assert_refused(client, url, status, name, "NUL")
 
 
 @pytest.mark.parametrize(
@@ -81,7 +81,7 @@ def test_nul_bytes_in_parameters_are_refused_naming_them(
 )
 def test_integer_matching_keys_beyond_is_range_are_400(client: TestClient, query: str) -> None:
     level = "instances" if query.startswith("Instance") else "series"
-    _refused(client, f"/dicomweb/{level}?{query}", 400, query.split("=")[0], "VR IS")
+    assert_refused(client, f"/dicomweb/{level}?{query}", 400, query.split("=")[0], "VR IS")
 
 
 def test_a_frame_list_repeats_each_frame_once_and_is_capped(
@@ -102,4 +102,4 @@ def test_a_frame_list_repeats_each_frame_once_and_is_capped(
     assert once.status_code == repeated.status_code == 200, repeated.text
     assert len(repeated.content) == len(once.content) < 2 * len(ds.PixelData)
     numbers = ",".join(str(n) for n in range(1, 1002))
-    _refused(client, url + numbers, 413, "1001 frames", "CRGATE_MAX_FRAMES_PER_REQUEST")
+    assert_refused(client, url + numbers, 413, "1001 frames", "CRGATE_MAX_FRAMES_PER_REQUEST")
