@@ -26,6 +26,15 @@ router = APIRouter(tags=["classification"])
 UID_PATTERN = r"^[0-9.]{1,64}$"
 StudyUID = Annotated[str, Path(description="Study Instance UID", pattern=UID_PATTERN)]
 MAX_WAIT_S = 300.0
+OverrideReason = Annotated[
+    str | None,
+    Query(
+        max_length=1024,
+        description="why the CR may exceed the ceiling of the study's policy: needed (with the "
+        "admin role) above it, and audit-logged",
+    ),
+]
+"""The ``reason=`` of an on-demand request above a ceiling (classify and compress)."""
 
 
 @router.post(
@@ -46,14 +55,7 @@ async def post_classify(
     wait: Annotated[
         float, Query(ge=0, le=MAX_WAIT_S, description="seconds to wait for the result")
     ] = 0,
-    reason: Annotated[
-        str | None,
-        Query(
-            max_length=1024,
-            description="why the CR may exceed the ceiling of the study's policy: needed (with "
-            "the admin role) above it, and audit-logged",
-        ),
-    ] = None,
+    reason: OverrideReason = None,
     store: Annotated[
         bool,
         Query(

@@ -10,7 +10,13 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from services.api.deps import StateDep, require
-from services.api.routes.classify import MAX_WAIT_S, StudyUID, result_payload, wait_for
+from services.api.routes.classify import (
+    MAX_WAIT_S,
+    OverrideReason,
+    StudyUID,
+    result_payload,
+    wait_for,
+)
 from services.core import compress
 from services.core.auth import Principal, Role
 from services.core.codecs import SYNTAX_HELP
@@ -49,14 +55,7 @@ async def post_compress(
     wait: Annotated[
         float, Query(ge=0, le=MAX_WAIT_S, description="seconds to wait for the results")
     ] = 0,
-    reason: Annotated[
-        str | None,
-        Query(
-            max_length=1024,
-            description="why the CR may exceed the ceiling of the study's policies: needed "
-            "(with the admin role) above it, and audit-logged",
-        ),
-    ] = None,
+    reason: OverrideReason = None,
 ) -> JSONResponse:
     principal: Principal | None = getattr(request.state, "principal", None)
     validate_uid(study_uid, "Study Instance UID")
