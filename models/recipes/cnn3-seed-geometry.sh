@@ -15,7 +15,8 @@
 # CPU, so 800 steps of 32 inputs are some 70 minutes per model here, minutes on a GPU.
 # A GPU (torch picks CUDA; onnxruntime-gpu for the tests: pip install -e '.[gpu]') and 16 cores
 # for the copies (--workers 16) are what the full count needs. The model is not shipped unless it
-# beats cnn3-phantom-v2 on the subtle preset. STUDIES, EPOCHS, STEPS, OUT override the counts.
+# beats cnn3-phantom-v2 on the subtle preset. STUDIES, EPOCHS, STEPS, OUT, TEST_CRS override the
+# counts; SAME_CR=0 skips the same-CR experiment (its fitting is what a CPU cannot afford).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 CRGATE=${CRGATE:-.venv/bin/crgate}
@@ -23,12 +24,14 @@ STUDIES=${STUDIES:-700}
 EPOCHS=${EPOCHS:-18}
 STEPS=${STEPS:-800}
 OUT=${OUT:-var/seed-geometry}
+TEST_CRS=${TEST_CRS:-1,15,25,100,1000,5000,10000,11000}
+SAME_CR=${SAME_CR:-1}
 DATA=${DATA:-var/train/phantoms-3328x4096-subtle-n$STUDIES}
 test -f "$DATA/truth.csv" || "$CRGATE" synth --out-dir "$DATA" --studies "$STUDIES" \
   --size 3328x4096 --seed 2026 --preset subtle >&2
 "$CRGATE" train --data-dir "$DATA" --arch cnn3 --name cnn3-seed-geometry --version v1 \
   --crs 1,15,20,25,50,100,500,1000,5000,10000,11000 --lossy-copies 1 \
-  --test-crs 1,15,25,100,1000,5000,10000,11000 --resize-fraction 0.3 --align 32 --view-gap 64 \
+  --test-crs "$TEST_CRS" --resize-fraction 0.3 --align 32 --view-gap 64 \
   --epochs "$EPOCHS" --seed 0 --out-dir "$OUT/model" --cache-dir "$OUT/cache" "$@"
-"$CRGATE" experiment same-cr --data-dir "$DATA" --out "$OUT/experiments" \
+[ "$SAME_CR" = 0 ] || "$CRGATE" experiment same-cr --data-dir "$DATA" --out "$OUT/experiments" \
   --crs 1,15,100,1000,5000,11000 --steps "$STEPS" --cache-dir "$OUT/cache" "$@"

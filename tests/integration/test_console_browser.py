@@ -220,6 +220,7 @@ def test_console_login_study_panes_zoom_classify_and_keys(
     form = wait_for(browser, "form.policy-edit")
     screenshot(browser, tmp_path, "console-policies.png")
     policy_id = form.get_attribute("data-policy")
+    open_details(browser, form)
     cr_field = form.find_element(By.NAME, "cr")
     cr_field.clear()
     cr_field.send_keys("13")
@@ -238,6 +239,82 @@ def test_console_login_study_panes_zoom_classify_and_keys(
     assert not outside, f"requests left the server: {outside}"
     failed = [r for r in requests if r.get("status", 200) >= 400]
     assert not failed, failed
+    # last, as its refused creation is a failed request on purpose
+    create_change_and_delete_a_policy(
+        browser, server, {"Authorization": f"Bearer {server.admin_key}"}
+    )
+
+
+def open_details(driver: webdriver.Chrome, inside: Any) -> None:
+    """Unfold the <details> an element sits in (forms are folded until asked for)."""
+    driver.execute_script("arguments[0].closest('details').open = true", inside)
+
+
+def create_change_and_delete_a_policy(
+    driver: webdriver.Chrome, gateway: Server, bearer: dict[str, str]
+) -> None:
+    """A policy made, refused, changed and deleted from the policies page, as the API sees it."""
+    api = f"{gateway.url}/policies"
+    driver.get(f"{gateway.url}/ui/policies")
+    form = wait_for(driver, "form#new-policy")
+    open_details(driver, form)
+    form.find_element(By.NAME, "modality").send_keys("CTX")  # not a defined term
+    form.find_element(By.NAME, "body_part").clear()
+    form.find_element(By.NAME, "body_part").send_keys("HEAD")
+    form.find_element(By.NAME, "cr").send_keys("8")
+    Select(form.find_element(By.NAME, "syntax")).select_by_visible_text("htj2k")
+    form.find_element(By.NAME, "auto_compress").click()
+    quiet = form.find_element(By.NAME, "quiet_seconds")
+    quiet.clear()
+    quiet.send_keys("45")
+    form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    problem = driver.find_element(By.ID, "problem")
+    WebDriverWait(driver, WAIT_SECONDS).until(lambda d: problem.is_displayed())
+    assert "422" in problem.text and "'CTX' is not a Modality defined term" in problem.text
+    assert [p for p in httpx.get(api, headers=bearer).json() if p["modality"] == "CTX"] == []
+    modality = form.find_element(By.NAME, "modality")
+    modality.clear()
+    modality.send_keys("CT")
+    form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    WebDriverWait(driver, WAIT_SECONDS).until(expected_conditions.staleness_of(form))
+    made = [p for p in httpx.get(api, headers=bearer).json() if p["body_part"] == "HEAD"]
+    assert len(made) == 1, made
+    policy = made[0]
+    assert (policy["modality"], policy["cr"], policy["syntax"]) == ("CT", 8, "htj2k")
+    assert policy["auto_compress"] and policy["keep_copy"] and not policy["auto_classify"]
+    assert policy["quiet_seconds"] == 45 and policy["expected_instances"] is None
+    # changed: keep no copy, complete at 40 instances
+    edit = wait_for(driver, f"form.policy-edit[data-policy='{policy['id']}']")
+    open_details(driver, edit)
+    edit.find_element(By.NAME, "keep_copy").click()
+    edit.find_element(By.NAME, "expected_instances").send_keys("40")
+    edit.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    WebDriverWait(driver, WAIT_SECONDS).until(expected_conditions.staleness_of(edit))
+    changed = httpx.get(f"{api}/{policy['id']}", headers=bearer).json()
+    assert not changed["keep_copy"] and changed["expected_instances"] == 40
+    assert (changed["cr"], changed["syntax"], changed["quiet_seconds"]) == (8, "htj2k", 45)
+    row = wait_for(driver, f"tr[data-policy-row='{policy['id']}']")
+    assert "complete at 40 instances" in row.text and "keep copy" not in row.text
+    # deleted, after the browser's confirmation
+    delete = row.find_element(By.CSS_SELECTOR, f"button[data-delete-policy='{policy['id']}']")
+    open_details(driver, delete)
+    delete.click()
+    WebDriverWait(driver, WAIT_SECONDS).until(expected_conditions.alert_is_present())
+    driver.switch_to.alert.accept()
+    WebDriverWait(driver, WAIT_SECONDS).until(expected_conditions.staleness_of(row))
+    assert httpx.get(f"{api}/{policy['id']}", headers=bearer).status_code == 404
+    assert not driver.find_elements(By.CSS_SELECTOR, f"tr[data-policy-row='{policy['id']}']")
+    default = [p for p in httpx.get(api, headers=bearer).json() if p["default"]]
+    assert not driver.find_elements(
+        By.CSS_SELECTOR, f"button[data-delete-policy='{default[0]['id']}']"
+    )
+    driver.get(f"{gateway.url}/ui/audit?entity=policy")
+    cells = [
+        [td.text for td in row.find_elements(By.TAG_NAME, "td")[2:4]]
+        for row in driver.find_elements(By.CSS_SELECTOR, "table.audit tbody tr")[:3]
+    ]
+    mine = f"policy {policy['id']}"
+    assert cells == [["delete", mine], ["update", mine], ["create", mine]], cells
 
 
 def test_console_starts_a_cr_safety_study_and_opens_its_report(

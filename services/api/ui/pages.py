@@ -23,10 +23,13 @@ from services.api.ui import presets, studies
 from services.api.ui.access import csrf_of, refusal, signed_in, to_login
 from services.core import audit, jobs
 from services.core.auth import Principal, Role, list_keys
+from services.core.codecs import OutputSyntax
 from services.core.db.tables import Forward, Instance, Job, Series, Study, Sweep
 from services.core.destinations import list_destinations, snapshot
+from services.core.dicom.terms import BODY_PARTS, MODALITIES
 from services.core.dicom.uids import validate_uid
 from services.core.errors import CrgateError, InvalidParameter
+from services.core.policies import DEFAULT_QUIET_SECONDS, FORWARDABLE
 
 HERE = Path(__file__).parent
 STATIC = HERE / "static"
@@ -189,8 +192,14 @@ def policies_page(request: Request, session: SessionDep) -> Response:
     from services.api.routes.policies import list_policies  # the API's own view of each row
 
     rows = list_policies(session)
-    return page(request, "policies.html", who, rows=rows, can_edit=who.role is Role.ADMIN,
-                presets=presets.preview_all(session))  # fmt: skip
+    admin = who.role is Role.ADMIN
+    return page(request, "policies.html", who, rows=rows, can_edit=admin,
+                presets=presets.preview_all(session),
+                destinations=[d.name for d in list_destinations(session)] if admin else [],
+                syntaxes=[s.value for s in OutputSyntax if s.codec.is_available()],
+                forwardable=FORWARDABLE, quiet_default=DEFAULT_QUIET_SECONDS,
+                modalities=sorted(MODALITIES.terms),
+                body_parts=sorted(BODY_PARTS.terms))  # fmt: skip
 
 
 @router.get("/ui/destinations", include_in_schema=False)

@@ -175,19 +175,57 @@ function presets() {
   });
 }
 
+function policyBody(form) {  // what the policy form says, as the API's PolicyIn / PolicyUpdate
+  const checked = name => [...form.querySelectorAll(`input[name=${name}]:checked`)].map(i => i.value);
+  const body = {
+    cr: Number(form.elements.cr.value),
+    syntax: form.elements.syntax.value,
+    auto_classify: form.elements.auto_classify.checked,
+    auto_compress: form.elements.auto_compress.checked,
+    keep_copy: form.elements.keep_copy.checked,
+    forward_to: checked("forward_to"),
+    forward_what: checked("forward_what"),
+    expected_instances: form.elements.expected_instances.value ? Number(form.elements.expected_instances.value) : null,
+    quiet_seconds: Number(form.elements.quiet_seconds.value),
+  };
+  const reason = form.elements.override_reason.value.trim();
+  if (reason) body.override_reason = reason;
+  return body;
+}
+
 function policies() {
+  const created = document.getElementById("new-policy");
+  if (created) {
+    created.addEventListener("submit", async event => {
+      event.preventDefault();
+      crgate.problem(null);
+      const body = policyBody(created);
+      body.modality = created.elements.modality.value.trim();
+      body.body_part = created.elements.body_part.value.trim() || "*";
+      const age = created.elements.pediatric.value;
+      body.pediatric = age === "" ? null : age === "true";
+      try {
+        await crgate.call("POST", "/policies", body);
+        location.reload();
+      } catch (error) { crgate.problem(error); }
+    });
+  }
   document.querySelectorAll("form.policy-edit").forEach(form => {
     form.addEventListener("submit", async event => {
       event.preventDefault();
       crgate.problem(null);
-      const body = {
-        cr: Number(form.elements.cr.value),
-        auto_classify: form.elements.auto_classify.checked,
-      };
-      const reason = form.elements.override_reason.value.trim();
-      if (reason) body.override_reason = reason;
       try {
-        await crgate.call("PUT", `/policies/${form.dataset.policy}`, body);
+        await crgate.call("PUT", `/policies/${form.dataset.policy}`, policyBody(form));
+        location.reload();
+      } catch (error) { crgate.problem(error); }
+    });
+  });
+  document.querySelectorAll("button[data-delete-policy]").forEach(button => {
+    button.addEventListener("click", async () => {
+      crgate.problem(null);
+      if (!confirm(`Delete policy ${button.dataset.deletePolicy}? Its studies fall under the next matching policy.`)) return;
+      try {
+        await crgate.call("DELETE", `/policies/${button.dataset.deletePolicy}`);
         location.reload();
       } catch (error) { crgate.problem(error); }
     });
