@@ -85,6 +85,13 @@ class Settings(BaseSettings):
     max_frames_per_request: int = Field(
         1000, ge=1, description="most frame numbers one WADO-RS frames request may name"
     )
+    console_cache_mb: int = Field(
+        256,
+        ge=0,
+        le=1 << 20,
+        description="MiB of decoded images the web console keeps for its panes and zooms "
+        "(0 = none; a 13.6 MP mammogram is 26 MiB)",
+    )
     anonymous_read: bool = Field(
         False, description="let requests without a key read DICOMweb (viewer role)"
     )

@@ -22,6 +22,7 @@ from services.core.deletion import retention_pass
 from services.core.errors import Conflict
 from services.core.forwards import Forwarding
 from services.core.ingest import Ingestor
+from services.core.retrieve.framecache import FrameCache
 from services.core.storage import InstanceStore
 from services.runtime.datadir import Index, open_index, open_store
 from services.runtime.forwarding import ForwardTarget, sender
@@ -39,6 +40,7 @@ class Runtime:
     engine: Engine
     job_context: JobContext
     queue: CeleryJobQueue | InProcessJobQueue
+    frames: FrameCache  # decoded images the console's panes ask for again
 
     @property
     def sessions(self) -> sessionmaker[Session]:
@@ -127,7 +129,10 @@ def build_runtime(settings: Settings, *, create: bool = False) -> Runtime:
         queue.start_housekeeping(
             lambda: _housekeeping(tracker, ctx, queue), settings.arrival_sweep_seconds
         )
-    return Runtime(settings=settings, engine=index.engine, job_context=ctx, queue=queue)
+    frames = FrameCache(settings.console_cache_mb << 20)
+    return Runtime(
+        settings=settings, engine=index.engine, job_context=ctx, queue=queue, frames=frames
+    )
 
 
 def _housekeeping(tracker: ArrivalTracker, ctx: JobContext, queue: InProcessJobQueue) -> None:

@@ -96,7 +96,8 @@ def test_each_page_for_each_role(role: Role, browser_as: Callable[[Role], TestCl
             assert f"this needs the {NEEDS[name].value} role" in html
             assert f'href="/ui/{name}"' not in html  # not offered in the navigation
     if role.allows(Role.OPERATOR):
-        editable = 'class="policy-edit"' in client.get("/ui/policies").text
+        page = client.get("/ui/policies").text
+        editable = 'class="policy-edit policy-form"' in page and 'id="new-policy"' in page
         assert editable is (role is Role.ADMIN)  # read-only for an operator
     assert client.get("/ui/static/console.css").headers["content-type"].startswith("text/css")
     assert client.get("/ui/static/viewer.js").status_code == 200

@@ -28,7 +28,7 @@ from services.core.db.tables import Result
 from services.core.dicom.mediatype import PNG
 from services.core.dicom.uids import validate_uid
 from services.core.errors import InvalidParameter, NotFound
-from services.core.retrieve.frames import decode
+from services.core.retrieve.framecache import FrameCache
 from services.core.retrieve.lookup import StoredInstance, read_instance, stored_instance
 from services.core.retrieve.rendering import RenderParams, parse_render_params, render
 from services.runtime import Runtime
@@ -79,7 +79,7 @@ async def render_image(
             if kept is None:
                 raise
             instance = kept
-    png = await run_in_threadpool(render, instance, 1, params)
+    png = await run_in_threadpool(render, instance, 1, params, state.frames)
     return Response(png, media_type=PNG, headers=NO_STORE)
 
 
@@ -111,7 +111,7 @@ async def difference_image(
                 raise
             copy = kept
     white = scale or float(image.get("max_abs_error") or 1) or 1.0
-    png = await run_in_threadpool(_difference_png, original, copy, white, params)
+    png = await run_in_threadpool(_difference_png, original, copy, white, params, state.frames)
     return Response(png, media_type=PNG, headers=NO_STORE)
 
 
@@ -123,10 +123,14 @@ def _image_of(payload: Any, sop: str) -> dict[str, Any]:
 
 
 def _difference_png(
-    original: StoredInstance, copy: StoredInstance, white: float, params: RenderParams
+    original: StoredInstance,
+    copy: StoredInstance,
+    white: float,
+    params: RenderParams,
+    frames: FrameCache,
 ) -> bytes:
-    a = decode(read_instance(original), 0, original.source).astype(np.float64)
-    b = decode(read_instance(copy), 0, copy.source).astype(np.float64)
+    a = frames.frame(original, read_instance(original), 0).astype(np.float64)
+    b = frames.frame(copy, read_instance(copy), 0).astype(np.float64)
     if a.shape != b.shape:
         raise InvalidParameter(
             f"the copy is {b.shape} and the original {a.shape}: no pixel difference"
