@@ -153,6 +153,7 @@ def _delete_level(
 ) -> Deleted:
     report = Deleted(level, uid)
     with sessions() as session, session.begin():
+        _hold(session, study_uid)
         query = select(Instance).where(Instance.study_uid == study_uid)
         if series_uid is not None:
             query = query.where(Instance.series_uid == series_uid)
@@ -176,6 +177,22 @@ def _delete_level(
         )
     _remove_files(sessions, store, files, report)
     return report
+
+
+def _hold(session: Session, study_uid: str) -> None:
+    """Lock the study's row, then its series' rows, until the commit, before the instances are
+    listed (PostgreSQL; SQLite has one writer).
+
+    An ingest takes a key-share lock on the study's row first (``repository.upsert_instance``):
+    one that has taken it is waited for, and its instance is listed and deleted with the rest;
+    one that has not waits for ours and makes the rows again (``Ingestor._index_new``). Without
+    this, an instance committed after the listing went with the study's cascade, its file left
+    behind, after its sender had been told it was stored.
+    """
+    session.execute(select(Study.study_uid).where(Study.study_uid == study_uid).with_for_update())
+    session.execute(
+        select(Series.series_uid).where(Series.study_uid == study_uid).with_for_update()
+    )
 
 
 def _series_key(level: str, series_uid: str | None) -> str | None:

@@ -208,7 +208,7 @@ class Ingestor:
                     f"cannot store instance {header.sop_instance_uid}: {exc}"
                 ) from None
             try:
-                self._index(header, relative, indexed, channel, source, replace=False)
+                self._index_new(header, relative, indexed, channel, source)
             except IntegrityError:
                 # a row for this SOP Instance UID was committed meanwhile (by a writer that does
                 # not take the lock): a duplicate only if that row's file holds our content
@@ -217,6 +217,22 @@ class Ingestor:
                 self.store.remove(relative)
                 raise _index_error(header, exc) from None
         return self._result(header, Outcome.STORED, size)
+
+    def _index_new(
+        self, header: Header, relative: str, size: int, channel: Channel, source: str | None
+    ) -> None:
+        """Commit a new instance's row. An IntegrityError while no row holds the instance means
+        its study or series row went between our insert-if-missing and the instance's insert
+        (a deletion of the study committed meanwhile, PostgreSQL): the rows are made again, once.
+        """
+        try:
+            self._index(header, relative, size, channel, source, replace=False)
+        except IntegrityError:
+            if self._row(header.sop_instance_uid) is not None:
+                raise  # a duplicate committed meanwhile: the caller decides
+            log.info("sop=%s: its study or series was deleted meanwhile; indexed again",
+                     header.sop_instance_uid)  # fmt: skip
+            self._index(header, relative, size, channel, source, replace=False)
 
     def _row(self, sop_instance_uid: str) -> Instance | None:
         try:
@@ -230,10 +246,12 @@ class Ingestor:
     ) -> IngestResult:
         """After an IntegrityError: DUPLICATE if the committed row's file holds our content."""
         row = self._row(header.sop_instance_uid)
+        placed = self.store.absolute(relative)
         if row is None:
+            if _same_inode(ours, placed):
+                self.store.remove(relative)  # no file stays without its row
             raise OutputError(f"instance {header.sop_instance_uid} not stored: index write failed")
         theirs = self.store.absolute(row.path)
-        placed = self.store.absolute(relative)
         if row.path != relative and _same_inode(ours, placed):
             self.store.remove(relative)  # ours, placed under a name no row refers to
         try:

@@ -52,15 +52,24 @@ def test_cards_were_trained_on_the_default_preset(name: str) -> None:
 
 def test_card_records_auroc_per_cr_on_both_presets() -> None:
     extra = load_card(MODELS / "cnn3-phantom-v2.json").model_extra or {}
-    checks = {c["preset"]: c for c in extra["phantom_checks"]}
-    assert set(checks) == {"default", "subtle"}
+    checks = {(c["preset"], c["size"]): c for c in extra["phantom_checks"]}
+    assert set(checks) == {
+        ("default", "832x1024"),
+        ("subtle", "832x1024"),
+        ("default", "3328x4096"),
+    }
     for check in checks.values():
-        crs = [row["cr"] for row in check["auroc"]]
-        assert crs == [1.0, 15.0, 25.0, 100.0, 1000.0, 5000.0, 11000.0]
         assert all(r["ci_low"] <= r["value"] <= r["ci_high"] for r in check["auroc"])
-    default = {r["cr"]: r for r in checks["default"]["auroc"]}
+    for key in (("default", "832x1024"), ("subtle", "832x1024")):
+        crs = [row["cr"] for row in checks[key]["auroc"]]
+        assert crs == [1.0, 15.0, 25.0, 100.0, 1000.0, 5000.0, 11000.0]
+    default = {r["cr"]: r for r in checks["default", "832x1024"]["auroc"]}
     assert default[1.0]["value"] >= 0.85 and default[25.0]["value"] >= 0.85
-    assert checks["subtle"]["study_status"] == "no-recommendation"
+    assert checks["subtle", "832x1024"]["study_status"] == "no-recommendation"
+    # compressed at the seed study's size, the lesions outlive CR 5000 (docs/cr-study.md)
+    full = {r["cr"]: r for r in checks["default", "3328x4096"]["auroc"]}
+    assert list(full) == [1.0, 100.0, 1000.0, 5000.0, 10000.0, 11000.0]
+    assert full[5000.0]["ci_low"] > 0.8 and default[5000.0]["ci_high"] < 0.7
 
 
 def test_subtle_preset_keeps_the_harder_lesions(tmp_path: Path) -> None:

@@ -58,9 +58,16 @@ def upsert_instance(
 ) -> None:
     """Insert the study and series rows if new, then the instance row (or update it on replace).
 
-    Raises IntegrityError when the instance row exists and ``replace`` is false.
+    Raises IntegrityError when the instance row exists and ``replace`` is false, or when the
+    study's deletion committed meanwhile (the caller indexes again).
     """
     insert_ignore(session, Study.__table__, row.study)
+    # the study's row before anything else (PostgreSQL): a deletion holding it (and its series)
+    # finishes first, and no lock is taken in the other order; see deletion._hold
+    study_uid = row.study["study_uid"]
+    session.execute(
+        select(Study.study_uid).where(Study.study_uid == study_uid).with_for_update(key_share=True)
+    )
     insert_ignore(session, Series.__table__, row.series)
     values = dict(row.instance)
     values.update(
