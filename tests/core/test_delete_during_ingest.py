@@ -26,7 +26,7 @@ from services.core import deletion, ingest
 from services.core.db import repository
 from services.core.db.tables import Instance, Study
 from services.core.dicom.uids import new_uid
-from services.core.ingest import Channel, Ingestor, IngestResult, Outcome
+from services.core.ingest import Channel, Ingestor, Outcome
 from services.core.storage import InstanceStore
 
 BLOCKED_SECONDS = 1.5  # how long the other side is given to run into the lock
@@ -81,6 +81,20 @@ def in_thread(function: Callable[[], Any]) -> tuple[threading.Thread, dict[str, 
     return thread, box
 
 
+def race(gate: Gate, first: Callable[[], Any], second: Callable[[], Any]) -> tuple[Any, Any]:
+    """Run ``first`` until it passes the gate, start ``second``, give it time to run into the
+    first's lock, open the gate; both must finish without an error."""
+    one, first_box = in_thread(first)
+    assert gate.reached.wait(JOIN_SECONDS)
+    two, second_box = in_thread(second)
+    time.sleep(BLOCKED_SECONDS)
+    gate.go.set()
+    one.join(JOIN_SECONDS)
+    two.join(JOIN_SECONDS)
+    assert "error" not in first_box and "error" not in second_box, (first_box, second_box)
+    return first_box["value"], second_box["value"]
+
+
 def consistent(sessions: sessionmaker[Session], store: InstanceStore) -> set[str]:
     """Every row has its file and every stored file its row; the SOP UIDs indexed."""
     with sessions() as session:
@@ -110,20 +124,13 @@ def test_an_instance_inserted_before_the_deletion_is_deleted_with_it(
         ingest.repository, "upsert_instance", gate.after(repository.upsert_instance)
     )
     staged, sop = one_more_of(tiny_study_files[3], ingestor)
-    storing, stored = in_thread(lambda: ingestor.ingest_file(staged, channel=Channel.STOW))
-    assert gate.reached.wait(JOIN_SECONDS)  # inserted, not committed
-    deleting, deleted = in_thread(
-        lambda: deletion.delete_study(sessions, store, study, actor="test")
+    result, report = race(  # the ingest inserted, not committed; then the deletion
+        gate,
+        lambda: ingestor.ingest_file(staged, channel=Channel.STOW),
+        lambda: deletion.delete_study(sessions, store, study, actor="test"),
     )
-    time.sleep(BLOCKED_SECONDS)
-    gate.go.set()
-    storing.join(JOIN_SECONDS)
-    deleting.join(JOIN_SECONDS)
-    assert "error" not in stored and "error" not in deleted, (stored, deleted)
-    result: IngestResult = stored["value"]
     assert result.outcome is Outcome.STORED  # what the sender was told
     indexed = consistent(sessions, store)
-    report = deleted["value"]
     if database_url.startswith("postgresql"):
         # the deletion waited for the ingest's commit and took its instance too
         assert indexed == set() and report.instances == 4 and report.files_removed == 4
@@ -143,20 +150,14 @@ def test_an_instance_inserted_while_the_deletion_holds_the_study_is_stored_after
 ) -> None:
     gate = Gate()
     monkeypatch.setattr(deletion, "_hold", gate.after(deletion._hold))
-    deleting, deleted = in_thread(
-        lambda: deletion.delete_study(sessions, store, study, actor="test")
-    )
-    assert gate.reached.wait(JOIN_SECONDS)  # the study's row is held
     staged, sop = one_more_of(tiny_study_files[3], ingestor)
-    storing, stored = in_thread(lambda: ingestor.ingest_file(staged, channel=Channel.STOW))
-    time.sleep(BLOCKED_SECONDS)
-    gate.go.set()
-    deleting.join(JOIN_SECONDS)
-    storing.join(JOIN_SECONDS)
-    assert "error" not in stored and "error" not in deleted, (stored, deleted)
-    assert stored["value"].outcome is Outcome.STORED
+    report, result = race(  # the deletion holds the study's row; then the ingest
+        gate,
+        lambda: deletion.delete_study(sessions, store, study, actor="test"),
+        lambda: ingestor.ingest_file(staged, channel=Channel.STOW),
+    )
+    assert result.outcome is Outcome.STORED
     indexed = consistent(sessions, store)
-    report = deleted["value"]
     if database_url.startswith("postgresql"):
         # the ingest waited for the deletion, then made the study again: the instance is kept
         assert indexed == {sop} and report.instances == 3

@@ -29,7 +29,7 @@ from services.core.destinations import list_destinations, snapshot
 from services.core.dicom.terms import BODY_PARTS, MODALITIES
 from services.core.dicom.uids import validate_uid
 from services.core.errors import CrgateError, InvalidParameter
-from services.core.policies import DEFAULT_QUIET_SECONDS, FORWARDABLE
+from services.core.policies import DEFAULT_FORWARD_WHAT, DEFAULT_QUIET_SECONDS, FORWARDABLE
 
 HERE = Path(__file__).parent
 STATIC = HERE / "static"
@@ -197,7 +197,8 @@ def policies_page(request: Request, session: SessionDep) -> Response:
                 presets=presets.preview_all(session),
                 destinations=[d.name for d in list_destinations(session)] if admin else [],
                 syntaxes=[s.value for s in OutputSyntax if s.codec.is_available()],
-                forwardable=FORWARDABLE, quiet_default=DEFAULT_QUIET_SECONDS,
+                forwardable=FORWARDABLE, forward_default=DEFAULT_FORWARD_WHAT,
+                quiet_default=DEFAULT_QUIET_SECONDS,
                 modalities=sorted(MODALITIES.terms),
                 body_parts=sorted(BODY_PARTS.terms))  # fmt: skip
 
